@@ -1,0 +1,142 @@
+"""TPM policy digests, computed offline (no TPM), as TPM 2.0 Part 1 section 19.7 defines them.
+
+A policy session starts with a digest of zeros and each policy command extends it::
+
+    policyDigest' = H(policyDigest || TPM_CC || command-specific data)
+
+The functions here reproduce the TPM's computation so that a sealed object's ``authPolicy`` can
+be computed from *expected* PCR values (the values of a boot that has not happened yet), and the
+tests check them against a real TPM's trial session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+
+# TPM 2.0 Part 2, 6.5.2 (TPM_CC).
+TPM_CC_POLICY_AUTH_VALUE = 0x0000016B
+TPM_CC_POLICY_OR = 0x00000171
+TPM_CC_POLICY_PCR = 0x0000017F
+
+# TPM 2.0 Part 2, 6.3 (TPM_ALG_ID), for the banks we seal to.
+TPM_ALG_SHA1 = 0x0004
+TPM_ALG_SHA256 = 0x000B
+TPM_ALG_SHA384 = 0x000C
+TPM_ALG_SHA512 = 0x000D
+
+BANK_ALG = {
+    "sha1": TPM_ALG_SHA1,
+    "sha256": TPM_ALG_SHA256,
+    "sha384": TPM_ALG_SHA384,
+    "sha512": TPM_ALG_SHA512,
+}
+
+#: PC Client platforms implement 24 PCRs: a selection bitmap is 3 bytes.
+PCR_SELECT_SIZE = 3
+PCR_COUNT = 24
+
+
+def validate_pcrs(pcrs: Iterable[int]) -> list[int]:
+    """Sorted, de-duplicated PCR indices; an empty or out-of-range selection is an error.
+
+    An empty selection would seal to nothing at all, so it is refused (fail closed).
+    """
+    out = sorted(set(pcrs))
+    if not out:
+        raise ValueError("empty PCR selection: a secret sealed to no PCR is not sealed")
+    for p in out:
+        if not 0 <= p < PCR_COUNT:
+            raise ValueError(f"PCR index {p} out of range 0..{PCR_COUNT - 1}")
+    return out
+
+
+def pcr_select_bitmap(pcrs: Iterable[int]) -> bytes:
+    """The 3-byte ``pcrSelect`` bitmap of a TPMS_PCR_SELECTION (PCR n: bit n % 8, byte n // 8)."""
+    bitmap = bytearray(PCR_SELECT_SIZE)
+    for p in pcrs:
+        bitmap[p // 8] |= 1 << (p % 8)
+    return bytes(bitmap)
+
+
+def marshal_pcr_selection(bank: str, pcrs: Iterable[int]) -> bytes:
+    """A TPML_PCR_SELECTION with one bank, as the TPM marshals it (Part 2, 10.9.7)."""
+    return (
+        (1).to_bytes(4, "big")
+        + BANK_ALG[bank].to_bytes(2, "big")
+        + bytes([PCR_SELECT_SIZE])
+        + pcr_select_bitmap(pcrs)
+    )
+
+
+def pcr_digest(values: Mapping[int, bytes], pcrs: Sequence[int], *, bank: str = "sha256") -> bytes:
+    """``pcrDigest`` of TPM2_PolicyPCR: the hash of the selected PCR values in index order."""
+    h = hashlib.new(bank)
+    for p in sorted(pcrs):
+        h.update(values[p])
+    return h.digest()
+
+
+def policy_pcr(
+    values: Mapping[int, bytes],
+    pcrs: Sequence[int],
+    *,
+    bank: str = "sha256",
+    start: bytes | None = None,
+    name_alg: str = "sha256",
+) -> bytes:
+    """The policy digest after TPM2_PolicyPCR for the given expected PCR values.
+
+    ``values`` maps each selected PCR index to its expected value in ``bank``; ``name_alg`` is
+    the hash of the policy session (the sealed object's nameAlg).
+    """
+    pcrs = validate_pcrs(pcrs)
+    missing = [p for p in pcrs if p not in values]
+    if missing:
+        raise ValueError(f"no expected value for PCR {missing}")
+    digest = start if start is not None else bytes(hashlib.new(name_alg).digest_size)
+    return hashlib.new(
+        name_alg,
+        digest
+        + TPM_CC_POLICY_PCR.to_bytes(4, "big")
+        + marshal_pcr_selection(bank, pcrs)
+        + pcr_digest(values, pcrs, bank=bank),
+    ).digest()
+
+
+def policy_auth_value(start: bytes, *, name_alg: str = "sha256") -> bytes:
+    """The policy digest after TPM2_PolicyAuthValue."""
+    return hashlib.new(name_alg, start + TPM_CC_POLICY_AUTH_VALUE.to_bytes(4, "big")).digest()
+
+
+def policy_or(branches: Sequence[bytes], *, name_alg: str = "sha256") -> bytes:
+    """The policy digest after TPM2_PolicyOR over 2 to 8 branch digests (Part 3, 23.6)."""
+    if not 2 <= len(branches) <= 8:
+        raise ValueError("TPM2_PolicyOR takes 2 to 8 branches")
+    zero = bytes(hashlib.new(name_alg).digest_size)
+    return hashlib.new(
+        name_alg, zero + TPM_CC_POLICY_OR.to_bytes(4, "big") + b"".join(branches)
+    ).digest()
+
+
+def sealing_policy(
+    states: Sequence[Mapping[int, bytes]],
+    pcrs: Sequence[int],
+    *,
+    bank: str = "sha256",
+    with_auth: bool = False,
+) -> tuple[bytes, list[bytes]]:
+    """The sealed object's ``authPolicy``, and the PolicyOR branches (empty for one state).
+
+    One accepted state: ``PolicyPCR``.  Several (the current boot and predicted ones, at most
+    8): ``PolicyPCR`` then ``PolicyOR`` over each state's PolicyPCR digest.  With ``with_auth``,
+    ``PolicyAuthValue`` comes last, so the object's authValue (derived from the passphrase) must
+    be proven in the session HMAC and the TPM's dictionary-attack lockout rate-limits guesses.
+    """
+    if not states:
+        raise ValueError("no accepted PCR state")
+    branches = [policy_pcr(s, pcrs, bank=bank) for s in states]
+    digest = branches[0] if len(branches) == 1 else policy_or(branches)
+    if with_auth:
+        digest = policy_auth_value(digest)
+    return digest, branches if len(branches) > 1 else []

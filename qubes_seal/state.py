@@ -1,0 +1,174 @@
+"""The sealed state: what the TPM needs to unseal the master secret, on disk.
+
+Format (JSON, UTF-8, one object; documented in docs/STATE.md)::
+
+    {
+      "format": "qubes-seal/sealed-state",
+      "version": 1,
+      "tool_version": "0.1.0",
+      "created": "2026-11-28T07:00:00+00:00",
+      "srk": {"handle": "0x81000001", "name": "<hex>", "esys_tr": "<base64>"},
+      "object": {"public": "<base64 TPM2B_PUBLIC>", "private": "<base64 TPM2B_PRIVATE>"},
+      "pcr_bank": "sha256",
+      "pcrs": [17, 18],
+      "pcr_states": [{"label": "current", "values": {"17": "<hex>", "18": "<hex>"}}],
+      "policy_digest": "<hex>",
+      "require_launch": true
+    }
+
+The private blob is encrypted by the TPM under the SRK: it is useless without that TPM.  The
+file is still written with mode 0600 in a 0700 directory, atomically.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import CorruptState
+from .fsutil import atomic_write
+
+FORMAT = "qubes-seal/sealed-state"
+VERSION = 1
+STATE_FILE = "sealed.json"
+
+
+@dataclass(frozen=True)
+class PcrState:
+    """One accepted set of PCR values (for example the current boot, or a predicted one)."""
+
+    label: str
+    values: dict[int, bytes]
+
+
+@dataclass
+class SealedState:
+    """Everything needed to unseal, and to explain a refusal."""
+
+    srk_handle: int
+    srk_name: bytes
+    srk_esys_tr: bytes
+    public: bytes
+    private: bytes
+    pcr_bank: str
+    pcrs: list[int]
+    pcr_states: list[PcrState]
+    policy_digest: bytes
+    require_launch: bool = True
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    tool_version: str = __version__
+
+    def to_json(self) -> bytes:
+        doc = {
+            "format": FORMAT,
+            "version": VERSION,
+            "tool_version": self.tool_version,
+            "created": self.created,
+            "srk": {
+                "handle": f"0x{self.srk_handle:08x}",
+                "name": self.srk_name.hex(),
+                "esys_tr": base64.b64encode(self.srk_esys_tr).decode(),
+            },
+            "object": {
+                "public": base64.b64encode(self.public).decode(),
+                "private": base64.b64encode(self.private).decode(),
+            },
+            "pcr_bank": self.pcr_bank,
+            "pcrs": self.pcrs,
+            "pcr_states": [
+                {"label": s.label, "values": {str(k): v.hex() for k, v in sorted(s.values.items())}}
+                for s in self.pcr_states
+            ],
+            "policy_digest": self.policy_digest.hex(),
+            "require_launch": self.require_launch,
+        }
+        return (json.dumps(doc, indent=2) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, *, source: str = "sealed state") -> SealedState:
+        def bad(why: str) -> CorruptState:
+            return CorruptState(
+                f"{source} is corrupted: {why}",
+                hint="Restore it from a backup, or unlock with the recovery key and seal again.",
+            )
+
+        try:
+            doc = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise bad("not valid JSON") from exc
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise bad(f"not a {FORMAT} file")
+        if doc.get("version") != VERSION:
+            raise CorruptState(
+                f"{source} has version {doc.get('version')!r}; this qubes-seal "
+                f"({__version__}) reads version {VERSION} only",
+                hint="Use the qubes-seal version that wrote it, or seal again.",
+            )
+        try:
+            srk: dict[str, Any] = doc["srk"]
+            obj: dict[str, Any] = doc["object"]
+            pcrs = [int(p) for p in doc["pcrs"]]
+            states = [
+                PcrState(
+                    label=str(s["label"]),
+                    values={int(k): bytes.fromhex(v) for k, v in s["values"].items()},
+                )
+                for s in doc["pcr_states"]
+            ]
+            state = cls(
+                srk_handle=int(srk["handle"], 16),
+                srk_name=bytes.fromhex(srk["name"]),
+                srk_esys_tr=base64.b64decode(srk["esys_tr"], validate=True),
+                public=base64.b64decode(obj["public"], validate=True),
+                private=base64.b64decode(obj["private"], validate=True),
+                pcr_bank=str(doc["pcr_bank"]),
+                pcrs=pcrs,
+                pcr_states=states,
+                policy_digest=bytes.fromhex(doc["policy_digest"]),
+                require_launch=bool(doc["require_launch"]),
+                created=str(doc["created"]),
+                tool_version=str(doc["tool_version"]),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError, binascii.Error) as exc:
+            raise bad(f"missing or malformed field ({type(exc).__name__})") from exc
+        if not state.pcrs or not state.pcr_states or len(state.pcr_states) > 8:
+            raise bad("no PCR selection or accepted PCR state")
+        for s in state.pcr_states:
+            if sorted(s.values) != sorted(state.pcrs):
+                raise bad(f"PCR state '{s.label}' does not cover the selected PCRs")
+        if state.pcr_bank not in ("sha1", "sha256", "sha384", "sha512"):
+            raise bad(f"unknown PCR bank {state.pcr_bank!r}")
+        return state
+
+
+def state_path(state_dir: Path) -> Path:
+    return state_dir / STATE_FILE
+
+
+def save(state: SealedState, state_dir: Path) -> Path:
+    """Write the state atomically (mode 0600, directory 0700); return its path."""
+    path = state_path(state_dir)
+    atomic_write(path, state.to_json())
+    return path
+
+
+def load(state_dir: Path) -> SealedState:
+    """Read the state; a missing, unreadable or corrupted file is a clear error."""
+    path = state_path(state_dir)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise CorruptState(
+            f"no sealed state in {state_dir}",
+            hint="Run 'qubes-seal seal' first, or point --state-dir (QUBES_SEAL_STATE_DIR) "
+            "at the right directory.",
+        ) from exc
+    except OSError as exc:
+        raise CorruptState(f"cannot read {path}: {exc.strerror}") from exc
+    return SealedState.from_json(data, source=str(path))

@@ -1,0 +1,358 @@
+"""The TPM connection for everything but the boot-time unseal: SRK, sealing, PCRs, status.
+
+Built on tpm2-pytss's ESAPI.  The TPM is named by a TCTI string, as tpm2-tools name it:
+``device:/dev/tpmrm0`` (the default, through the kernel's resource manager) or
+``swtpm:host=127.0.0.1,port=2321`` for a software TPM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from ..errors import QubesSealError, TPMUnavailable
+from ..secret import Secret
+from . import _lib, rc
+
+DEFAULT_TCTI = "device:/dev/tpmrm0"
+
+#: TCG TPM v2.0 Provisioning Guidance, 7.8: the storage root key's persistent handle.
+SRK_HANDLE = 0x81000001
+
+BANK_BY_NAME = {"sha1": 0x0004, "sha256": 0x000B, "sha384": 0x000C, "sha512": 0x000D}
+DIGEST_SIZE = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}
+
+# TPM 2.0 Part 2, 8.3 (TPMA_OBJECT).
+FIXED_TPM = 0x00000002
+FIXED_PARENT = 0x00000010
+SENSITIVE_DATA_ORIGIN = 0x00000020
+USER_WITH_AUTH = 0x00000040
+NO_DA = 0x00000400
+RESTRICTED = 0x00010000
+DECRYPT = 0x00020000
+
+# TPM 2.0 Part 2, 8.4 (TPMA_SESSION).
+SESSION_CONTINUE = 0x01
+SESSION_DECRYPT = 0x20
+SESSION_ENCRYPT = 0x40
+
+
+@dataclass(frozen=True)
+class SrkInfo:
+    """The storage root key as this TPM has it."""
+
+    handle: int
+    name: bytes
+    esys_tr: bytes  # Esys_TR_Serialize of the key: its public part, to salt sessions offline
+    created: bool
+
+
+def parse_tcti(tcti: str) -> tuple[str, str | None]:
+    name, _, conf = tcti.partition(":")
+    if not name:
+        raise QubesSealError(f"invalid TCTI '{tcti}'", hint="Example: device:/dev/tpmrm0")
+    return name, conf or None
+
+
+class Tpm:
+    """An open ESAPI connection.  Use as a context manager; every handle it opens it flushes."""
+
+    def __init__(self, tcti: str = DEFAULT_TCTI) -> None:
+        _lib.quiet_tss_log()
+        self.tcti = tcti
+        try:
+            from tpm2_pytss import ESAPI, TSS2_Exception
+        except ImportError as exc:  # pragma: no cover - installation problem
+            raise QubesSealError(f"tpm2-pytss cannot be loaded: {exc}") from exc
+        self._tss_exc: type[Exception] = TSS2_Exception
+        try:
+            self.esys: Any = ESAPI(tcti)
+        except TSS2_Exception as exc:
+            raise TPMUnavailable(
+                f"TPM unavailable through TCTI '{tcti}' ({rc.describe(int(exc.rc))})",
+                hint="Is the TPM present and its driver loaded (tpm_tis, tpm_crb)? Choose "
+                "another TPM with --tpm or QUBES_SEAL_TPM.",
+            ) from exc
+        except Exception as exc:  # the TCTI loader raises plain errors for a bad string
+            raise TPMUnavailable(f"TPM unavailable through TCTI '{tcti}': {exc}") from exc
+
+    def close(self) -> None:
+        self.esys.close()
+
+    def __enter__(self) -> Tpm:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @contextmanager
+    def _tss(self, action: str) -> Iterator[None]:
+        """Translate a TSS2 failure of ``action`` into the qubes-seal error a user should see."""
+        try:
+            yield
+        except self._tss_exc as exc:
+            raise rc.to_error(int(exc.rc), action=action, tcti=self.tcti) from exc  # type: ignore[attr-defined]
+
+    # -- PCRs -----------------------------------------------------------------------------
+
+    def read_pcrs(self, pcrs: Iterable[int], *, bank: str = "sha256") -> dict[int, bytes]:
+        """Current values of ``pcrs`` in ``bank`` (TPM2_PCR_Read, 8 PCRs per command)."""
+        from tpm2_pytss import TPML_PCR_SELECTION
+
+        wanted = sorted(set(pcrs))
+        out: dict[int, bytes] = {}
+        while len(out) < len(wanted):
+            todo = [p for p in wanted if p not in out]
+            sel = TPML_PCR_SELECTION.parse(f"{bank}:" + ",".join(str(p) for p in todo))
+            with self._tss("TPM2_PCR_Read"):
+                _, got_sel, digests = self.esys.pcr_read(sel)
+            got = [
+                p
+                for s in got_sel
+                for p in range(24)
+                if s.sizeofSelect and s.pcrSelect[p // 8] & (1 << (p % 8))
+            ][: len(digests)]
+            if not got:
+                raise QubesSealError(f"the TPM has no {bank} PCR bank allocated")
+            for p, d in zip(got, digests, strict=True):
+                out[p] = bytes(d)
+        return out
+
+    def extend_pcr(self, pcr: int, digest: bytes, *, bank: str = "sha256") -> None:
+        """TPM2_PCR_Extend of one bank of ``pcr`` with ``digest``."""
+        from tpm2_pytss import ESYS_TR, TPML_DIGEST_VALUES, TPMT_HA, TPMU_HA
+
+        if len(digest) != DIGEST_SIZE[bank]:
+            raise ValueError(f"a {bank} digest has {DIGEST_SIZE[bank]} bytes, not {len(digest)}")
+        ha = TPMT_HA(hashAlg=BANK_BY_NAME[bank], digest=TPMU_HA(**{bank: digest}))
+        with self._tss(f"TPM2_PCR_Extend of PCR {pcr}"):
+            self.esys.pcr_extend(ESYS_TR.parse(f"PCR{pcr}"), TPML_DIGEST_VALUES([ha]))
+
+    # -- SRK --------------------------------------------------------------------------------
+
+    @staticmethod
+    def srk_template() -> Any:
+        """The TCG Provisioning Guidance SRK template: ECC NIST P-256, AES-128-CFB, SHA-256."""
+        from tpm2_pytss import (
+            TPM2_ALG,
+            TPM2_ECC,
+            TPM2B_PUBLIC,
+            TPMS_ECC_PARMS,
+            TPMT_ECC_SCHEME,
+            TPMT_KDF_SCHEME,
+            TPMT_PUBLIC,
+            TPMT_SYM_DEF_OBJECT,
+            TPMU_PUBLIC_PARMS,
+            TPMU_SYM_KEY_BITS,
+            TPMU_SYM_MODE,
+        )
+
+        return TPM2B_PUBLIC(
+            publicArea=TPMT_PUBLIC(
+                type=TPM2_ALG.ECC,
+                nameAlg=TPM2_ALG.SHA256,
+                objectAttributes=FIXED_TPM
+                | FIXED_PARENT
+                | SENSITIVE_DATA_ORIGIN
+                | USER_WITH_AUTH
+                | NO_DA
+                | RESTRICTED
+                | DECRYPT,
+                parameters=TPMU_PUBLIC_PARMS(
+                    eccDetail=TPMS_ECC_PARMS(
+                        symmetric=TPMT_SYM_DEF_OBJECT(
+                            algorithm=TPM2_ALG.AES,
+                            keyBits=TPMU_SYM_KEY_BITS(aes=128),
+                            mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB),
+                        ),
+                        scheme=TPMT_ECC_SCHEME(scheme=TPM2_ALG.NULL),
+                        curveID=TPM2_ECC.NIST_P256,
+                        kdf=TPMT_KDF_SCHEME(scheme=TPM2_ALG.NULL),
+                    )
+                ),
+            )
+        )
+
+    def find_srk(self) -> SrkInfo | None:
+        """The persistent SRK at 0x81000001, or None when the handle is empty."""
+        from tpm2_pytss import TPM2_CAP
+
+        with self._tss("TPM2_GetCapability"):
+            _, data = self.esys.get_capability(TPM2_CAP.HANDLES, SRK_HANDLE, 1)
+        if SRK_HANDLE not in list(data.data.handles):
+            return None
+        with self._tss("TPM2_ReadPublic of the SRK"):
+            tr = self.esys.tr_from_tpmpublic(SRK_HANDLE)
+        try:
+            with self._tss("Esys_TR_Serialize"):
+                return SrkInfo(
+                    handle=SRK_HANDLE,
+                    name=bytes(self.esys.tr_get_name(tr)),
+                    esys_tr=bytes(self.esys.tr_serialize(tr)),
+                    created=False,
+                )
+        finally:
+            self.esys.tr_close(tr)
+
+    def ensure_srk(self) -> SrkInfo:
+        """Return the SRK, creating and persisting it first if the handle is empty."""
+        found = self.find_srk()
+        if found is not None:
+            return found
+        from tpm2_pytss import ESYS_TR
+
+        with self._tss("TPM2_CreatePrimary of the SRK (owner hierarchy)"):
+            transient, *_ = self.esys.create_primary(None, self.srk_template(), ESYS_TR.OWNER)
+        try:
+            with self._tss("TPM2_EvictControl of the SRK"):
+                persistent = self.esys.evict_control(ESYS_TR.OWNER, transient, SRK_HANDLE)
+            self.esys.tr_close(persistent)
+        finally:
+            with self._tss("TPM2_FlushContext"):
+                self.esys.flush_context(transient)
+        found = self.find_srk()
+        if found is None:  # pragma: no cover - the TPM just said it persisted it
+            raise QubesSealError("the SRK was persisted but cannot be found")
+        return SrkInfo(found.handle, found.name, found.esys_tr, created=True)
+
+    # -- sessions -----------------------------------------------------------------------------
+
+    @contextmanager
+    def salted_session(self, srk: SrkInfo, *, policy: bool = False) -> Iterator[Any]:
+        """An HMAC (or policy) session salted with the SRK, AES-128-CFB parameter encryption.
+
+        The salt is encrypted to the SRK's public key, so only that TPM knows the session key;
+        command and response parameters sent with ``decrypt``/``encrypt`` set are unreadable on
+        the bus.  The session is flushed on every path.
+        """
+        from tpm2_pytss import (
+            ESYS_TR,
+            TPM2_ALG,
+            TPM2_SE,
+            TPMT_SYM_DEF,
+            TPMU_SYM_KEY_BITS,
+            TPMU_SYM_MODE,
+        )
+
+        key = self.esys.tr_deserialize(srk.esys_tr)
+        try:
+            sym = TPMT_SYM_DEF(
+                algorithm=TPM2_ALG.AES,
+                keyBits=TPMU_SYM_KEY_BITS(aes=128),
+                mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB),
+            )
+            with self._tss("TPM2_StartAuthSession (salted with the SRK)"):
+                session = self.esys.start_auth_session(
+                    key,
+                    ESYS_TR.NONE,
+                    TPM2_SE.POLICY if policy else TPM2_SE.HMAC,
+                    sym,
+                    TPM2_ALG.SHA256,
+                )
+        finally:
+            self.esys.tr_close(key)
+        try:
+            yield session
+        finally:
+            # The TPM flushed it already if continueSession was clear.
+            with suppress(self._tss_exc):
+                self.esys.flush_context(session)
+
+    # -- sealing --------------------------------------------------------------------------------
+
+    def seal(self, secret: Secret, *, srk: SrkInfo, policy_digest: bytes) -> tuple[bytes, bytes]:
+        """Seal ``secret`` in a KEYEDHASH object under the SRK, usable only through a policy.
+
+        The object has no USERWITHAUTH: only a policy session satisfying ``policy_digest`` can
+        unseal it.  The secret crosses the bus encrypted (TPM2_Create with a salted session and
+        the ``decrypt`` attribute).  Returns the marshalled (TPM2B_PUBLIC, TPM2B_PRIVATE).
+        """
+        from tpm2_pytss import (
+            ESYS_TR,
+            TPM2_ALG,
+            TPM2B_DIGEST,
+            TPM2B_PUBLIC,
+            TPM2B_SENSITIVE_CREATE,
+            TPM2B_SENSITIVE_DATA,
+            TPMS_KEYEDHASH_PARMS,
+            TPMS_SENSITIVE_CREATE,
+            TPMT_KEYEDHASH_SCHEME,
+            TPMT_PUBLIC,
+            TPMU_PUBLIC_PARMS,
+        )
+
+        template = TPM2B_PUBLIC(
+            publicArea=TPMT_PUBLIC(
+                type=TPM2_ALG.KEYEDHASH,
+                nameAlg=TPM2_ALG.SHA256,
+                objectAttributes=FIXED_TPM | FIXED_PARENT,
+                authPolicy=TPM2B_DIGEST(policy_digest),
+                parameters=TPMU_PUBLIC_PARMS(
+                    keyedHashDetail=TPMS_KEYEDHASH_PARMS(
+                        scheme=TPMT_KEYEDHASH_SCHEME(scheme=TPM2_ALG.NULL)
+                    )
+                ),
+            )
+        )
+        sensitive = TPM2B_SENSITIVE_CREATE(
+            sensitive=TPMS_SENSITIVE_CREATE(data=TPM2B_SENSITIVE_DATA(secret.reveal()))
+        )
+        parent = self.esys.tr_deserialize(srk.esys_tr)
+        try:
+            with self.salted_session(srk) as session:
+                self.esys.trsess_set_attributes(session, SESSION_CONTINUE | SESSION_DECRYPT, 0xFF)
+                with self._tss("TPM2_Create of the sealed object"):
+                    priv, pub, *_ = self.esys.create(parent, sensitive, template, session1=session)
+        finally:
+            self.esys.tr_close(parent)
+            del sensitive
+        _ = ESYS_TR
+        return bytes(pub.marshal()), bytes(priv.marshal())
+
+    def trial_policy_pcr(self, pcrs: Iterable[int], *, bank: str = "sha256") -> bytes:
+        """The policy digest a TPM trial session computes for TPM2_PolicyPCR of the current PCRs."""
+        from tpm2_pytss import ESYS_TR, TPM2_ALG, TPM2_SE, TPML_PCR_SELECTION, TPMT_SYM_DEF
+
+        sel = TPML_PCR_SELECTION.parse(f"{bank}:" + ",".join(str(p) for p in sorted(pcrs)))
+        with self._tss("TPM2_StartAuthSession (trial)"):
+            session = self.esys.start_auth_session(
+                ESYS_TR.NONE,
+                ESYS_TR.NONE,
+                TPM2_SE.TRIAL,
+                TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL),
+                TPM2_ALG.SHA256,
+            )
+        try:
+            with self._tss("TPM2_PolicyPCR (trial)"):
+                self.esys.policy_pcr(session, b"", sel)
+                return bytes(self.esys.policy_get_digest(session))
+        finally:
+            self.esys.flush_context(session)
+
+    # -- status -----------------------------------------------------------------------------------
+
+    def da_status(self) -> dict[str, int | bool]:
+        """Dictionary-attack state: failed tries, maximum, recovery interval, lockout flag."""
+        from tpm2_pytss import TPM2_CAP, TPM2_PT
+
+        with self._tss("TPM2_GetCapability(TPM_PROPERTIES)"):
+            _, data = self.esys.get_capability(TPM2_CAP.TPM_PROPERTIES, TPM2_PT.VAR, 64)
+            _, fixed = self.esys.get_capability(TPM2_CAP.TPM_PROPERTIES, TPM2_PT.MAX_AUTH_FAIL, 3)
+        props = {int(p.property): int(p.value) for p in data.data.tpmProperties}
+        props.update({int(p.property): int(p.value) for p in fixed.data.tpmProperties})
+        permanent = props.get(int(TPM2_PT.PERMANENT), 0)
+        return {
+            "failed_tries": props.get(int(TPM2_PT.LOCKOUT_COUNTER), 0),
+            "max_tries": props.get(int(TPM2_PT.MAX_AUTH_FAIL), 0),
+            "recovery_seconds": props.get(int(TPM2_PT.LOCKOUT_INTERVAL), 0),
+            "lockout_recovery_seconds": props.get(int(TPM2_PT.LOCKOUT_RECOVERY), 0),
+            "in_lockout": bool(permanent & 0x200),  # TPMA_PERMANENT.inLockout
+        }
