@@ -35,12 +35,12 @@ __all__ = [
     "ALG_SHA384",
     "ALG_SHA512",
     "ALG_SM3_256",
-    "EV_NO_ACTION",
     "EVTYPE_TB_MEASUREMENT",
+    "EV_NO_ACTION",
     "FORMAT_CRYPTO_AGILE",
     "FORMAT_SHA1",
-    "FORMAT_TXT_TPM12_CONTAINER",
     "FORMAT_TXT_TPM2_LEGACY",
+    "FORMAT_TXT_TPM12_CONTAINER",
     "Event",
     "EventLog",
     "EventLogError",
@@ -420,8 +420,7 @@ def _parse_spec_id(r: _Reader, event_start: int, event_size: int) -> tuple[SpecI
         known = _KNOWN_BANKS.get(bank_name(alg))
         if known is not None and known[1] != size:
             raise r.fail(
-                f"Spec ID event declares {bank_name(alg)} with digest size {size}, "
-                f"not {known[1]}",
+                f"Spec ID event declares {bank_name(alg)} with digest size {size}, not {known[1]}",
                 at,
             )
         if size == 0:
@@ -574,9 +573,7 @@ def parse_txt_tpm2_legacy(bank_logs: Mapping[str, bytes]) -> EventLog:
             dsize_at = r.pos
             dsize = r.u32("EventSize")
             if pcr != 0 or event_type != EV_NO_ACTION or dsize != 28:
-                raise r.fail(
-                    f"{bank} log does not start with its TCG_LOG_DESCRIPTOR record", 0
-                )
+                raise r.fail(f"{bank} log does not start with its TCG_LOG_DESCRIPTOR record", 0)
             descriptor = r.take(dsize, "TCG_LOG_DESCRIPTOR")
             (declared,) = struct.unpack_from("<I", descriptor, 24)
             if declared != size:
@@ -722,7 +719,7 @@ def initial_pcr_value(bank_size: int, pcr: int, *, drtm: bool, locality: int = 0
     """The value a PCR holds before the log's first extend.
 
     PCR 0 holds ``00..00 || locality`` (the StartupLocality, 3, or 4 for an H-CRTM);
-    PCR 17–22 hold zeros after a dynamic launch (``drtm=True``) and 0xFF otherwise;
+    PCR 17-22 hold zeros after a dynamic launch (``drtm=True``) and 0xFF otherwise;
     every other PCR holds zeros.
     """
     if pcr in DRTM_PCRS:
@@ -743,9 +740,7 @@ def _startup_locality(event: Event) -> int | None:
     return None
 
 
-def _replay(
-    log: EventLog, drtm: bool
-) -> tuple[dict[str, dict[int, bytes]], dict[str, int], int]:
+def _replay(log: EventLog, drtm: bool) -> tuple[dict[str, dict[int, bytes]], dict[str, int], int]:
     """Replayed values per bank, the digest size per replayed bank, and the locality."""
     hashes: dict[str, Callable[[bytes], bytes]] = {}
     sizes: dict[str, int] = {}
@@ -798,9 +793,7 @@ def _replay(
             pcrs = values[bank]
             current = pcrs.get(event.pcr)
             if current is None:
-                current = initial_pcr_value(
-                    sizes[bank], event.pcr, drtm=drtm, locality=locality
-                )
+                current = initial_pcr_value(sizes[bank], event.pcr, drtm=drtm, locality=locality)
             pcrs[event.pcr] = fn(current + digest)
     return values, sizes, locality
 
@@ -809,7 +802,7 @@ def replay(log: EventLog, *, drtm: bool = False) -> dict[str, dict[int, bytes]]:
     """Replay a log: the final value per bank and per PCR the log extends.
 
     EV_NO_ACTION events are not extended.  A StartupLocality EV_NO_ACTION event makes PCR 0
-    start at ``00..00 || locality``; PCR 17–22 start at zero for a DRTM (TXT) log
+    start at ``00..00 || locality``; PCR 17-22 start at zero for a DRTM (TXT) log
     (``drtm=True``) and at 0xFF otherwise; other PCRs start at zero.  Banks whose hash
     hashlib does not provide (or that are unknown) are left out of the result.
     """
@@ -859,4 +852,3 @@ def verify(
                 )
             )
     return checks
-

@@ -177,8 +177,8 @@ def policy_digest(
 # --- GRUB ----------------------------------------------------------------------------------
 
 
-def _is_hex(c: str) -> bool:
-    return c in "0123456789abcdefABCDEF"
+def _is_hex(chars: str) -> bool:
+    return all(c in "0123456789abcdefABCDEF" for c in chars)
 
 
 def grub_module_string(args: Sequence[str]) -> bytes:
@@ -195,11 +195,10 @@ def grub_module_string(args: Sequence[str]) -> bytes:
         i = 0
         while i < len(arg):
             c = arg[i]
-            if c == "\\" and arg[i + 1 : i + 2] == "x" and len(arg) >= i + 4:
-                if _is_hex(arg[i + 2]) and _is_hex(arg[i + 3]):
-                    out.append(arg[i : i + 4])
-                    i += 4
-                    continue
+            if arg.startswith("\\x", i) and len(arg) >= i + 4 and _is_hex(arg[i + 2 : i + 4]):
+                out.append(arg[i : i + 4])
+                i += 4
+                continue
             if c in "\\'\"":
                 out.append("\\")
             out.append(c)

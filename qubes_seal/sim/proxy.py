@@ -32,6 +32,7 @@ are closed (the TPM protocol is strict request/response: nothing is lost).
 
 from __future__ import annotations
 
+import contextlib
 import selectors
 import socket
 import struct
@@ -441,8 +442,6 @@ class CountingProxy:
         pipe.closed = True
         self._pipes.discard(pipe)
         for sock in (pipe.client, pipe.upstream):
-            try:
+            with contextlib.suppress(KeyError, ValueError):  # never registered, or closed
                 self._selector.unregister(sock)
-            except (KeyError, ValueError):
-                pass
             sock.close()

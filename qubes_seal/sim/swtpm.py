@@ -18,9 +18,9 @@ channel: that is why :func:`free_port_pair` looks for two adjacent free ports.
 Control channel wire format (all integers big-endian): a request is a 4-byte command code
 followed by the command's payload; a response starts with a 4-byte result, 0 for success
 (a TPM 1.2 style ``TPM_RESULT``: 0x3d is ``TPM_BAD_LOCALITY``).  swtpm reads a request
-with one ``read()`` of at most 4096 bytes (0.7 re-assembles a request split by TCP, older
-versions do not), so every request here is sent in one ``sendall`` no larger than that, and
-the next request waits for the previous response.
+into a 4096-byte buffer (recent versions re-assemble a request that TCP split, older ones
+take whatever one ``read()`` returns), so every request here is sent in one ``sendall``
+no larger than that, and the next request waits for the previous response.
 
 Localities, as measured on this machine (swtpm 0.7.1, libtpms 0.9.2, tpm2-pytss 3.0 over
 libtss2 3.2.1), ``E`` = ``TPM2_PCR_Extend`` accepted, ``.`` = refused with
@@ -382,9 +382,11 @@ class Swtpm:
         if proc is None:
             return
         if proc.poll() is None:
-            with contextlib.suppress(TPMUnavailable, TPMError):
-                with _ControlChannel(self.ctrl_port, timeout=timeout) as ctrl:
-                    ctrl.call(CMD_SHUTDOWN)
+            with (
+                contextlib.suppress(TPMUnavailable, TPMError),
+                _ControlChannel(self.ctrl_port, timeout=timeout) as ctrl,
+            ):
+                ctrl.call(CMD_SHUTDOWN)
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -540,3 +542,28 @@ def configure_da(
             )
         except TSS2_Exception as exc:
             raise TPMError(f"TPM2_DictionaryAttackParameters failed: {exc}") from exc
+
+
+class AttachedSwtpm(Swtpm):
+    """A swtpm that someone else started, on ``port`` (control channel ``port + 1``).
+
+    It supports what a launch simulation needs (:attr:`tcti`, :meth:`hash_start`,
+    :meth:`set_locality`, :meth:`at_locality`) but never starts, stops or reboots the process:
+    that belongs to whoever started it.
+    """
+
+    def __init__(self, port: int) -> None:
+        super().__init__(Path("."), port=port)
+
+    @property
+    def running(self) -> bool:
+        return self._answers()
+
+    def start(self) -> None:
+        raise TPMError(f"{self.tcti} was started elsewhere: restart it there")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        raise TPMError(f"{self.tcti} was started elsewhere: stop it there")
+
+    def kill(self) -> None:
+        self.stop()
