@@ -681,3 +681,12 @@ def test_txt_event_container() -> None:
         el.parse_txt_event_container(header[:-4] + struct.pack("<I", size + 1) + records)
     with pytest.raises(EventLogError, match="signature"):
         el.parse_txt_event_container(b"X" + raw[1:])
+
+
+def test_write_refuses_out_of_range_fields() -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        el.write([Event(1 << 32, 4, {"sha256": bytes(32)}, b"")], ["sha256"])
+    with pytest.raises(ValueError, match="out of range"):
+        el.write_sha1([Event(-1, 4, {"sha1": bytes(20)}, b"")])
+    with pytest.raises(ValueError, match="out of range"):
+        SpecId(algorithms=((0x10000, 20),)).encode()

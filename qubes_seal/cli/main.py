@@ -8,6 +8,7 @@ Errors are printed without a traceback and mapped to the documented exit codes
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -57,6 +58,18 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
     pass
 
 
+def add_command(sub: Any, name: str, help_: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand with the conventions every command keeps: --json, the exit-code table."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        name, help=help_, description=description, formatter_class=Formatter, epilog=EXIT_CODES
+    )
+    p.add_argument(
+        "--json", action="store_true", default=env_bool("QUBES_SEAL_JSON"),
+        help="print one JSON object instead of text [QUBES_SEAL_JSON]",
+    )  # fmt: skip
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -87,15 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def command(name: str, help_: str, description: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(
-            name, help=help_, description=description, formatter_class=Formatter, epilog=EXIT_CODES
-        )
-        p.add_argument(
-            "--json", action="store_true", default=env_bool("QUBES_SEAL_JSON"),
-            help="print one JSON object instead of text [QUBES_SEAL_JSON]",
-        )  # fmt: skip
-        return p
+    command = functools.partial(add_command, sub)
 
     p = command(
         "seal",
@@ -157,6 +162,44 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["sha1", "sha256", "sha384", "sha512"], help="PCR bank (default sha256)",
     )  # fmt: skip
     p.set_defaults(func=cmd_pcrs)
+
+    p = command(
+        "predict",
+        "the PCR 17/18 values of the next boot, from the TXT log and new files",
+        "Compute what tboot will measure at the next boot: this boot's TXT event log gives\n"
+        "SINIT's measurements and tboot's policy; the new Xen, dom0 kernel and initramfs\n"
+        "(files, or a GRUB entry) give the modules. No TPM needed.\n\n"
+        "examples:\n"
+        "  qubes-seal predict --txt-log txt.log --xen /boot/xen-4.19.gz \\\n"
+        "      --xen-cmdline 'console=none' --kernel /boot/vmlinuz-6.6 \\\n"
+        "      --kernel-cmdline 'root=/dev/mapper/dom0-root ro' \\\n"
+        "      --initramfs /boot/initramfs-6.6.img\n"
+        "  qubes-seal predict --txt-log txt.log --grub-cfg /boot/grub2/grub.cfg \\\n"
+        "      --entry 'Qubes, with Xen 4.19 and Linux 6.6 (tboot)'",
+    )
+    add_component_options(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = command(
+        "reseal",
+        "seal the same secret again: to this boot, and with --predict to the next one",
+        "Seal the master secret again without changing it. The TPM must release it in this\n"
+        "boot first (no trust on first use: only an accepted boot approves another).\n\n"
+        "  qubes-seal reseal --predict COMPONENTS   before an update: accept this boot and\n"
+        "                                           the predicted one (PolicyOR)\n"
+        "  qubes-seal reseal                        after the first good boot on the new\n"
+        "                                           components: accept this boot only",
+    )
+    p.add_argument(
+        "--predict", action="store_true",
+        help="also accept the boot predicted from the component options below",
+    )  # fmt: skip
+    add_component_options(p, required=False)
+    p.set_defaults(func=cmd_reseal)
+
+    from . import eventlog_cmd
+
+    eventlog_cmd.register(sub)
     return parser
 
 
@@ -339,6 +382,154 @@ def cmd_pcrs(args: argparse.Namespace) -> int:
         values = tpm.read_pcrs(pcrs, bank=args.bank)
     doc = {"pcrs": {args.bank: {str(p): v.hex() for p, v in sorted(values.items())}}}
     emit(args, doc, "\n".join(f"{args.bank}:{p:>2} {v.hex()}" for p, v in sorted(values.items())))
+    return 0
+
+
+def add_component_options(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """The options that name the next boot's components: files or a GRUB entry."""
+    g = p.add_argument_group(
+        "the next boot's components (files, or --grub-cfg with --entry)"
+        + ("" if required else ", with --predict")
+    )
+    g.add_argument(
+        "--txt-log",
+        metavar="FILE",
+        type=Path,
+        help="this boot's TXT event log (TCG crypto-agile or tboot legacy)",
+    )
+    g.add_argument("--xen", metavar="PATH", type=Path, help="Xen image (module 0)")
+    g.add_argument(
+        "--xen-cmdline",
+        metavar="STR",
+        default="",
+        help="Xen's module string as measured (the words after the path)",
+    )
+    g.add_argument("--kernel", metavar="PATH", type=Path, help="dom0's kernel")
+    g.add_argument("--kernel-cmdline", metavar="STR", default="", help="its module string")
+    g.add_argument("--initramfs", metavar="PATH", type=Path, help="dom0's initramfs")
+    g.add_argument("--initramfs-cmdline", metavar="STR", default="", help="its module string")
+    g.add_argument(
+        "--nounzip",
+        action="store_true",
+        help="files are measured as they are (GRUB --nounzip); by default gzip "
+        "and xz files are measured decompressed, as GRUB loads them",
+    )
+    g.add_argument("--grub-cfg", metavar="FILE", type=Path, help="read the entry from grub.cfg")
+    g.add_argument("--entry", metavar="TITLE", help="the menuentry title in --grub-cfg")
+    g.add_argument("--boot-dir", metavar="DIR", type=Path, default=Path("/boot"),
+                   help="where GRUB's paths point (default /boot)")  # fmt: skip
+
+
+def read_txt_log(args: argparse.Namespace) -> Any:
+    from ..measure import eventlog
+
+    if args.txt_log is None:
+        raise UsageError("--txt-log is required: this boot's TXT event log")
+    try:
+        return eventlog.parse(args.txt_log.read_bytes())
+    except OSError as exc:
+        raise UsageError(f"cannot read the TXT event log {args.txt_log}: {exc.strerror}") from exc
+
+
+def predicted_pcrs(args: argparse.Namespace) -> dict[int, bytes]:
+    from ..measure import grub, tboot
+    from ..measure.predict import Component, predict_txt
+
+    log = read_txt_log(args)
+    if args.grub_cfg is not None:
+        if args.entry is None:
+            raise UsageError("--grub-cfg needs --entry TITLE")
+        try:
+            text = args.grub_cfg.read_text(errors="replace")
+        except OSError as exc:
+            raise UsageError(f"cannot read {args.grub_cfg}: {exc.strerror}") from exc
+        entry = grub.find_entry(text, args.entry)
+        components = grub.components_from_entry(entry, boot_dir=args.boot_dir)
+    else:
+        missing = [o for o in ("xen", "kernel", "initramfs") if getattr(args, o) is None]
+        if missing:
+            raise UsageError(
+                "missing " + ", ".join(f"--{m}" for m in missing),
+                hint="Name Xen, dom0's kernel and initramfs, or a GRUB entry "
+                "(--grub-cfg, --entry).",
+            )
+        components = [
+            Component(
+                name,
+                getattr(args, f"{name}_cmdline").encode(),
+                tboot.load_module_image(getattr(args, name), nounzip=args.nounzip),
+            )
+            for name in ("xen", "kernel", "initramfs")
+        ]
+    return predict_txt(log, components)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    values = predicted_pcrs(args)
+    doc = {"pcrs": {"sha256": {str(p): v.hex() for p, v in sorted(values.items())}}}
+    text = "predicted next boot (sha256):\n" + "\n".join(
+        f"  PCR {p}: {v.hex()}" for p, v in sorted(values.items())
+    )
+    emit(args, doc, text)
+    return 0
+
+
+def check_log_matches_tpm(args: argparse.Namespace) -> None:
+    """A prediction is only as good as its log: it must replay to this boot's PCR 17/18."""
+    from ..errors import MeasurementMismatch
+    from ..measure.predict import DRTM_PCRS, current_txt
+    from ..tpm.device import Tpm
+
+    replayed = current_txt(read_txt_log(args))
+    with Tpm(args.tpm) as tpm:
+        now = tpm.read_pcrs(DRTM_PCRS)
+    diffs = [(p, replayed.get(p, b"").hex(), now[p].hex()) for p in DRTM_PCRS
+             if replayed.get(p) != now[p]]  # fmt: skip
+    if diffs:
+        raise MeasurementMismatch(
+            f"the TXT event log {args.txt_log} does not replay to this boot's PCRs",
+            diffs=diffs,
+            hint="A prediction needs this boot's own TXT event log (captured at boot). "
+            "Nothing was resealed.",
+        )
+
+
+def cmd_reseal(args: argparse.Namespace) -> int:
+    from .. import state as state_mod
+    from ..state import PcrState
+    from ..tpm.seal import reseal
+
+    sealed = state_mod.load(args.state_dir)
+    extra: list[PcrState] = []
+    if args.predict:
+        predicted = predicted_pcrs(args)
+        outside = [p for p in sealed.pcrs if p not in predicted]
+        if outside:
+            raise UsageError(
+                f"the prediction covers PCR 17 and 18 only; the sealed selection also has "
+                f"{outside}",
+                hint="Seal to the DRTM PCRs (--pcrs 17,18) to use prediction.",
+            )
+        check_log_matches_tpm(args)
+        extra = [PcrState("predicted", {p: predicted[p] for p in sealed.pcrs})]
+    elif any(getattr(args, o) is not None for o in ("xen", "kernel", "initramfs", "grub_cfg")):
+        raise UsageError("component options given without --predict")
+    new = reseal(sealed, tcti=args.tpm, extra_states=extra)
+    written = state_mod.save(new, args.state_dir)
+    labels = [s.label for s in new.pcr_states]
+    lines = [f"resealed the master secret (unchanged) to {len(labels)} accepted state(s):"]
+    for s in new.pcr_states:
+        lines.append(f"  {s.label}:")
+        lines += [f"    PCR {p:>2}: {v.hex()}" for p, v in sorted(s.values.items())]
+    lines.append(f"  state: {written}")
+    doc = {
+        "resealed": True,
+        "states": [
+            {"label": s.label, "pcrs": {str(p): v.hex() for p, v in sorted(s.values.items())}}
+            for s in new.pcr_states
+        ],
+    }
+    emit(args, doc, "\n".join(lines))
     return 0
 
 

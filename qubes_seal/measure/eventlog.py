@@ -212,6 +212,14 @@ def event_type_name(event_type: int) -> str:
     return name if name is not None else f"{event_type:#010x}"
 
 
+def _pack(fmt: str, *values: int) -> bytes:
+    """struct.pack, with out-of-range values reported as ValueError."""
+    try:
+        return struct.pack(fmt, *values)
+    except struct.error as exc:
+        raise ValueError(f"value out of range for a log field: {values}") from exc
+
+
 # --- Data model ----------------------------------------------------------------------------
 
 FORMAT_CRYPTO_AGILE = "crypto-agile"
@@ -268,7 +276,7 @@ class SpecId:
         if len(self.vendor_info) > 0xFF:
             raise ValueError("vendorInfo is at most 255 bytes")
         out = bytearray(SPEC_ID_SIGNATURE)
-        out += struct.pack(
+        out += _pack(
             "<IBBBBI",
             self.platform_class,
             self.spec_version_minor,
@@ -278,7 +286,7 @@ class SpecId:
             len(self.algorithms),
         )
         for alg, size in self.algorithms:
-            out += struct.pack("<HH", alg, size)
+            out += _pack("<HH", alg, size)
         out.append(len(self.vendor_info))
         out += self.vendor_info
         return bytes(out)
@@ -672,7 +680,7 @@ def write(events: Sequence[Event], banks: Sequence[str], *, spec_id: SpecId | No
     for index, event in enumerate(body):
         if not event.digests:
             raise ValueError(f"event {index} has no digest")
-        out += struct.pack("<III", event.pcr, event.event_type, len(event.digests))
+        out += _pack("<III", event.pcr, event.event_type, len(event.digests))
         for bank, digest in event.digests.items():
             if bank not in sizes:
                 raise ValueError(f"event {index} has a {bank} digest; the log's banks: {banks}")
@@ -700,7 +708,7 @@ def write_sha1(events: Sequence[Event]) -> bytes:
             raise ValueError(f"event {index} must carry exactly one 20-byte sha1 digest")
         if index == 0 and _is_spec_id_event(event):
             raise ValueError("the first event of a SHA-1 log cannot be a Spec ID Event03")
-        record = struct.pack("<II", event.pcr, event.event_type)
+        record = _pack("<II", event.pcr, event.event_type)
         record += event.digests["sha1"] + struct.pack("<I", len(event.data)) + event.data
         if not record.strip(b"\x00"):
             raise ValueError(f"event {index} is all zero bytes and would read as padding")
@@ -802,9 +810,13 @@ def replay(log: EventLog, *, drtm: bool = False) -> dict[str, dict[int, bytes]]:
     """Replay a log: the final value per bank and per PCR the log extends.
 
     EV_NO_ACTION events are not extended.  A StartupLocality EV_NO_ACTION event makes PCR 0
-    start at ``00..00 || locality``; PCR 17-22 start at zero for a DRTM (TXT) log
-    (``drtm=True``) and at 0xFF otherwise; other PCRs start at zero.  Banks whose hash
-    hashlib does not provide (or that are unknown) are left out of the result.
+    start at ``00..00 || locality``, and so does an EV_EFI_HCRTM_EVENT as PCR 0's first
+    event, with locality 4; PCR 17-22 start at zero for a DRTM (TXT) log (``drtm=True``) and
+    at 0xFF otherwise; other PCRs start at zero.  A StartupLocality or H-CRTM event after
+    PCR 0 was extended, a second StartupLocality event, or an extend of a PCR above 23
+    raises :class:`EventLogError`.  Banks whose hash hashlib does not provide (or that are
+    unknown) are left out of the result; every other bank of the log is present, possibly
+    empty.
     """
     values, _, _ = _replay(log, drtm)
     return values

@@ -34,6 +34,48 @@ def launch_happened(value: bytes) -> bool:
     return value != b"\xff" * len(value)
 
 
+def seal_to_states(
+    tpm: Tpm,
+    secret: Secret,
+    *,
+    pcrs: Sequence[int],
+    states: Sequence[PcrState],
+    bank: str = "sha256",
+    require_launch: bool = True,
+) -> SealedState:
+    """Seal ``secret`` so that any one of ``states`` (1 to 8 sets of PCR values) unseals it."""
+    pcrs = validate_pcrs(pcrs)
+    if not 1 <= len(states) <= 8:
+        raise UsageError(f"{len(states)} accepted PCR states: between 1 and 8 are possible")
+    digest, _ = sealing_policy([s.values for s in states], pcrs, bank=bank)
+    srk = tpm.ensure_srk()
+    public, private = tpm.seal(secret, srk=srk, policy_digest=digest)
+    return SealedState(
+        srk_handle=srk.handle,
+        srk_name=srk.name,
+        srk_esys_tr=srk.esys_tr,
+        public=public,
+        private=private,
+        pcr_bank=bank,
+        pcrs=pcrs,
+        pcr_states=list(states),
+        policy_digest=digest,
+        require_launch=require_launch,
+    )
+
+
+def current_state(
+    tpm: Tpm, pcrs: Sequence[int], *, bank: str = "sha256", require_launch: bool = True
+) -> PcrState:
+    """The current values of ``pcrs``; fails closed when no measured launch happened."""
+    current = tpm.read_pcrs(set(pcrs) | {DRTM_PCR}, bank=bank)
+    if require_launch and not launch_happened(current[DRTM_PCR]):
+        raise NoMeasuredLaunch(
+            "refusing to seal: no TXT measured launch happened in this boot (PCR 17 is all 0xFF)"
+        )
+    return PcrState("current", {p: current[p] for p in pcrs})
+
+
 def seal_new_secret(
     tpm: Tpm,
     *,
@@ -49,26 +91,35 @@ def seal_new_secret(
     ``require_launch`` is False (an explicitly unsafe test setting).
     """
     pcrs = validate_pcrs(pcrs)
-    current = tpm.read_pcrs(set(pcrs) | {DRTM_PCR}, bank=bank)
-    if require_launch and not launch_happened(current[DRTM_PCR]):
-        raise NoMeasuredLaunch(
-            "refusing to seal: no TXT measured launch happened in this boot (PCR 17 is all 0xFF)"
-        )
-    states = [PcrState("current", {p: current[p] for p in pcrs}), *extra_states]
-    digest, _ = sealing_policy([s.values for s in states], pcrs, bank=bank)
-    srk = tpm.ensure_srk()
+    states = [current_state(tpm, pcrs, bank=bank, require_launch=require_launch), *extra_states]
     secret = Secret.random(MASTER_SECRET_SIZE)
-    public, private = tpm.seal(secret, srk=srk, policy_digest=digest)
-    state = SealedState(
-        srk_handle=srk.handle,
-        srk_name=srk.name,
-        srk_esys_tr=srk.esys_tr,
-        public=public,
-        private=private,
-        pcr_bank=bank,
-        pcrs=pcrs,
-        pcr_states=states,
-        policy_digest=digest,
-        require_launch=require_launch,
+    state = seal_to_states(
+        tpm, secret, pcrs=pcrs, states=states, bank=bank, require_launch=require_launch
     )
     return state, secret
+
+
+def reseal(
+    state: SealedState, *, tcti: str, extra_states: Sequence[PcrState] = ()
+) -> SealedState:
+    """Seal the same master secret again: to this boot, plus ``extra_states`` (predicted).
+
+    No trust on first use: the TPM must first release the secret in this boot, so only an
+    already-accepted boot can approve the next one.  Without ``extra_states`` this drops every
+    other accepted state (after the first good boot on updated components).
+    """
+    from .unseal import unseal
+
+    with unseal(state, tcti=tcti) as secret, Tpm(tcti) as tpm:
+        now = current_state(
+            tpm, state.pcrs, bank=state.pcr_bank, require_launch=state.require_launch
+        )
+        extra = [s for s in extra_states if s.values != now.values]
+        return seal_to_states(
+            tpm,
+            secret,
+            pcrs=state.pcrs,
+            states=[now, *extra],
+            bank=state.pcr_bank,
+            require_launch=state.require_launch,
+        )
