@@ -13,7 +13,8 @@ Format (JSON, UTF-8, one object; documented in docs/STATE.md)::
       "pcrs": [17, 18],
       "pcr_states": [{"label": "current", "values": {"17": "<hex>", "18": "<hex>"}}],
       "policy_digest": "<hex>",
-      "require_launch": true
+      "require_launch": true,
+      "auth_value": false
     }
 
 The private blob is encrypted by the TPM under the SRK: it is useless without that TPM.  The
@@ -61,6 +62,7 @@ class SealedState:
     pcr_states: list[PcrState]
     policy_digest: bytes
     require_launch: bool = True
+    auth_value: bool = False
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     tool_version: str = __version__
 
@@ -87,8 +89,17 @@ class SealedState:
             ],
             "policy_digest": self.policy_digest.hex(),
             "require_launch": self.require_launch,
+            "auth_value": self.auth_value,
         }
         return (json.dumps(doc, indent=2) + "\n").encode()
+
+    def to_dict(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(self.to_json())
+        return result
+
+    @classmethod
+    def from_dict(cls, doc: Any, *, source: str = "sealed state") -> SealedState:
+        return cls.from_json(json.dumps(doc).encode(), source=source)
 
     @classmethod
     def from_json(cls, data: bytes, *, source: str = "sealed state") -> SealedState:
@@ -132,6 +143,7 @@ class SealedState:
                 pcr_states=states,
                 policy_digest=bytes.fromhex(doc["policy_digest"]),
                 require_launch=bool(doc["require_launch"]),
+                auth_value=bool(doc.get("auth_value", False)),
                 created=str(doc["created"]),
                 tool_version=str(doc["tool_version"]),
             )

@@ -403,14 +403,32 @@ class Swtpm:
             proc.wait()
         self._reap()
 
-    def reboot(self) -> None:
+    def reboot(self, *, orderly: bool = True) -> None:
         """A platform reset: stop and start on the same state and ports.
 
         PCR 0-16 and 23 come back zeroed, PCR 17-22 all 0xFF; transient objects and sessions
         are gone; NV indices and persistent objects (the SRK) remain.
+
+        ``orderly`` (the default) first sends ``TPM2_Shutdown(SU_CLEAR)``, as Linux's TPM
+        driver does on a reboot or power-off; ``orderly=False`` is a power cut.  Either way,
+        libtpms answers ``TPM_RC_RETRY`` to the first authorization of a DA-protected object
+        after a start (it records in NV that it is no longer orderly), and libtss2 resubmits
+        that command once (measured: tests/test_auth.py).
         """
+        if orderly and self.running:
+            self.tpm2_shutdown()
         self.stop()
         self.start()
+
+    def tpm2_shutdown(self) -> None:
+        """Send ``TPM2_Shutdown(SU_CLEAR)`` on the TPM port, as an OS does before a reboot."""
+        command = struct.pack(">HIIH", 0x8001, 12, 0x00000145, 0x0000)
+        with socket.create_connection((HOST, self.port), timeout=5.0) as sock:
+            sock.sendall(command)
+            response = _recv_exact(sock, 10)
+        rc = struct.unpack(">I", response[6:10])[0]
+        if rc != 0:
+            raise TPMError(f"TPM2_Shutdown failed: 0x{rc:x}")
 
     # -- simulated platform hardware ----------------------------------------------------------
 

@@ -268,16 +268,26 @@ class Tpm:
 
     # -- sealing --------------------------------------------------------------------------------
 
-    def seal(self, secret: Secret, *, srk: SrkInfo, policy_digest: bytes) -> tuple[bytes, bytes]:
+    def seal(
+        self,
+        secret: Secret,
+        *,
+        srk: SrkInfo,
+        policy_digest: bytes,
+        auth: Secret | None = None,
+    ) -> tuple[bytes, bytes]:
         """Seal ``secret`` in a KEYEDHASH object under the SRK, usable only through a policy.
 
         The object has no USERWITHAUTH: only a policy session satisfying ``policy_digest`` can
         unseal it.  The secret crosses the bus encrypted (TPM2_Create with a salted session and
-        the ``decrypt`` attribute).  Returns the marshalled (TPM2B_PUBLIC, TPM2B_PRIVATE).
+        the ``decrypt`` attribute).  ``auth`` becomes the object's authValue, required through
+        PolicyAuthValue; the object is not noDA, so wrong values count against the TPM's
+        dictionary-attack lockout.  Returns the marshalled (TPM2B_PUBLIC, TPM2B_PRIVATE).
         """
         from tpm2_pytss import (
             ESYS_TR,
             TPM2_ALG,
+            TPM2B_AUTH,
             TPM2B_DIGEST,
             TPM2B_PUBLIC,
             TPM2B_SENSITIVE_CREATE,
@@ -303,7 +313,10 @@ class Tpm:
             )
         )
         sensitive = TPM2B_SENSITIVE_CREATE(
-            sensitive=TPMS_SENSITIVE_CREATE(data=TPM2B_SENSITIVE_DATA(secret.reveal()))
+            sensitive=TPMS_SENSITIVE_CREATE(
+                userAuth=TPM2B_AUTH(auth.reveal() if auth is not None else b""),
+                data=TPM2B_SENSITIVE_DATA(secret.reveal()),
+            )
         )
         parent = self.esys.tr_deserialize(srk.esys_tr)
         try:

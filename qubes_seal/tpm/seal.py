@@ -42,14 +42,20 @@ def seal_to_states(
     states: Sequence[PcrState],
     bank: str = "sha256",
     require_launch: bool = True,
+    auth: Secret | None = None,
 ) -> SealedState:
-    """Seal ``secret`` so that any one of ``states`` (1 to 8 sets of PCR values) unseals it."""
+    """Seal ``secret`` so that any one of ``states`` (1 to 8 sets of PCR values) unseals it.
+
+    With ``auth``, the unseal also needs that authValue (PolicyAuthValue last).
+    """
     pcrs = validate_pcrs(pcrs)
     if not 1 <= len(states) <= 8:
         raise UsageError(f"{len(states)} accepted PCR states: between 1 and 8 are possible")
-    digest, _ = sealing_policy([s.values for s in states], pcrs, bank=bank)
+    digest, _ = sealing_policy(
+        [s.values for s in states], pcrs, bank=bank, with_auth=auth is not None
+    )
     srk = tpm.ensure_srk()
-    public, private = tpm.seal(secret, srk=srk, policy_digest=digest)
+    public, private = tpm.seal(secret, srk=srk, policy_digest=digest, auth=auth)
     return SealedState(
         srk_handle=srk.handle,
         srk_name=srk.name,
@@ -61,6 +67,7 @@ def seal_to_states(
         pcr_states=list(states),
         policy_digest=digest,
         require_launch=require_launch,
+        auth_value=auth is not None,
     )
 
 
@@ -100,20 +107,31 @@ def seal_new_secret(
 
 
 def reseal(
-    state: SealedState, *, tcti: str, extra_states: Sequence[PcrState] = ()
+    state: SealedState,
+    *,
+    tcti: str,
+    extra_states: Sequence[PcrState] = (),
+    auth: Secret | None = None,
+    fixed: dict[int, bytes] | None = None,
 ) -> SealedState:
     """Seal the same master secret again: to this boot, plus ``extra_states`` (predicted).
 
     No trust on first use: the TPM must first release the secret in this boot, so only an
     already-accepted boot can approve the next one.  Without ``extra_states`` this drops every
-    other accepted state (after the first good boot on updated components).
+    other accepted state (after the first good boot on updated components).  ``auth`` is the
+    object's authValue when the state needs one; ``fixed`` gives PCR values that are not read
+    but predicted (PCR 13: its value at unlock time, not now).
     """
     from .unseal import unseal
 
-    with unseal(state, tcti=tcti) as secret, Tpm(tcti) as tpm:
+    with unseal(state, tcti=tcti, auth=auth) as secret, Tpm(tcti) as tpm:
         now = current_state(
-            tpm, state.pcrs, bank=state.pcr_bank, require_launch=state.require_launch
+            tpm,
+            [p for p in state.pcrs if p not in (fixed or {})],
+            bank=state.pcr_bank,
+            require_launch=state.require_launch,
         )
+        now = PcrState(now.label, {**now.values, **(fixed or {})})
         extra = [s for s in extra_states if s.values != now.values]
         return seal_to_states(
             tpm,
@@ -122,4 +140,5 @@ def reseal(
             states=[now, *extra],
             bank=state.pcr_bank,
             require_launch=state.require_launch,
+            auth=auth,
         )

@@ -30,6 +30,7 @@ from ..errors import (
     QubesSealError,
     SRKMismatch,
     TPMUnavailable,
+    UsageError,
 )
 from ..policy import BANK_ALG, PCR_SELECT_SIZE, pcr_select_bitmap, sealing_policy
 from ..secret import Secret
@@ -93,6 +94,10 @@ def unseal(state: SealedState, *, tcti: str, auth: Secret | None = None) -> Secr
     one, :class:`~qubes_seal.errors.AuthorizationError` for a wrong authValue,
     :class:`~qubes_seal.errors.LockoutError`, :class:`TPMUnavailable`.
     """
+    if state.auth_value and auth is None:
+        raise UsageError("this secret is sealed with a passphrase-derived authValue: give it")
+    if auth is not None and not state.auth_value:
+        auth = None  # sealed without PolicyAuthValue: nothing to prove
     try:
         return _unseal(state, tcti=tcti, auth=auth)
     except _Failed as failed:
