@@ -38,7 +38,7 @@ def test_right_auth_unseals_in_six_commands(swtpm: Swtpm, swtpm_proxy: CountingP
     assert unseal(state, tcti=swtpm_proxy.tcti, auth=GOOD) == secret
     # The first DA-protected authorization after a TPM start: libtpms answers TPM_RC_RETRY
     # once (it clears its orderly flag in NV) and libtss2 resubmits the Unseal.
-    assert swtpm_proxy.commands == SIX[:5] + ["Unseal", "FlushContext"]
+    assert swtpm_proxy.commands == [*SIX[:5], "Unseal", "FlushContext"]
     swtpm_proxy.reset()
     assert unseal(state, tcti=swtpm_proxy.tcti, auth=GOOD) == secret
     assert swtpm_proxy.commands == SIX
@@ -46,7 +46,7 @@ def test_right_auth_unseals_in_six_commands(swtpm: Swtpm, swtpm_proxy: CountingP
 
 def test_wrong_auth_counts_then_locks_out(swtpm: Swtpm) -> None:
     configure_da(swtpm.tcti, max_tries=3, recovery_time=1000, lockout_recovery=1000)
-    state, secret = sealed_with_auth(swtpm)
+    state, _ = sealed_with_auth(swtpm)
     for tries in (1, 2, 3):
         with pytest.raises(AuthorizationError):
             unseal(state, tcti=swtpm.tcti, auth=BAD)

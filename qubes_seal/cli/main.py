@@ -197,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_component_options(p, required=False)
     p.set_defaults(func=cmd_reseal)
 
-    from . import eventlog_cmd
+    from . import container_cmd, eventlog_cmd
 
+    container_cmd.register(sub)
     eventlog_cmd.register(sub)
     return parser
 

@@ -25,7 +25,7 @@ import hashlib
 import hmac
 import struct
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from qubes_seal.errors import CorruptState
 
@@ -120,8 +120,11 @@ def digest_size(bank: str) -> int:
     return known[1]
 
 
-def _hash_function(bank: str) -> Callable[[bytes], bytes] | None:
-    """A one-shot hash function for a bank, or None when hashlib does not provide it."""
+def _hash_constructor(bank: str) -> Callable[[bytes], Any] | None:
+    """A bank's hash object constructor (``ctor(data).digest()``), or None when hashlib
+    does not provide it.  The named constructors (``hashlib.sha256``) are used where they
+    exist: they cost half of ``hashlib.new`` per call, which a replay makes per digest.
+    """
     known = _KNOWN_BANKS.get(bank)
     if known is None:
         return None
@@ -130,7 +133,10 @@ def _hash_function(bank: str) -> Callable[[bytes], bytes] | None:
         hashlib.new(name)
     except ValueError:
         return None
-    return lambda data: hashlib.new(name, data).digest()
+    named: Callable[[bytes], Any] | None = getattr(hashlib, name, None)
+    if named is not None:
+        return named
+    return lambda data: hashlib.new(name, data)
 
 
 # --- Event types ---------------------------------------------------------------------------
@@ -231,18 +237,71 @@ SPEC_ID_SIGNATURE = b"Spec ID Event03\x00"
 STARTUP_LOCALITY_SIGNATURE = b"StartupLocality\x00"
 
 
-@dataclass(frozen=True)
-class Event:
+class _Record:
+    """Equality, repr and pickling by fields: what ``@dataclass`` generates, written out.
+
+    The classes of this module are read on the CLI's start (``qubes-seal eventlog``), and
+    importing :mod:`dataclasses` (it pulls in :mod:`inspect`) costs more than parsing a
+    firmware log, so they do without it.  Same behaviour: fields as ``__init__``
+    arguments in order, ``==`` between instances of the same class by field values, a
+    ``Name(field=value, ...)`` repr; frozen classes refuse assignment and hash by value.
+    """
+
+    __slots__ = ()
+    _fields: ClassVar[tuple[str, ...]] = ()
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self._fields)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Record) or other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
+        return f"{self.__class__.__qualname__}({fields})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (self.__class__, self._values())
+
+
+class _Frozen(_Record):
+    """A :class:`_Record` whose fields cannot be assigned (``@dataclass(frozen=True)``)."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r} of a frozen {type(self).__name__}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r} of a frozen {type(self).__name__}")
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+
+_set = object.__setattr__
+
+
+class Event(_Frozen):
     """One event: the PCR it extends, its type, its digest per bank name, and its data.
 
     For the Spec ID event of a crypto-agile log, ``digests`` is ``{"sha1": 20 zero bytes}``
     (the TPM 1.2-style header record) and ``data`` the TCG_EfiSpecIDEvent structure.
     """
 
+    __slots__ = _fields = ("pcr", "event_type", "digests", "data")
     pcr: int
     event_type: int
     digests: dict[str, bytes]
     data: bytes
+
+    def __init__(self, pcr: int, event_type: int, digests: dict[str, bytes], data: bytes) -> None:
+        _set(self, "pcr", pcr)
+        _set(self, "event_type", event_type)
+        _set(self, "digests", digests)
+        _set(self, "data", data)
 
     @property
     def type_name(self) -> str:
@@ -250,19 +309,45 @@ class Event:
         return event_type_name(self.event_type)
 
 
-@dataclass(frozen=True)
-class SpecId:
+class SpecId(_Frozen):
     """The TCG_EfiSpecIDEvent (``Spec ID Event03``) heading a crypto-agile log."""
 
+    __slots__ = _fields = (
+        "algorithms",
+        "platform_class",
+        "spec_version_minor",
+        "spec_version_major",
+        "spec_errata",
+        "uintn_size",
+        "vendor_info",
+    )
     algorithms: tuple[tuple[int, int], ...]
     """(TPM_ALG_ID, digest size) per bank, in the log's order."""
-    platform_class: int = 0
-    spec_version_minor: int = 0
-    spec_version_major: int = 2
-    spec_errata: int = 0
-    uintn_size: int = 2
+    platform_class: int
+    spec_version_minor: int
+    spec_version_major: int
+    spec_errata: int
+    uintn_size: int
     """1 for UINT32, 2 for UINT64 firmware."""
-    vendor_info: bytes = b""
+    vendor_info: bytes
+
+    def __init__(
+        self,
+        algorithms: tuple[tuple[int, int], ...],
+        platform_class: int = 0,
+        spec_version_minor: int = 0,
+        spec_version_major: int = 2,
+        spec_errata: int = 0,
+        uintn_size: int = 2,
+        vendor_info: bytes = b"",
+    ) -> None:
+        _set(self, "algorithms", algorithms)
+        _set(self, "platform_class", platform_class)
+        _set(self, "spec_version_minor", spec_version_minor)
+        _set(self, "spec_version_major", spec_version_major)
+        _set(self, "spec_errata", spec_errata)
+        _set(self, "uintn_size", uintn_size)
+        _set(self, "vendor_info", vendor_info)
 
     @property
     def banks(self) -> list[str]:
@@ -296,8 +381,7 @@ class SpecId:
         return {bank_name(alg): size for alg, size in self.algorithms}
 
 
-@dataclass
-class EventLog:
+class EventLog(_Record):
     """A parsed event log.
 
     ``format`` is one of ``"crypto-agile"``, ``"sha1"``, ``"txt-tpm2-legacy"`` (tboot's
@@ -306,16 +390,25 @@ class EventLog:
     ``spec_id`` is set for crypto-agile logs, whose Spec ID event is ``events[0]``.
     """
 
+    __slots__ = _fields = ("events", "banks", "format", "spec_id")
     events: list[Event]
     banks: list[str]
     format: str
-    spec_id: SpecId | None = None
+    spec_id: SpecId | None
+
+    def __init__(
+        self, events: list[Event], banks: list[str], format: str, spec_id: SpecId | None = None
+    ) -> None:
+        self.events = events
+        self.banks = banks
+        self.format = format
+        self.spec_id = spec_id
 
 
-@dataclass(frozen=True)
-class PcrCheck:
+class PcrCheck(_Frozen):
     """The result of comparing one replayed PCR with the value the TPM reports."""
 
+    __slots__ = _fields = ("bank", "pcr", "replayed", "tpm", "extended")
     bank: str
     pcr: int
     replayed: bytes
@@ -324,6 +417,15 @@ class PcrCheck:
     """The value read from the TPM, or None if the caller gave none for this PCR."""
     extended: bool
     """Whether the log extends this PCR at all."""
+
+    def __init__(
+        self, bank: str, pcr: int, replayed: bytes, tpm: bytes | None, extended: bool
+    ) -> None:
+        _set(self, "bank", bank)
+        _set(self, "pcr", pcr)
+        _set(self, "replayed", replayed)
+        _set(self, "tpm", tpm)
+        _set(self, "extended", extended)
 
     @property
     def ok(self) -> bool:
@@ -476,12 +578,97 @@ def _parse_sha1_records(r: _Reader, limit: int) -> list[Event]:
     return events
 
 
+_U16 = struct.Struct("<H").unpack_from
+_U32 = struct.Struct("<I").unpack_from
+_U32X3 = struct.Struct("<III").unpack_from
+
+
+def _digest_dict_builder(banks: list[str]) -> Callable[[tuple[Any, ...]], dict[str, bytes]]:
+    """A function from the fields of a full-layout record to its digests (bank -> digest).
+
+    Spelled out for the usual one to three banks: ``dict(zip(...))`` costs several times
+    as much per event.
+    """
+    if len(banks) == 1:
+        (b0,) = banks
+        return lambda f: {b0: f[4]}
+    if len(banks) == 2:
+        b0, b1 = banks
+        return lambda f: {b0: f[4], b1: f[6]}
+    if len(banks) == 3:
+        b0, b1, b2 = banks
+        return lambda f: {b0: f[4], b1: f[6], b2: f[8]}
+    return lambda f: dict(zip(banks, f[4:-1:2], strict=True))
+
+
+def _parse_agile_fast(r: _Reader, limit: int, spec: SpecId, events: list[Event]) -> None:
+    """The well-formed prefix of TCG_PCR_EVENT2 records, from r.pos, appended to ``events``.
+
+    The same reading as :func:`_parse_agile_records`, without its per-field calls: it stops,
+    with r.pos at the start of the record, at the first record that does not pass every
+    check, so that the checked loop reads that record again and reports the exact error.
+    A record carrying every declared bank in the Spec ID event's order (as firmware writes
+    them) is read with one precompiled ``struct`` call.
+    """
+    data, end, pos = r.data, r.end, r.pos
+    algorithms = spec.algorithms
+    sizes = dict(algorithms)
+    names = {alg: bank_name(alg) for alg in sizes}
+    max_count = len(sizes)
+    banks = [names[alg] for alg, _ in algorithms]
+    ids = tuple(alg for alg, _ in algorithms)
+    full = struct.Struct("<III" + "".join(f"H{size}s" for _, size in algorithms) + "I")
+    full_unpack, full_size = full.unpack_from, full.size
+    n_banks = len(banks)
+    digests_of = _digest_dict_builder(banks)
+    append = events.append
+    new_event = Event
+    while pos < limit:
+        if pos + full_size <= end:
+            fields = full_unpack(data, pos)
+            if fields[2] == n_banks and fields[3:-1:2] == ids:
+                p = pos + full_size
+                dsize = fields[-1]
+                if dsize > end - p:
+                    break
+                append(new_event(fields[0], fields[1], digests_of(fields), data[p : p + dsize]))
+                pos = p + dsize
+                continue
+        if pos + 12 > end:
+            break
+        pcr, event_type, count = _U32X3(data, pos)
+        if count > max_count:
+            break
+        p = pos + 12
+        digests: dict[str, bytes] = {}
+        for _ in range(count):
+            if p + 2 > end:
+                break
+            (alg,) = _U16(data, p)
+            size = sizes.get(alg)
+            if size is None or names[alg] in digests or p + 2 + size > end:
+                break
+            digests[names[alg]] = data[p + 2 : p + 2 + size]
+            p += 2 + size
+        else:
+            if p + 4 <= end:
+                (dsize,) = _U32(data, p)
+                p += 4
+                if dsize <= end - p:
+                    append(new_event(pcr, event_type, digests, data[p : p + dsize]))
+                    pos = p + dsize
+                    continue
+        break
+    r.pos = pos
+
+
 def _parse_agile_records(r: _Reader, limit: int, spec: SpecId) -> list[Event]:
     """TCG_PCR_EVENT2 records from r.pos up to the last non-zero byte before limit."""
     sizes = {alg: size for alg, size in spec.algorithms}
     names = {alg: bank_name(alg) for alg in sizes}
     max_count = len(sizes)
     events: list[Event] = []
+    _parse_agile_fast(r, limit, spec, events)
     while r.pos < limit:
         pcr = r.u32("PCRIndex")
         event_type = r.u32("EventType")
@@ -750,19 +937,22 @@ def _startup_locality(event: Event) -> int | None:
 
 def _replay(log: EventLog, drtm: bool) -> tuple[dict[str, dict[int, bytes]], dict[str, int], int]:
     """Replayed values per bank, the digest size per replayed bank, and the locality."""
-    hashes: dict[str, Callable[[bytes], bytes]] = {}
+    hashes: dict[str, Callable[[bytes], Any]] = {}
     sizes: dict[str, int] = {}
     declared = log.spec_id.digest_sizes() if log.spec_id is not None else {}
     for bank in log.banks:
-        fn = _hash_function(bank)
-        if fn is not None:
-            hashes[bank] = fn
+        ctor = _hash_constructor(bank)
+        if ctor is not None:
+            hashes[bank] = ctor
             sizes[bank] = declared.get(bank) or digest_size(bank)
     values: dict[str, dict[int, bytes]] = {bank: {} for bank in hashes}
+    # Per bank: (hash constructor, digest size, the bank's PCR values); one lookup per digest.
+    banks = {bank: (hashes[bank], sizes[bank], values[bank]) for bank in hashes}
     locality = 0
     seen_locality = False
     pcr0_extended = False
     for index, event in enumerate(log.events):
+        pcr = event.pcr
         if event.event_type == EV_NO_ACTION:
             loc = _startup_locality(event)
             if loc is not None:
@@ -775,34 +965,36 @@ def _replay(log: EventLog, drtm: bool) -> tuple[dict[str, dict[int, bytes]], dic
                 seen_locality = True
                 locality = loc
             continue
-        if not 0 <= event.pcr < NUM_PCRS:
-            raise EventLogError(f"event {index} extends PCR {event.pcr}, beyond PCR 23")
-        if event.pcr == 0 and event.event_type == EV_EFI_HCRTM_EVENT:
-            # An H-CRTM measured before TPM2_Startup: the TPM starts PCR 0 at 00..04 (TPM
-            # 2.0 Library Part 1, "H-CRTM before TPM2_Startup"); such logs need not carry a
-            # StartupLocality event (tpm2-tss binary_measurements_hcrtm.bin has none).
-            if pcr0_extended:
-                raise EventLogError(f"event {index}: H-CRTM event after PCR 0 was extended")
-            if seen_locality and locality != HCRTM_LOCALITY:
-                raise EventLogError(
-                    f"event {index}: H-CRTM event, but StartupLocality said {locality}"
-                )
-            locality = HCRTM_LOCALITY
-        if event.pcr == 0 and event.digests:
-            pcr0_extended = True
+        if not 0 <= pcr < NUM_PCRS:
+            raise EventLogError(f"event {index} extends PCR {pcr}, beyond PCR 23")
+        if pcr == 0:
+            if event.event_type == EV_EFI_HCRTM_EVENT:
+                # An H-CRTM measured before TPM2_Startup: the TPM starts PCR 0 at 00..04
+                # (TPM 2.0 Library Part 1, "H-CRTM before TPM2_Startup"); such logs need
+                # not carry a StartupLocality event (tpm2-tss binary_measurements_hcrtm.bin
+                # has none).
+                if pcr0_extended:
+                    raise EventLogError(f"event {index}: H-CRTM event after PCR 0 was extended")
+                if seen_locality and locality != HCRTM_LOCALITY:
+                    raise EventLogError(
+                        f"event {index}: H-CRTM event, but StartupLocality said {locality}"
+                    )
+                locality = HCRTM_LOCALITY
+            if event.digests:
+                pcr0_extended = True
         for bank, digest in event.digests.items():
-            fn = hashes.get(bank)
-            if fn is None:
+            entry = banks.get(bank)
+            if entry is None:
                 continue
-            if len(digest) != sizes[bank]:
+            ctor, size, pcrs = entry
+            if len(digest) != size:
                 raise EventLogError(
-                    f"event {index}: {bank} digest of {len(digest)} bytes, not {sizes[bank]}"
+                    f"event {index}: {bank} digest of {len(digest)} bytes, not {size}"
                 )
-            pcrs = values[bank]
-            current = pcrs.get(event.pcr)
+            current = pcrs.get(pcr)
             if current is None:
-                current = initial_pcr_value(sizes[bank], event.pcr, drtm=drtm, locality=locality)
-            pcrs[event.pcr] = fn(current + digest)
+                current = initial_pcr_value(size, pcr, drtm=drtm, locality=locality)
+            pcrs[pcr] = ctor(current + digest).digest()
     return values, sizes, locality
 
 

@@ -1,0 +1,463 @@
+"""The unlock chain: TPM secret + passphrase open a LUKS2 container of per-domain disk keys.
+
+::
+
+    passphrase ──Argon2id──► auth half ──► authValue of the sealed object (PolicyAuthValue):
+                                            the TPM rate-limits guesses (DA lockout)
+                         └─► mix half ─┐
+    TPM (PCR 13, 17, 18 + auth) ──► master secret ─┴─HKDF-SHA256─► LUKS key ─► keyslot
+                                                                        │
+                                  container: LUKS2, aes-xts-plain64 ◄───┘
+                                  payload: keystore (per-domain keys), HMAC-authenticated
+
+Neither the TPM alone (a stolen machine: no passphrase, and guesses are rate-limited by the
+TPM) nor the passphrase alone (a copied disk: no master secret) opens the container.  The
+recovery key is a second keyslot, a plain passphrase stock cryptsetup accepts.
+
+PCR 13 carries the container's header digest (:func:`qubes_seal.luks.header.header_digest`):
+the unlock extends it before unsealing, so a rolled-back header (an old keyslot with an old,
+leaked passphrase) changes PCR 13 and the TPM refuses.  After a successful unlock PCR 13 is
+capped (extended with a separator) so nothing later in this boot can unseal again.
+
+Everything the unlock needs travels in the container, in a LUKS2 token of type
+``qubes-seal`` (``cryptsetup luksDump`` shows it): the sealed object, the PCR selection and
+values, the Argon2id parameters, the pinned SRK, the keyslot numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import __version__, handover
+from .errors import CorruptState, MeasurementMismatch, QubesSealError, UsageError
+from .secret import Secret
+from .state import PcrState, SealedState
+
+TOKEN_TYPE = "qubes-seal"  # noqa: S105 - a LUKS2 token type, not a password
+TOKEN_VERSION = 1
+PCR13 = 13
+DEFAULT_PCRS = (13, 17, 18)
+#: Extended into PCR 13 after the unlock: from then on, no policy that expects the header
+#: digest alone in PCR 13 can be satisfied until the next boot.
+CAP_DIGEST = hashlib.sha256(b"qubes-seal: PCR 13 capped after unlock").digest()
+LUKS_KEY_CONTEXT = b"container"
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def pcr13_after_extend(header_digest: bytes) -> bytes:
+    """PCR 13 (SHA-256) after a boot's unlock extended it once with ``header_digest``."""
+    return hashlib.sha256(bytes(32) + header_digest).digest()
+
+
+@dataclass
+class Token:
+    """Our LUKS2 token: everything the unlock needs, none of it secret."""
+
+    sealed: SealedState
+    kdf: dict[str, Any]
+    tpm_keyslot: int
+    recovery_keyslot: int
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    tool_version: str = __version__
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": TOKEN_TYPE,
+            "keyslots": [str(self.tpm_keyslot)],
+            "qubes_seal_version": TOKEN_VERSION,
+            "tool_version": self.tool_version,
+            "created": self.created,
+            "tpm_keyslot": self.tpm_keyslot,
+            "recovery_keyslot": self.recovery_keyslot,
+            "kdf": self.kdf,
+            "sealed": self.sealed.to_dict(),
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any, *, source: str) -> Token:
+        if not isinstance(doc, dict) or doc.get("type") != TOKEN_TYPE:
+            raise CorruptState(f"{source}: not a {TOKEN_TYPE} token")
+        version = doc.get("qubes_seal_version")
+        if version != TOKEN_VERSION:
+            raise CorruptState(
+                f"{source}: token version {version!r}, this qubes-seal reads {TOKEN_VERSION}",
+                hint="Use the qubes-seal version that wrote it, or the recovery key.",
+            )
+        try:
+            return cls(
+                sealed=SealedState.from_dict(doc["sealed"], source=f"{source} (sealed object)"),
+                kdf=dict(doc["kdf"]),
+                tpm_keyslot=int(doc["tpm_keyslot"]),
+                recovery_keyslot=int(doc["recovery_keyslot"]),
+                created=str(doc["created"]),
+                tool_version=str(doc["tool_version"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptState(
+                f"{source}: malformed token ({type(exc).__name__})",
+                hint="Unlock with the recovery key ('qubes-seal recover'), which reseals.",
+            ) from exc
+
+
+def read_token(container: Any) -> tuple[int, Token]:
+    """Our token from the container: its id and content; exactly one must exist."""
+    found = container.find_tokens(TOKEN_TYPE)
+    source = f"{container.path}"
+    if not found:
+        raise CorruptState(
+            f"{source} has no {TOKEN_TYPE} token: not a qubes-seal container, or the token "
+            "was removed",
+            hint="Unlock with the recovery key ('qubes-seal recover'), which reseals.",
+        )
+    if len(found) > 1:
+        raise CorruptState(f"{source} has {len(found)} {TOKEN_TYPE} tokens: expected one")
+    token_id, doc = next(iter(found.items()))
+    return token_id, Token.from_json(doc, source=f"{source} token {token_id}")
+
+
+@dataclass
+class Timings:
+    """Where an unlock spends its time (seconds)."""
+
+    parts: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.parts[name] = self.parts.get(name, 0.0) + time.perf_counter() - start
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+
+@dataclass
+class Unlocked:
+    """An open container: its keystore and the volume key that reads and writes it."""
+
+    container: Any
+    keystore: Any
+    volume_key: Secret
+    uuid: str
+    timings: Timings
+
+    def save(self) -> None:
+        """Write the keystore back (a new generation, crash-safe)."""
+        from .keystore import hmac_key_from_volume_key, store
+        from .luks.payload import UserspacePayload
+
+        with (
+            hmac_key_from_volume_key(self.volume_key) as hkey,
+            UserspacePayload(self.container, self.volume_key) as payload,
+        ):
+            store(payload, self.keystore, hkey)
+
+    def close(self) -> None:
+        self.volume_key.wipe()
+
+
+# -- init ------------------------------------------------------------------------------------
+
+
+@dataclass
+class InitResult:
+    uuid: str
+    recovery_key: Secret
+    pcrs: list[int]
+    states: list[PcrState]
+
+
+def init(
+    path: Path,
+    *,
+    tcti: str,
+    passphrase: Secret,
+    size_bytes: int,
+    pcrs: list[int],
+    kdf_params: Any,
+    recovery_pbkdf: Any,
+    require_launch: bool = True,
+    force: bool = False,
+    progress: Progress = _quiet,
+) -> InitResult:
+    """Create the container, its keyslots, its keystore and token, and seal the master secret."""
+    from . import recovery
+    from .kdf import derive, luks_key
+    from .keystore import hmac_key_from_volume_key, initialise
+    from .luks.container import Container
+    from .luks.header import header_digest
+    from .luks.payload import UserspacePayload
+    from .tpm.device import Tpm
+    from .tpm.seal import current_state, seal_to_states
+
+    if PCR13 not in pcrs:
+        progress("warning: PCR 13 is not selected: a rolled-back header would not be refused")
+    with Tpm(tcti) as tpm:  # fail early: no TPM, no launch -> nothing created
+        now = current_state(tpm, [p for p in pcrs if p != PCR13], require_launch=require_launch)
+    master = Secret.random(32)
+    progress("deriving keys from the passphrase (Argon2id)")
+    auth, mix = derive(passphrase, kdf_params)
+    rkey = recovery.generate()
+    try:
+        key = luks_key(master, mix, kdf_params, context=LUKS_KEY_CONTEXT)
+        progress("formatting the LUKS2 container (cryptsetup)")
+        container = Container.format(
+            path,
+            size_bytes=size_bytes,
+            key=key,
+            recovery=rkey,
+            recovery_pbkdf=recovery_pbkdf,
+            force=force,
+        )
+        progress("writing an empty keystore")
+        with (
+            container.volume_key(key) as vk,
+            hmac_key_from_volume_key(vk) as hkey,
+            UserspacePayload(container, vk) as payload,
+        ):
+            initialise(payload, hkey)
+        tpm_slot = 0
+        recovery_slot = 1
+        values = dict(now.values)
+        if PCR13 in pcrs:
+            values[PCR13] = pcr13_after_extend(header_digest(path))
+        states = [PcrState("current", values)]
+        progress("sealing the master secret in the TPM")
+        with Tpm(tcti) as tpm:
+            sealed = seal_to_states(
+                tpm,
+                master,
+                pcrs=pcrs,
+                states=states,
+                require_launch=require_launch,
+                auth=auth,
+            )
+        token = Token(sealed, kdf_params.to_json(), tpm_slot, recovery_slot)
+        container.import_token(token.to_json())
+        return InitResult(container.uuid, rkey, sealed.pcrs, states)
+    except BaseException:
+        rkey.wipe()
+        raise
+    finally:
+        master.wipe()
+        auth.wipe()
+        mix.wipe()
+
+
+# -- unlock ----------------------------------------------------------------------------------
+
+
+def measure_header(tpm: Any, digest: bytes) -> None:
+    """Extend PCR 13 with the header digest, once per boot; a retry in the same boot is fine."""
+    current = tpm.read_pcrs([PCR13])[PCR13]
+    if current == bytes(32):
+        tpm.extend_pcr(PCR13, digest)
+    elif current != pcr13_after_extend(digest):
+        raise MeasurementMismatch(
+            "measurements do not match: PCR 13 was already extended in this boot (capped "
+            "after an unlock, or another header was measured)",
+            hint="The container was unlocked once already in this boot, or its header changed. "
+            "Reboot to try again; use the recovery key if the header was restored on purpose.",
+        )
+
+
+def cap(tpm: Any) -> None:
+    """Extend PCR 13 with the separator: no more unseal in this boot."""
+    tpm.extend_pcr(PCR13, CAP_DIGEST)
+
+
+def unlock(
+    path: Path,
+    *,
+    tcti: str,
+    passphrase: Callable[[], Secret],
+    backend: str = "auto",
+    keyring: str | None = "user",
+    progress: Progress = _quiet,
+) -> Unlocked:
+    """The unlock chain, ending with PCR 13 capped and the volume key handed over.
+
+    ``passphrase`` is called once the TPM side is ready (so a prompt appears only when it can
+    succeed).  ``keyring`` names the kernel keyring for the hand-over (None: none).
+    """
+    from .kdf import KdfParams, derive, luks_key
+    from .keystore import hmac_key_from_volume_key, load
+    from .luks.container import Container
+    from .luks.header import header_digest
+    from .tpm.device import Tpm
+    from .tpm.unseal import unseal
+
+    t = Timings()
+    container = Container(path)
+    with t.part("token+header"):
+        _, token = read_token(container)
+        digest = header_digest(path)
+        params = KdfParams.from_json(token.kdf)
+    sealed = token.sealed
+    if PCR13 in sealed.pcrs:
+        with t.part("tpm"), Tpm(tcti) as tpm:
+            measure_header(tpm, digest)
+    secret = passphrase()
+    with t.part("argon2id"):
+        progress("deriving keys from the passphrase (Argon2id)")
+        auth, mix = derive(secret, params)
+    secret.wipe()
+    try:
+        with t.part("tpm"):
+            master = unseal(sealed, tcti=tcti, auth=auth)
+        with t.part("hkdf"):
+            key = luks_key(master, mix, params, context=LUKS_KEY_CONTEXT)
+        master.wipe()
+        with t.part("cryptsetup"):
+            vk = container.volume_key(key)
+        key.wipe()
+        with t.part("keystore"), hmac_key_from_volume_key(vk) as hkey:
+            ks = _load_keystore(container, vk, hkey, load)
+        if PCR13 in sealed.pcrs:
+            with t.part("tpm"), Tpm(tcti) as tpm:
+                cap(tpm)
+        if keyring is not None:
+            with t.part("handover"):
+                handover.put(container.uuid, vk, keyring=keyring)
+        return Unlocked(container, ks, vk, container.uuid, t)
+    finally:
+        auth.wipe()
+        mix.wipe()
+
+
+def _load_keystore(container: Any, vk: Secret, hkey: Secret, load: Any) -> Any:
+    from .luks.payload import UserspacePayload
+
+    with UserspacePayload(container, vk) as payload:
+        return load(payload, hkey)
+
+
+def open_with_volume_key(path: Path, vk: Secret) -> Unlocked:
+    """The keystore, from a volume key handed over earlier in this boot."""
+    from .keystore import hmac_key_from_volume_key, load
+    from .luks.container import Container
+
+    container = Container(path)
+    with hmac_key_from_volume_key(vk) as hkey:
+        ks = _load_keystore(container, vk, hkey, load)
+    return Unlocked(container, ks, vk, container.uuid, Timings())
+
+
+def open_handed_over(path: Path, *, keyring: str = "user") -> Unlocked | None:
+    """The keystore through this boot's hand-over, or None when there is none."""
+    from .luks.container import Container
+
+    vk = handover.get(Container(path).uuid, keyring=keyring)
+    return None if vk is None else open_with_volume_key(path, vk)
+
+
+# -- recovery --------------------------------------------------------------------------------
+
+
+def recover(path: Path, *, recovery_key: Secret, keyring: str | None = "user") -> Unlocked:
+    """Open the container with the recovery key (no TPM involved) and hand it over."""
+    from . import recovery
+    from .luks.container import Container
+
+    container = Container(path)
+    rkey = recovery.normalise(recovery_key)
+    try:
+        vk = container.volume_key(rkey)
+    finally:
+        rkey.wipe()
+    unlocked = open_with_volume_key(path, vk)
+    if keyring is not None:
+        handover.put(container.uuid, vk, keyring=keyring)
+    return unlocked
+
+
+def reseal_with_recovery(
+    path: Path,
+    *,
+    tcti: str,
+    recovery_key: Secret,
+    passphrase: Secret,
+    kdf_params: Any,
+    pcrs: list[int] | None = None,
+    require_launch: bool = True,
+) -> Token:
+    """After a refused unseal: a new master secret sealed to this boot, a new TPM keyslot.
+
+    The recovery key authorises the new keyslot; the old TPM keyslot is removed last, so an
+    interruption leaves the recovery key working (crash safety proper arrives with rotation).
+    """
+    from . import recovery
+    from .kdf import derive, luks_key
+    from .luks.container import Container
+    from .luks.header import header_digest
+    from .tpm.device import Tpm
+    from .tpm.seal import current_state, seal_to_states
+
+    container = Container(path)
+    token_id, old = read_token(container)
+    pcrs = pcrs or old.sealed.pcrs
+    rkey = recovery.normalise(recovery_key)
+    master = Secret.random(32)
+    auth, mix = derive(passphrase, kdf_params)
+    try:
+        with Tpm(tcti) as tpm:
+            now = current_state(tpm, [p for p in pcrs if p != PCR13], require_launch=require_launch)
+        key = luks_key(master, mix, kdf_params, context=LUKS_KEY_CONTEXT)
+        new_slot = container.add_key(rkey, key, slot=None, pbkdf=None)
+        if old.tpm_keyslot != new_slot and old.tpm_keyslot in container.slots():
+            container.kill_slot(old.tpm_keyslot, existing=rkey)
+        values = dict(now.values)
+        if PCR13 in pcrs:
+            values[PCR13] = pcr13_after_extend(header_digest(path))
+        with Tpm(tcti) as tpm:
+            sealed = seal_to_states(
+                tpm, master, pcrs=pcrs, states=[PcrState("current", values)],
+                require_launch=require_launch, auth=auth,
+            )  # fmt: skip
+        token = Token(sealed, kdf_params.to_json(), new_slot, old.recovery_keyslot)
+        container.import_token(token.to_json(), token_id=token_id, replace=True)
+        return token
+    finally:
+        for s in (rkey, master, auth, mix):
+            s.wipe()
+
+
+def lock(path: Path, *, keyring: str = "user") -> bool:
+    """Drop this boot's hand-over of the container's volume key."""
+    from .luks.container import Container
+
+    return handover.drop(Container(path).uuid, keyring=keyring)
+
+
+__all__ = [
+    "CAP_DIGEST",
+    "DEFAULT_PCRS",
+    "InitResult",
+    "QubesSealError",
+    "Token",
+    "Unlocked",
+    "UsageError",
+    "cap",
+    "init",
+    "lock",
+    "measure_header",
+    "open_handed_over",
+    "recover",
+    "reseal_with_recovery",
+    "unlock",
+]

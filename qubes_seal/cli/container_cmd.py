@@ -1,0 +1,381 @@
+"""The container commands: init, unlock, recover, lock, domain add|list|show|remove."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+
+SIZE_RE = re.compile(r"^(\d+)([KMG]?)i?B?$", re.IGNORECASE)
+DEFAULT_SIZE = "16M"
+
+
+def parse_size(text: str) -> int:
+    m = SIZE_RE.match(text.strip())
+    if not m:
+        raise UsageError(f"invalid size {text!r}", hint="Examples: 16M, 32MiB, 1G, 4194304.")
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2).upper()]
+    return int(m.group(1)) * scale
+
+
+def register(sub: Any) -> None:
+    from .main import add_command, env, env_bool
+
+    def container_opt(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--container", metavar="PATH", type=Path,
+            default=Path(env("QUBES_SEAL_CONTAINER", "/var/lib/qubes-seal/keys.luks")),
+            help="the LUKS2 container: a file or a block device (default "
+            "/var/lib/qubes-seal/keys.luks) [QUBES_SEAL_CONTAINER]",
+        )  # fmt: skip
+
+    def passphrase_opt(p: argparse.ArgumentParser) -> None:
+        default = env("QUBES_SEAL_PASSPHRASE_FILE", "")
+        p.add_argument(
+            "--passphrase-file", metavar="FILE", type=Path,
+            default=Path(default) if default else None,
+            help="read the passphrase from FILE ('-': stdin) instead of the terminal "
+            "[QUBES_SEAL_PASSPHRASE_FILE]",
+        )  # fmt: skip
+
+    def keyring_opt(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--keyring", choices=["user", "session", "none"],
+            default=env("QUBES_SEAL_KEYRING", "user"),
+            help="kernel keyring for the hand-over to the key service (default: root's user "
+            "keyring) [QUBES_SEAL_KEYRING]",
+        )  # fmt: skip
+
+    def kdf_opts(p: argparse.ArgumentParser) -> None:
+        t, m = env("QUBES_SEAL_KDF_TIME", ""), env("QUBES_SEAL_KDF_MEMORY", "")
+        p.add_argument(
+            "--kdf-time", metavar="MS", type=int, default=int(t) if t else None,
+            help="Argon2id target time per derivation (default: calibrated to 1000 ms) "
+            "[QUBES_SEAL_KDF_TIME]",
+        )  # fmt: skip
+        p.add_argument(
+            "--kdf-memory", metavar="KIB", type=int, default=int(m) if m else None,
+            help="Argon2id memory in KiB (default 1048576, lowered to what the machine can "
+            "spare, never below 65536 when calibrated) [QUBES_SEAL_KDF_MEMORY]",
+        )  # fmt: skip
+
+    p = add_command(
+        sub,
+        "init",
+        "create the container of per-domain keys and seal its master secret",
+        "Create a LUKS2 container (aes-xts-plain64) holding an empty keystore, with two\n"
+        "keyslots: one for the key derived from the TPM's master secret and your passphrase,\n"
+        "one for a recovery key (shown once). Seal the master secret to PCR 13 (the\n"
+        "container's header), 17 and 18 (tboot's measurements), with the passphrase's\n"
+        "Argon2id half as the TPM object's authorization.\n\n"
+        "example:  qubes-seal init --container /var/lib/qubes-seal/keys.luks",
+    )
+    container_opt(p)
+    passphrase_opt(p)
+    kdf_opts(p)
+    p.add_argument("--size", default=env("QUBES_SEAL_SIZE", DEFAULT_SIZE),
+                   help=f"container size (default {DEFAULT_SIZE})")  # fmt: skip
+    p.add_argument("--pcrs", metavar="LIST", default=env("QUBES_SEAL_PCRS", "13,17,18"),
+                   help="PCRs to seal to (default 13,17,18) [QUBES_SEAL_PCRS]")  # fmt: skip
+    p.add_argument(
+        "--recovery-key-file", metavar="FILE", type=Path,
+        help="write the recovery key to FILE (mode 0600) instead of showing it",
+    )  # fmt: skip
+    p.add_argument("--force", action="store_true", default=env_bool("QUBES_SEAL_FORCE"),
+                   help="overwrite an existing container (its keys are lost)")  # fmt: skip
+    p.add_argument(
+        "--unsafe-no-measured-launch", action="store_true",
+        default=env_bool("QUBES_SEAL_UNSAFE_NO_MEASURED_LAUNCH"),
+        help="UNSAFE, for tests: do not require a TXT measured launch",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_init)
+
+    p = add_command(
+        sub,
+        "unlock",
+        "open the container: TPM + passphrase, then hand the keys over",
+        "The unlock chain: measure the container's header into PCR 13, ask the passphrase,\n"
+        "unseal the master secret (the TPM checks PCR 13, 17, 18 and the passphrase's\n"
+        "half), derive the LUKS key, open the container, read the keystore, cap PCR 13,\n"
+        "and leave the volume key in the kernel keyring for the key service.",
+    )
+    container_opt(p)
+    passphrase_opt(p)
+    keyring_opt(p)
+    p.set_defaults(func=cmd_unlock)
+
+    p = add_command(
+        sub,
+        "recover",
+        "open the container with the recovery key when the TPM says no",
+        "Open the container with the recovery key (no TPM involved) and hand it over.\n"
+        "With --reseal (or answering yes on a terminal), seal a new master secret to this\n"
+        "boot: a new passphrase keyslot replaces the old one.",
+    )
+    container_opt(p)
+    keyring_opt(p)
+    passphrase_opt(p)
+    kdf_opts(p)
+    p.add_argument("--recovery-key-file", metavar="FILE", type=Path,
+                   help="read the recovery key from FILE instead of the terminal")  # fmt: skip
+    p.add_argument("--reseal", action="store_true", default=env_bool("QUBES_SEAL_RESEAL"),
+                   help="seal a new master secret to this boot (asks the passphrase)")  # fmt: skip
+    p.add_argument(
+        "--unsafe-no-measured-launch", action="store_true",
+        default=env_bool("QUBES_SEAL_UNSAFE_NO_MEASURED_LAUNCH"),
+        help="UNSAFE, for tests: reseal without a TXT measured launch",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_recover)
+
+    p = add_command(sub, "lock", "drop this boot's hand-over of the container's key",
+                    "Unlink the volume key from the kernel keyring.")  # fmt: skip
+    container_opt(p)
+    keyring_opt(p)
+    p.set_defaults(func=cmd_lock)
+
+    p = add_command(
+        sub,
+        "domain",
+        "per-domain disk keys: add, list, show, remove",
+        "Work on the keystore: through this boot's hand-over when the container was\n"
+        "unlocked, else by unlocking it (passphrase).\n\n"
+        "examples:\n  qubes-seal domain add work --uuid 6f1b...\n  qubes-seal domain list --json",
+    )
+    dsub = p.add_subparsers(dest="domain_command", metavar="ACTION", required=True)
+    for name, help_ in (
+        ("add", "create a new 512-bit key for a domain"),
+        ("list", "list the domains (never their keys)"),
+        ("show", "one domain's details (its key only with --show-key)"),
+        ("remove", "destroy a domain's key"),
+    ):
+        dp = add_command(dsub, name, help_, help_)
+        container_opt(dp)
+        passphrase_opt(dp)
+        keyring_opt(dp)
+        if name != "list":
+            dp.add_argument("name", metavar="NAME", help="the qube's name")
+        if name in ("add", "show"):
+            dp.add_argument("--uuid", help="the qube's UUID (recommended: a reused name with "
+                            "another UUID never gets this key)")  # fmt: skip
+        if name == "show":
+            dp.add_argument("--show-key", action="store_true",
+                            help="print the key (hex): only where you mean it")  # fmt: skip
+        dp.set_defaults(func=cmd_domain)
+
+
+def _keyring(args: argparse.Namespace) -> str | None:
+    return None if args.keyring == "none" else str(args.keyring)
+
+
+def _kdf_params(args: argparse.Namespace) -> Any:
+    from .. import kdf
+
+    progress = _progress(args)
+    if args.kdf_time is None and args.kdf_memory is None:
+        progress("calibrating Argon2id for about 1 s on this machine")
+        return kdf.calibrate(progress=progress)
+    return kdf.params_for(time_ms=args.kdf_time, memory_kib=args.kdf_memory)
+
+
+def _progress(args: argparse.Namespace) -> Any:
+    def say(message: str) -> None:
+        if not getattr(args, "json", False) or sys.stderr.isatty():
+            print(f"qubes-seal: {message}...", file=sys.stderr, flush=True)
+
+    return say
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from .. import chain
+    from ..fsutil import atomic_write
+    from ..tpm.seal import parse_pcr_list
+    from .main import emit
+    from .prompt import ask
+
+    pcrs = parse_pcr_list(args.pcrs)
+    size = parse_size(args.size)
+    if args.recovery_key_file is not None and args.recovery_key_file.exists():
+        raise UsageError(f"{args.recovery_key_file} exists: refusing to overwrite it")
+    passphrase = ask("passphrase", path=args.passphrase_file, confirm=True)
+    params = _kdf_params(args)
+    from ..luks.container import PbkdfCost
+
+    result = chain.init(
+        args.container,
+        tcti=args.tpm,
+        passphrase=passphrase,
+        size_bytes=size,
+        pcrs=pcrs,
+        kdf_params=params,
+        # The recovery key carries 192 random bits: the PBKDF adds nothing against guessing,
+        # so its slot costs what one passphrase derivation costs, no more.
+        recovery_pbkdf=PbkdfCost(
+            algorithm="argon2id",
+            iterations=max(4, params.time_cost),
+            memory_kib=max(32, min(params.memory_kib, 1 << 20)),
+            parallelism=max(1, min(4, params.parallelism)),
+        ),
+        require_launch=not args.unsafe_no_measured_launch,
+        force=args.force,
+        progress=_progress(args),
+    )
+    passphrase.wipe()
+    doc: dict[str, Any] = {
+        "initialised": True,
+        "container": str(args.container),
+        "uuid": result.uuid,
+        "pcrs": result.pcrs,
+    }
+    lines = [
+        f"initialised {args.container} (LUKS2 UUID {result.uuid})",
+        f"  master secret sealed to PCR {','.join(map(str, result.pcrs))} with your passphrase",
+    ]
+    with result.recovery_key as rkey:
+        if args.recovery_key_file is not None:
+            atomic_write(args.recovery_key_file, rkey.reveal() + b"\n", mode=0o600)
+            doc["recovery_key_file"] = str(args.recovery_key_file)
+            lines.append(f"  recovery key written to {args.recovery_key_file} (mode 0600)")
+        else:
+            text = rkey.reveal().decode()
+            doc["recovery_key"] = text
+            lines += [
+                "",
+                "  RECOVERY KEY (shown once; write it down and keep it away from this machine):",
+                "",
+                f"      {text}",
+                "",
+                "  It opens the container with 'qubes-seal recover', or with stock cryptsetup.",
+            ]
+    emit(args, doc, "\n".join(lines))
+    return 0
+
+
+def cmd_unlock(args: argparse.Namespace) -> int:
+    from .. import chain
+    from .main import emit
+    from .prompt import ask
+
+    unlocked = chain.unlock(
+        args.container,
+        tcti=args.tpm,
+        passphrase=lambda: ask("passphrase", path=args.passphrase_file),
+        keyring=_keyring(args),
+        progress=_progress(args),
+    )
+    try:
+        n = len(unlocked.keystore.list())
+        ms = {k: round(v * 1000, 1) for k, v in unlocked.timings.parts.items()}
+        doc = {
+            "unlocked": True,
+            "uuid": unlocked.uuid,
+            "domains": n,
+            "pcr13_capped": True,
+            "handover": _keyring(args),
+            "timings_ms": ms,
+        }
+        text = (
+            f"unlocked {args.container}: {n} domain key(s); PCR 13 capped"
+            + (f"; handed over to the kernel {args.keyring} keyring" if _keyring(args) else "")
+            + "\n  time: " + ", ".join(f"{k} {v} ms" for k, v in ms.items())
+        )  # fmt: skip
+        emit(args, doc, text)
+    finally:
+        unlocked.close()
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from .. import chain
+    from .main import emit
+    from .prompt import ask
+
+    rkey = ask("recovery key", path=args.recovery_key_file)
+    unlocked = chain.recover(args.container, recovery_key=rkey, keyring=_keyring(args))
+    n = len(unlocked.keystore.list())
+    unlocked.close()
+    doc: dict[str, Any] = {"recovered": True, "domains": n, "resealed": False}
+    lines = [f"opened {args.container} with the recovery key: {n} domain key(s) intact"]
+    reseal = args.reseal
+    if not reseal and sys.stdin.isatty() and not args.json:
+        answer = input("Seal a new master secret to this boot? [y/N] ").strip().lower()
+        reseal = answer in ("y", "yes")
+    if reseal:
+        passphrase = ask("passphrase", path=args.passphrase_file, confirm=True)
+        token = chain.reseal_with_recovery(
+            args.container,
+            tcti=args.tpm,
+            recovery_key=rkey,
+            passphrase=passphrase,
+            kdf_params=_kdf_params(args),
+            require_launch=not args.unsafe_no_measured_launch,
+        )
+        passphrase.wipe()
+        doc["resealed"] = True
+        lines.append(f"resealed: new master secret in keyslot {token.tpm_keyslot}, sealed to "
+                     f"PCR {','.join(map(str, token.sealed.pcrs))} of this boot")  # fmt: skip
+    else:
+        lines.append("not resealed: the next boot will need the recovery key again "
+                     "(run 'qubes-seal recover --reseal' in a boot you trust)")  # fmt: skip
+    rkey.wipe()
+    emit(args, doc, "\n".join(lines))
+    return 0
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    from .. import chain
+    from .main import emit
+
+    dropped = chain.lock(args.container, keyring=args.keyring if args.keyring != "none" else "user")
+    emit(args, {"dropped": dropped},
+         "dropped the hand-over" if dropped else "no hand-over in this boot")  # fmt: skip
+    return 0
+
+
+def cmd_domain(args: argparse.Namespace) -> int:
+    from .. import chain
+    from .main import emit
+    from .prompt import ask
+
+    keyring = _keyring(args)
+    unlocked = chain.open_handed_over(args.container, keyring=keyring) if keyring else None
+    if unlocked is None:
+        unlocked = chain.unlock(
+            args.container,
+            tcti=args.tpm,
+            passphrase=lambda: ask("passphrase", path=args.passphrase_file),
+            keyring=keyring,
+            progress=_progress(args),
+        )
+    try:
+        ks = unlocked.keystore
+        action = args.domain_command
+        if action == "list":
+            rows = [d.public_view() for d in ks.list()]
+            doc: dict[str, Any] = {"domains": rows}
+            text = "\n".join(f"{r['name']:<32} key {r['key_id']}  generation {r['generation']}"
+                             for r in rows) or "no domain keys"  # fmt: skip
+        elif action == "add":
+            d = ks.add(args.name, qube_uuid=args.uuid)
+            unlocked.save()
+            doc = {"added": d.public_view()}
+            text = f"added a key for {d.name} (key id {d.key_id})"
+        elif action == "remove":
+            d = ks.remove(args.name)
+            unlocked.save()
+            doc = {"removed": args.name}
+            text = f"removed the key of {args.name}: it is destroyed"
+        else:
+            d = ks.get(args.name, qube_uuid=args.uuid)
+            doc = {"domain": d.public_view()}
+            text = "\n".join(f"{k}: {v}" for k, v in d.public_view().items())
+            if args.show_key:
+                doc["key"] = d.key.reveal().hex()
+                text += f"\nkey: {doc['key']}"
+        emit(args, doc, text)
+    finally:
+        unlocked.close()
+    return 0

@@ -1,0 +1,215 @@
+"""The keystore's authenticated binary record: :func:`encode`, :func:`decode`."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import struct
+from datetime import datetime
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from ..errors import CorruptState, UsageError
+from ..secret import Secret
+from .model import KEY_ID_HEX_CHARS, KEY_SIZE, DomainKey, Keystore
+from .names import name_problem, normalise_uuid
+
+MAGIC = b"QSKEYSTO"
+FORMAT_VERSION = 1
+HEADER = struct.Struct(">8sHHIQ")  # magic, version, flags, body length, generation
+HEADER_SIZE = HEADER.size  # 24
+MAC_SIZE = 32
+OVERHEAD = HEADER_SIZE + MAC_SIZE
+HMAC_KEY_INFO = b"qubes-seal keystore hmac v1"
+HMAC_KEY_SIZE = 32
+MAX_GENERATION = 2**64 - 1
+
+_KNOWN_TOP = frozenset({"domains"})
+_KNOWN_ENTRY = frozenset({"name", "qube_uuid", "key_id", "created", "generation", "key"})
+_KEY_ID = re.compile(rf"\A[0-9a-f]{{{KEY_ID_HEX_CHARS}}}\Z")
+_KEY_HEX = re.compile(rf"\A[0-9a-f]{{{2 * KEY_SIZE}}}\Z")
+
+
+def hmac_key_from_volume_key(vk: Secret) -> Secret:
+    """The keystore's HMAC-SHA256 key: HKDF-SHA256(vk, info=b"qubes-seal keystore hmac v1").
+
+    The container is encrypted with AES-XTS, which is malleable (a flipped ciphertext bit
+    garbles one 16-byte block, undetected); the HMAC turns any such change into an error.
+    """
+    if len(vk) == 0:
+        raise UsageError("the volume key is empty")
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=HMAC_KEY_SIZE, salt=None, info=HMAC_KEY_INFO)
+    return Secret(hkdf.derive(vk.reveal()))
+
+
+def _mac(hmac_key: Secret, data: bytes | bytearray | memoryview) -> bytes:
+    return hmac.new(hmac_key.reveal(), data, hashlib.sha256).digest()
+
+
+def _entry_json(entry: DomainKey) -> dict[str, Any]:
+    doc = dict(entry.extra)
+    doc.update(entry.public_view())
+    doc["key"] = entry.key.reveal().hex()
+    return doc
+
+
+def encode(ks: Keystore, hmac_key: Secret, *, generation: int | None = None) -> bytes:
+    """The record of ``ks`` (at ``generation``, by default ``ks.generation``).
+
+    Layout (big-endian)::
+
+        offset  size  field
+        0       8     magic b"QSKEYSTO"
+        8       2     format version (1)
+        10      2     flags (0; any other value is refused)
+        12      4     body length n
+        16      8     generation (>= 1)
+        24      n     body: UTF-8 JSON {"domains": [...], ...}
+        24+n    32    HMAC-SHA256(hmac_key, bytes 0 .. 24+n)
+    """
+    gen = ks.generation if generation is None else generation
+    if not 1 <= gen <= MAX_GENERATION:
+        raise UsageError(f"keystore generation {gen} is out of range (1 to 2^64-1)")
+    doc = dict(ks.extra)
+    doc["domains"] = [_entry_json(entry) for entry in ks.list()]
+    body = bytearray(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
+    record = bytearray(HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(body), gen))
+    record += body
+    record += _mac(hmac_key, record)
+    try:
+        return bytes(record)
+    finally:
+        body[:] = bytes(len(body))
+        record[:] = bytes(len(record))
+
+
+def record_length(header: bytes) -> int:
+    """The total record length announced by a header; :class:`CorruptState` if not a header."""
+    if len(header) < HEADER_SIZE:
+        raise CorruptState(f"keystore record too short ({len(header)} bytes)")
+    magic, version, flags, body_len, _generation = HEADER.unpack_from(header)
+    body_len = int(body_len)
+    if magic != MAGIC:
+        raise CorruptState("not a qubes-seal keystore (bad magic)")
+    if version != FORMAT_VERSION:
+        raise CorruptState(
+            f"keystore format version {version} is not supported (this qubes-seal reads "
+            f"version {FORMAT_VERSION})",
+            hint="It was written by another version of qubes-seal: upgrade qubes-seal.",
+        )
+    if flags != 0:
+        raise CorruptState(f"keystore header has unknown flags 0x{flags:04x}")
+    return HEADER_SIZE + body_len + MAC_SIZE
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in doc:
+            raise CorruptState(f"keystore body: duplicate field {key!r}")
+        doc[key] = value
+    return doc
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _entry_from_json(index: int, item: object) -> DomainKey:
+    where = f"keystore entry {index}"
+    if not isinstance(item, dict):
+        raise CorruptState(f"{where}: expected a JSON object")
+    missing = sorted(_KNOWN_ENTRY - set(item))
+    if missing:
+        raise CorruptState(f"{where}: missing fields {missing}")
+    name = item["name"]
+    problem = name_problem(name)
+    if problem:
+        raise CorruptState(f"{where}: invalid qube name: {problem}")
+    qube_uuid = item["qube_uuid"]
+    if qube_uuid is not None:
+        try:
+            if normalise_uuid(qube_uuid) != qube_uuid:
+                raise UsageError("not lowercase")
+        except UsageError:
+            raise CorruptState(f"{where} ({name}): invalid qube UUID") from None
+    key_id = item["key_id"]
+    if not isinstance(key_id, str) or _KEY_ID.match(key_id) is None:
+        raise CorruptState(f"{where} ({name}): invalid key id")
+    created = item["created"]
+    try:
+        if not isinstance(created, str):
+            raise ValueError
+        datetime.fromisoformat(created)
+    except ValueError:
+        raise CorruptState(f"{where} ({name}): invalid creation time") from None
+    generation = item["generation"]
+    if not _is_int(generation) or not 1 <= generation <= MAX_GENERATION:
+        raise CorruptState(f"{where} ({name}): invalid key generation")
+    key_hex = item["key"]
+    if not isinstance(key_hex, str) or _KEY_HEX.match(key_hex) is None:
+        # Never quote the value: it may be (part of) a key.
+        raise CorruptState(f"{where} ({name}): the key is not {KEY_SIZE} bytes of hex")
+    extra = {k: v for k, v in item.items() if k not in _KNOWN_ENTRY}
+    return DomainKey(
+        name=name,
+        qube_uuid=qube_uuid,
+        key_id=key_id,
+        created=created,
+        generation=generation,
+        key=Secret(bytes.fromhex(key_hex)),
+        extra=extra,
+    )
+
+
+def decode(data: bytes | bytearray | memoryview, hmac_key: Secret) -> Keystore:
+    """Check and parse one record made by :func:`encode`.
+
+    Checks, in order: magic, format version, flags, length (``data`` must be exactly one
+    record), HMAC (constant-time comparison), then the body.  Any failure raises
+    :class:`CorruptState` with a message that names the failed check and no secret.
+    """
+    data = bytes(data)
+    expected = record_length(data)
+    if len(data) != expected:
+        raise CorruptState(
+            f"keystore record length {len(data)} does not match its header ({expected})"
+        )
+    signed, tag = data[:-MAC_SIZE], data[-MAC_SIZE:]
+    if not hmac.compare_digest(_mac(hmac_key, signed), tag):
+        raise CorruptState(
+            "keystore authentication failed (HMAC mismatch): the keystore was modified or "
+            "corrupted, or the key is wrong"
+        )
+    generation = int(HEADER.unpack_from(data)[4])
+    if generation < 1:
+        raise CorruptState("keystore generation 0 is invalid")
+    try:
+        doc = json.loads(signed[HEADER_SIZE:].decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CorruptState("keystore body is not valid UTF-8 JSON") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("domains"), list):
+        raise CorruptState("keystore body has no list of domains")
+    domains: dict[str, DomainKey] = {}
+    uuids: set[str] = set()
+    try:
+        for index, item in enumerate(doc["domains"]):
+            entry = _entry_from_json(index, item)
+            if entry.name in domains:
+                entry.wipe()
+                raise CorruptState(f"keystore: qube {entry.name!r} appears twice")
+            domains[entry.name] = entry  # kept from here on, so wiped on a later failure
+            if entry.qube_uuid is not None:
+                if entry.qube_uuid in uuids:
+                    raise CorruptState(f"keystore: qube UUID {entry.qube_uuid} appears twice")
+                uuids.add(entry.qube_uuid)
+    except CorruptState:
+        for entry in domains.values():
+            entry.wipe()
+        raise
+    extra = {k: v for k, v in doc.items() if k not in _KNOWN_TOP}
+    return Keystore(domains, generation=generation, extra=extra)
