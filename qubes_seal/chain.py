@@ -69,6 +69,8 @@ class Token:
     kdf: dict[str, Any]
     tpm_keyslot: int
     recovery_keyslot: int
+    proof: Any = None  # attest.Proof: the sealed proof of a clean boot, if set up
+    root_volume: str | None = None  # dom0's root volume, opened with the keystore's "dom0" key
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     tool_version: str = __version__
 
@@ -83,6 +85,8 @@ class Token:
             "recovery_keyslot": self.recovery_keyslot,
             "kdf": self.kdf,
             "sealed": self.sealed.to_dict(),
+            **({"proof": self.proof.to_json()} if self.proof is not None else {}),
+            **({"root_volume": self.root_volume} if self.root_volume else {}),
         }
 
     @classmethod
@@ -95,8 +99,13 @@ class Token:
                 f"{source}: token version {version!r}, this qubes-seal reads {TOKEN_VERSION}",
                 hint="Use the qubes-seal version that wrote it, or the recovery key.",
             )
+        from .attest import Proof
+
         try:
+            proof = doc.get("proof")
             return cls(
+                proof=None if proof is None else Proof.from_json(proof, source=f"{source} proof"),
+                root_volume=str(doc["root_volume"]) if doc.get("root_volume") else None,
                 sealed=SealedState.from_dict(doc["sealed"], source=f"{source} (sealed object)"),
                 kdf=dict(doc["kdf"]),
                 tpm_keyslot=int(doc["tpm_keyslot"]),
@@ -193,12 +202,13 @@ def init(
     recovery_pbkdf: Any,
     require_launch: bool = True,
     force: bool = False,
+    root_volume: str | None = None,
     progress: Progress = _quiet,
 ) -> InitResult:
     """Create the container, its keyslots, its keystore and token, and seal the master secret."""
     from . import recovery
     from .kdf import derive, luks_key
-    from .keystore import hmac_key_from_volume_key, initialise
+    from .keystore import hmac_key_from_volume_key, initialise, store
     from .luks.container import Container
     from .luks.header import header_digest
     from .luks.payload import UserspacePayload
@@ -230,7 +240,10 @@ def init(
             hmac_key_from_volume_key(vk) as hkey,
             UserspacePayload(container, vk) as payload,
         ):
-            initialise(payload, hkey)
+            keystore = initialise(payload, hkey)
+            if root_volume:
+                keystore.add("dom0")  # the key of dom0's root volume (never served)
+                store(payload, keystore, hkey)
         tpm_slot = 0
         recovery_slot = 1
         values = dict(now.values)
@@ -247,7 +260,9 @@ def init(
                 require_launch=require_launch,
                 auth=auth,
             )
-        token = Token(sealed, kdf_params.to_json(), tpm_slot, recovery_slot)
+        token = Token(
+            sealed, kdf_params.to_json(), tpm_slot, recovery_slot, root_volume=root_volume
+        )
         container.import_token(token.to_json())
         return InitResult(container.uuid, rkey, sealed.pcrs, states)
     except BaseException:
@@ -429,7 +444,12 @@ def reseal_with_recovery(
                 tpm, master, pcrs=pcrs, states=[PcrState("current", values)],
                 require_launch=require_launch, auth=auth,
             )  # fmt: skip
-        token = Token(sealed, kdf_params.to_json(), new_slot, old.recovery_keyslot)
+        # The proof of a clean boot was sealed to the old header's PCR 13 and cannot be
+        # unsealed any more: 'qubes-seal attest setup' must be run again.
+        token = Token(
+            sealed, kdf_params.to_json(), new_slot, old.recovery_keyslot,
+            root_volume=old.root_volume,
+        )  # fmt: skip
         container.import_token(token.to_json(), token_id=token_id, replace=True)
         return token
     finally:

@@ -88,6 +88,12 @@ def register(sub: Any) -> None:
     p.add_argument("--force", action="store_true", default=env_bool("QUBES_SEAL_FORCE"),
                    help="overwrite an existing container (its keys are lost)")  # fmt: skip
     p.add_argument(
+        "--dom0-root-volume", metavar="NAME",
+        default=env("QUBES_SEAL_DOM0_ROOT_VOLUME", "") or None,
+        help="also keep a key for dom0's root LUKS volume NAME (as in /etc/crypttab): the "
+        "boot hands it to systemd-cryptsetup, so one passphrase opens everything",
+    )  # fmt: skip
+    p.add_argument(
         "--unsafe-no-measured-launch", action="store_true",
         default=env_bool("QUBES_SEAL_UNSAFE_NO_MEASURED_LAUNCH"),
         help="UNSAFE, for tests: do not require a TXT measured launch",
@@ -130,6 +136,30 @@ def register(sub: Any) -> None:
         help="UNSAFE, for tests: reseal without a TXT measured launch",
     )  # fmt: skip
     p.set_defaults(func=cmd_recover)
+
+    p = add_command(
+        sub,
+        "attest",
+        "proof of a clean boot: a text or TOTP code shown before the passphrase",
+        "Seal a text you choose, or a TOTP seed, to the boot measurements alone (no\n"
+        "passphrase). At every boot the text, or the current 6-digit code, is shown before\n"
+        "the passphrase prompt: if it is missing or wrong, the boot is not genuine and you\n"
+        "must not type your passphrase.\n\n"
+        "  qubes-seal attest setup --text 'blue heron over the lake'\n"
+        "  qubes-seal attest setup --totp      (shows the seed once: scan it with a phone)\n"
+        "  qubes-seal attest show              (what the boot would show, if this boot can)",
+    )
+    asub = p.add_subparsers(dest="attest_command", metavar="ACTION", required=True)
+    ap = add_command(asub, "setup", "seal the proof", "Seal a text or a TOTP seed.")
+    container_opt(ap)
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--text", help="the text to show at boot")
+    which.add_argument("--text-file", type=Path, help="read the text from FILE")
+    which.add_argument("--totp", action="store_true", help="a TOTP seed (RFC 6238, 6 digits)")
+    ap.set_defaults(func=cmd_attest)
+    ap = add_command(asub, "show", "show the proof now", "Unseal and show the proof.")
+    container_opt(ap)
+    ap.set_defaults(func=cmd_attest)
 
     p = add_command(sub, "lock", "drop this boot's hand-over of the container's key",
                     "Unlink the volume key from the kernel keyring.")  # fmt: skip
@@ -221,6 +251,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         ),
         require_launch=not args.unsafe_no_measured_launch,
         force=args.force,
+        root_volume=args.dom0_root_volume,
         progress=_progress(args),
     )
     passphrase.wipe()
@@ -321,6 +352,46 @@ def cmd_recover(args: argparse.Namespace) -> int:
         lines.append("not resealed: the next boot will need the recovery key again "
                      "(run 'qubes-seal recover --reseal' in a boot you trust)")  # fmt: skip
     rkey.wipe()
+    emit(args, doc, "\n".join(lines))
+    return 0
+
+
+def cmd_attest(args: argparse.Namespace) -> int:
+    from .. import attest, chain
+    from ..luks.container import Container
+    from ..tpm.device import Tpm
+    from .main import emit
+    from .prompt import read_secret_file
+
+    container = Container(args.container)
+    token_id, token = chain.read_token(container)
+    if args.attest_command == "show":
+        if token.proof is None:
+            raise UsageError("no proof of a clean boot is set up: 'qubes-seal attest setup'")
+        shown = attest.reveal(token.proof, tcti=args.tpm)
+        emit(args, {"kind": token.proof.kind, "proof": shown},
+             f"proof of a clean boot ({token.proof.kind}): {shown}")  # fmt: skip
+        return 0
+    if args.totp:
+        kind, value = "totp", attest.new_value("totp", None)
+    elif args.text_file is not None:
+        text = read_secret_file(args.text_file, "text").reveal().decode("utf-8", "replace")
+        kind, value = "text", attest.new_value("text", text)
+    else:
+        kind, value = "text", attest.new_value("text", args.text)
+    with value, Tpm(args.tpm) as tpm:
+        token.proof = attest.seal_proof(tpm, kind=kind, value=value, master=token.sealed)
+        container.import_token(token.to_json(), token_id=token_id, replace=True)
+        doc: dict[str, Any] = {"kind": kind}
+        lines = [f"sealed a {kind} proof of a clean boot to PCR "
+                 + ",".join(map(str, token.sealed.pcrs))]  # fmt: skip
+        if kind == "totp":
+            uri = attest.otpauth_uri(value.reveal())
+            doc["otpauth_uri"] = uri
+            lines += ["", "Add this to an authenticator app now (shown once):", "", f"  {uri}"]
+            qr = attest.qr_code(uri)
+            if qr:
+                lines += ["", qr]
     emit(args, doc, "\n".join(lines))
     return 0
 

@@ -1,0 +1,380 @@
+"""The boot sequence (see the package docstring), and its configuration."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TextIO
+
+from ..errors import (
+    EXIT_USAGE,
+    AuthorizationError,
+    LockoutError,
+    MeasurementMismatch,
+    QubesSealError,
+    TPMUnavailable,
+    UsageError,
+)
+from ..secret import Secret
+
+DEFAULT_CONFIG = Path("/etc/qubes-seal/boot.toml")
+KEYS_DIR = Path("/run/cryptsetup-keys.d")
+DRTM_PCR = 17
+PROOF_ADVICE = (
+    "If this is not the proof you set up, do NOT type your passphrase: "
+    "the machine did not boot the approved software."
+)
+
+
+@dataclass
+class BootConfig:
+    """``/etc/qubes-seal/boot.toml`` (copied into the initramfs by the dracut module)."""
+
+    container: str = "/dev/disk/by-partlabel/qubes-seal"
+    tpm: str = "device:/dev/tpmrm0"
+    keyring: str = "user"
+    timeout: float = 30.0
+    tries: int = 3
+    ask: str = "auto"  # auto | systemd | tty | file:PATH (tests)
+    recovery_ask: str = ""  # as ask; empty: same as ask
+    unsafe_no_measured_launch: bool = False  # honoured only with unsafe_test_mode too
+    unsafe_test_mode: bool = False
+    keys_dir: str = str(KEYS_DIR)
+    console: str = "/dev/console"
+
+    @classmethod
+    def load(cls, path: Path | None) -> BootConfig:
+        doc: dict[str, Any] = {}
+        if path is not None and path.exists():
+            try:
+                doc = tomllib.loads(path.read_text())
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise UsageError(f"cannot read the boot configuration {path}: {exc}") from exc
+        doc = dict(doc.get("boot", doc))
+        names = {f.name for f in fields(cls)}
+        unknown = set(doc) - names
+        if unknown:
+            raise UsageError(f"{path}: unknown setting(s) {sorted(unknown)}")
+        for f in fields(cls):  # QUBES_SEAL_BOOT_<NAME> overrides (tests, debugging)
+            raw = os.environ.get(f"QUBES_SEAL_BOOT_{f.name.upper()}")
+            if raw is not None:
+                doc[f.name] = _coerce(f.name, raw, type(getattr(cls(), f.name)))
+        cfg = cls(**doc)
+        if cfg.unsafe_no_measured_launch and not cfg.unsafe_test_mode:
+            raise UsageError(
+                "unsafe_no_measured_launch is set without unsafe_test_mode: refusing "
+                "(it exists only for the VM test, where TXT cannot be simulated)"
+            )
+        return cfg
+
+
+def _coerce(name: str, raw: str, kind: type) -> Any:
+    if kind is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise UsageError(f"QUBES_SEAL_BOOT_{name.upper()}={raw!r} is not a boolean")
+    if kind is float:
+        return float(raw)
+    if kind is int:
+        return int(raw)
+    return raw
+
+
+class Console:
+    """Where the user sees the boot: /dev/console when we may write it, else stderr.
+
+    A unit's stdout goes to the journal, not to the screen (VM-E2E.md): messages for the user
+    are written to the console explicitly, timestamped for the boot-timing report.
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, path: str = "/dev/console") -> None:
+        self.start = time.monotonic()
+        self._own = False
+        if stream is None:
+            try:
+                stream = open(path, "a")  # noqa: SIM115 - closed in close()
+                self._own = True
+            except OSError:
+                stream = sys.stderr
+        self.stream = stream
+
+    def say(self, text: str) -> None:
+        stamp = time.monotonic() - self.start
+        for line in text.splitlines() or [""]:
+            self.stream.write(f"[qubes-seal {stamp:7.3f}] {line}\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self._own:
+            self.stream.close()
+
+
+# -- waiting for devices ---------------------------------------------------------------------
+
+
+def _device_of(tcti: str) -> Path | None:
+    name, _, conf = tcti.partition(":")
+    if name == "device":
+        return Path(conf or "/dev/tpmrm0")
+    return None
+
+
+def wait_for(paths: list[Path], *, timeout: float, console: Console) -> None:
+    """Wait until every path exists, woken by udev events (pyudev), at most ``timeout`` s."""
+    missing = [p for p in paths if not p.exists()]
+    if not missing:
+        return
+    console.say("waiting for " + ", ".join(str(p) for p in missing))
+    try:
+        import pyudev
+    except ImportError:  # pragma: no cover - pyudev is a dependency
+        pyudev = None
+    deadline = time.monotonic() + timeout
+    monitor = None
+    if pyudev is not None:
+        try:
+            monitor = pyudev.Monitor.from_netlink(pyudev.Context())
+            monitor.start()
+        except (OSError, ValueError):
+            monitor = None  # no udev netlink (a chroot, a container): watch the paths
+    while True:
+        missing = [p for p in missing if not p.exists()]
+        remaining = deadline - time.monotonic()
+        if not missing:
+            return
+        if remaining <= 0:
+            raise TPMUnavailable(
+                "timed out after {:g} s waiting for {}".format(
+                    timeout, ", ".join(str(p) for p in missing)
+                ),
+                hint="Is the TPM enabled in the firmware (and its driver, tpm_tis or tpm_crb, "
+                "in the initramfs)? Is the container's disk present?",
+            )
+        if monitor is not None:
+            monitor.poll(timeout=min(remaining, 1.0))  # an event, or re-check the paths
+        else:
+            _inotify_wait(missing, min(remaining, 1.0))
+
+
+def _inotify_wait(paths: list[Path], timeout: float) -> None:
+    """Block until something changes in the paths' directories (or ``timeout``)."""
+    import select
+
+    dirs = {p.parent for p in paths if p.parent.exists()}
+    if not dirs:
+        select.select([], [], [], timeout)
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    if fd < 0:
+        select.select([], [], [], timeout)
+        return
+    try:
+        for d in dirs:
+            libc.inotify_add_watch(fd, str(d).encode(), 0x100 | 0x80)  # IN_CREATE | IN_MOVED_TO
+        select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
+
+
+# -- asking ------------------------------------------------------------------------------------
+
+
+def ask(how: str, prompt: str, *, ident: str) -> Secret:
+    """A secret from the user: systemd-ask-password (plymouth / console agents), or a tty."""
+    if how.startswith("file:"):
+        data = Path(how[5:]).read_bytes().rstrip(b"\n")
+        return Secret(data)
+    use_systemd = how == "systemd" or (
+        how == "auto" and _which("systemd-ask-password") and not sys.stdin.isatty()
+    )
+    if use_systemd:
+        proc = subprocess.run(
+            [_which("systemd-ask-password") or "systemd-ask-password",
+             "--timeout=0", f"--id={ident}", "--icon=drive-harddisk", prompt],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            check=False,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise UsageError(f"systemd-ask-password failed ({proc.returncode})")
+        return Secret(proc.stdout.rstrip(b"\n"))
+    import getpass
+
+    return Secret(getpass.getpass(prompt + " ").encode())
+
+
+def _which(name: str) -> str | None:
+    import shutil
+
+    for d in ("/usr/bin", "/bin", "/usr/sbin", "/sbin"):
+        if Path(d, name).exists():
+            return str(Path(d, name))
+    return shutil.which(name)
+
+
+# -- the sequence ------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    unlocked: bool
+    recovered: bool
+    domains: int
+    timings: dict[str, float]
+
+
+def run(cfg: BootConfig, console: Console) -> Outcome:
+    """The boot sequence; raises the error that ended it when even recovery failed."""
+    from .. import chain
+    from ..attest import reveal
+    from ..tpm.device import Tpm
+    from ..tpm.seal import launch_happened
+
+    container = Path(cfg.container)
+    started = time.monotonic()
+    tpm_dev = _device_of(cfg.tpm)
+    wait_for([p for p in (tpm_dev, container) if p is not None], timeout=cfg.timeout,
+             console=console)  # fmt: skip
+    from ..luks.container import Container
+
+    _, token = chain.read_token(Container(container))
+    require_launch = token.sealed.require_launch and not (
+        cfg.unsafe_test_mode and cfg.unsafe_no_measured_launch
+    )
+    with Tpm(cfg.tpm) as tpm:
+        pcr17 = tpm.read_pcrs([DRTM_PCR])[DRTM_PCR]
+    if require_launch and not launch_happened(pcr17):
+        from ..errors import NoMeasuredLaunch
+
+        error: QubesSealError = NoMeasuredLaunch()
+        console.say(f"REFUSED: {error.diagnostics()}")
+        return _recover(cfg, console, container, error, started)
+    if not require_launch:
+        console.say("WARNING: unsafe test mode: no measured launch required")
+
+    shown = {"proof": False}
+
+    def passphrase() -> Secret:
+        if token.proof is not None and not shown["proof"]:
+            shown["proof"] = True
+            value = reveal(token.proof, tcti=cfg.tpm)
+            label = "your text" if token.proof.kind == "text" else "TOTP code now"
+            console.say(f"proof of a clean boot ({label}): {value}")
+            console.say(PROOF_ADVICE)
+        return ask(cfg.ask, "qubes-seal passphrase:", ident="qubes-seal:unlock")
+
+    last: QubesSealError | None = None
+    for attempt in range(1, max(1, cfg.tries) + 1):
+        try:
+            console.say("unlocking the container of domain keys")
+            unlocked = chain.unlock(container, tcti=cfg.tpm, passphrase=passphrase,
+                                    keyring=cfg.keyring)  # fmt: skip
+        except AuthorizationError as exc:
+            last = exc
+            console.say(f"wrong passphrase (attempt {attempt} of {cfg.tries})")
+            continue
+        except (MeasurementMismatch, LockoutError, QubesSealError) as exc:
+            console.say(f"REFUSED: {exc.diagnostics()}")
+            return _recover(cfg, console, container, exc, started)
+        try:
+            n = len(unlocked.keystore.list())
+            _root_key(cfg, token, unlocked, console)
+            console.say(f"container open: {n} domain key(s); PCR 13 capped; keys handed over")
+            timings = dict(unlocked.timings.parts)
+            timings["total"] = time.monotonic() - started
+            return Outcome(True, False, n, timings)
+        finally:
+            unlocked.close()
+    assert last is not None
+    console.say("too many wrong passphrases")
+    return _recover(cfg, console, container, last, started)
+
+
+def _root_key(cfg: BootConfig, token: Any, unlocked: Any, console: Console) -> None:
+    """dom0's root volume key, for systemd-cryptsetup, in a runtime key file (ramfs)."""
+    if not token.root_volume:
+        return
+    entry = unlocked.keystore.get("dom0")
+    keys = Path(cfg.keys_dir)
+    keys.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not os.path.ismount(keys):
+        # ramfs: never swapped (tmpfs can be); ignore failure where we may not mount.
+        subprocess.run(["mount", "-t", "ramfs", "-o", "mode=0700", "ramfs", str(keys)],
+                       check=False, capture_output=True)  # fmt: skip
+    path = keys / f"{token.root_volume}.key"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o400)
+    with os.fdopen(fd, "wb") as f:
+        f.write(entry.key.reveal())
+    console.say(f"dom0 root volume key ready for systemd-cryptsetup ({path})")
+
+
+def _recover(
+    cfg: BootConfig, console: Console, container: Path, cause: QubesSealError, started: float
+) -> Outcome:
+    """The recovery-key prompt; never an automatic reseal."""
+    from .. import chain
+
+    console.say("Enter the recovery key to open the container (or press Ctrl-D to stop).")
+    for _attempt in range(max(1, cfg.tries)):
+        try:
+            rkey = ask(cfg.recovery_ask or cfg.ask, "qubes-seal recovery key:",
+                       ident="qubes-seal:recovery")  # fmt: skip
+        except (EOFError, KeyboardInterrupt, UsageError):
+            break
+        try:
+            unlocked = chain.recover(container, recovery_key=rkey, keyring=cfg.keyring)
+        except (UsageError, AuthorizationError) as exc:
+            console.say(f"recovery key refused: {exc.message}")
+            continue
+        finally:
+            rkey.wipe()
+        try:
+            n = len(unlocked.keystore.list())
+            console.say(
+                f"container open with the recovery key: {n} domain key(s). Nothing was "
+                "resealed: once you trust this boot, run 'qubes-seal recover --reseal'."
+            )
+            return Outcome(True, True, n, {"total": time.monotonic() - started})
+        finally:
+            unlocked.close()
+    raise cause
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qubes_seal.boot", description=__doc__)
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    args = parser.parse_args(argv)
+    from ..tpm import _lib
+
+    _lib.quiet_tss_log()
+    try:
+        cfg = BootConfig.load(args.config)
+    except QubesSealError as exc:  # no configuration, no console path: the unit's stderr
+        Console(sys.stderr).say(f"RESULT: FAILED: {exc.diagnostics()}")
+        return 1
+    console = Console(path=cfg.console)
+    try:
+        outcome = run(cfg, console)
+        how = "with the recovery key" if outcome.recovered else "with the TPM and passphrase"
+        times = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in outcome.timings.items())
+        console.say(f"RESULT: unlocked {how}; {times}")
+        return 0
+    except QubesSealError as exc:
+        console.say(f"RESULT: FAILED: {exc.diagnostics()}")
+        return exc.exit_code if exc.exit_code != EXIT_USAGE else 1
+    except KeyboardInterrupt:
+        console.say("RESULT: FAILED: interrupted")
+        return 1
+    finally:
+        console.close()

@@ -1,0 +1,85 @@
+"""The key service's wire format, limits and exit codes: stdlib only, shared by both ends.
+
+One request per connection: the client sends one JSON object on one line (UTF-8, ending in
+``\\n``, at most :data:`MAX_REQUEST` bytes); the daemon answers one JSON object on one line and
+closes the connection.
+
+Requests::
+
+    {"op": "get-key", "caller": "sys-storage", "domain": "work"}
+    {"op": "status"} | {"op": "list"} | {"op": "reload"} | {"op": "lock"}      (admin: uid 0)
+    {"op": "add", "name": "work", "qube_uuid": "..." | null}                  (admin: uid 0)
+    {"op": "remove", "name": "work"}                                         (admin: uid 0)
+    {"op": "show", "name": "work", "qube_uuid": ... , "show_key": false}      (admin: uid 0)
+
+Answers: ``{"ok": true, ...}`` (``"key"``: 128 hex digits for ``get-key``), or
+``{"ok": false, "error": NAME, "message": TEXT, "exit": CODE}`` with ``NAME`` one of
+:data:`ERRORS` and ``CODE`` the exit status of ``qubes.SealGetDiskKey`` for that refusal.
+
+The qrexec service executable (``qrexec/qubes.SealGetDiskKey``) cannot import this module
+(it must start fast and stand alone): it repeats the few constants it needs; a test checks
+that the two agree.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+DEFAULT_SOCKET = "/run/qubes-seal/keyd.sock"
+DEFAULT_CONFIG = "/etc/qubes-seal/config.toml"
+SERVICE_NAME = "qubes.SealGetDiskKey"
+
+MAX_REQUEST = 4096  # bytes, newline included: a request is a few names
+MAX_RESPONSE = 65536  # a client reads at most this much (a list of many domains)
+KEY_HEX_CHARS = 128  # 64 key bytes
+
+# Exit codes of qubes.SealGetDiskKey and of qubes-seal-storage-agent.
+EXIT_OK = 0
+EXIT_ERROR = 1  # internal error of the daemon, or a malformed answer
+EXIT_BAD_ARGUMENT = 2  # the requested domain is not a valid qube name
+EXIT_NO_KEY = 3  # the keystore holds no key for that domain
+EXIT_REFUSED = 4  # the caller does not serve that domain (or the qube UUID differs)
+EXIT_RATE_LIMITED = 5  # too many requests from this caller: try again later
+EXIT_UNREACHABLE = 6  # the daemon does not answer on its socket
+EXIT_LOCKED = 7  # the daemon runs, but the container was not unlocked in this boot
+
+#: error name -> exit code
+ERRORS = {
+    "bad-request": EXIT_BAD_ARGUMENT,
+    "too-large": EXIT_BAD_ARGUMENT,
+    "no-key": EXIT_NO_KEY,
+    "refused": EXIT_REFUSED,
+    "forbidden": EXIT_REFUSED,
+    "rate-limited": EXIT_RATE_LIMITED,
+    "busy": EXIT_UNREACHABLE,
+    "locked": EXIT_LOCKED,
+    "internal": EXIT_ERROR,
+}
+
+ADMIN_OPS = frozenset({"status", "list", "add", "remove", "show", "reload", "lock"})
+
+
+def encode(doc: dict[str, Any]) -> bytes:
+    """One line of compact JSON."""
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+
+
+def error(name: str, message: str) -> dict[str, Any]:
+    """A refusal or failure answer; ``name`` must be one of :data:`ERRORS`."""
+    return {"ok": False, "error": name, "message": message, "exit": ERRORS[name]}
+
+
+class ProtocolError(ValueError):
+    """A line that is not one JSON object."""
+
+
+def decode(line: bytes) -> dict[str, Any]:
+    """The JSON object of one request or answer line; :class:`ProtocolError` otherwise."""
+    try:
+        doc = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"not a JSON line ({type(exc).__name__})") from None
+    if not isinstance(doc, dict):
+        raise ProtocolError("not a JSON object")
+    return doc
