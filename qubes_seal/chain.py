@@ -332,27 +332,126 @@ def unlock(
         progress("deriving keys from the passphrase (Argon2id)")
         auth, mix = derive(secret, params)
     secret.wipe()
+    master: Secret | None = None
     try:
         with t.part("tpm"):
             master = unseal(sealed, tcti=tcti, auth=auth)
         with t.part("hkdf"):
             key = luks_key(master, mix, params, context=LUKS_KEY_CONTEXT)
-        master.wipe()
         with t.part("cryptsetup"):
             vk = container.volume_key(key)
         key.wipe()
         with t.part("keystore"), hmac_key_from_volume_key(vk) as hkey:
             ks = _load_keystore(container, vk, hkey, load)
+        proof_value = None
+        if keyring is not None and token.proof is not None:
+            with t.part("tpm"):
+                proof_value = unseal(token.proof.sealed, tcti=tcti)
         if PCR13 in sealed.pcrs:
             with t.part("tpm"), Tpm(tcti) as tpm:
                 cap(tpm)
         if keyring is not None:
             with t.part("handover"):
                 handover.put(container.uuid, vk, keyring=keyring)
+                with _bundle(master, auth, proof_value) as bundle:
+                    handover.put(container.uuid, bundle, keyring=keyring, kind="rs")
         return Unlocked(container, ks, vk, container.uuid, t)
     finally:
         auth.wipe()
         mix.wipe()
+        if master is not None:
+            master.wipe()
+
+
+BUNDLE_VERSION = 1
+
+
+def _bundle(master: Secret, auth: Secret, proof: Secret | None) -> Secret:
+    """The reseal bundle: version, master secret, authValue, proof value (each wiped after)."""
+    try:
+        p = proof.reveal() if proof is not None else b""
+        data = bytes([BUNDLE_VERSION]) + master.reveal() + auth.reveal()
+        return Secret(data + len(p).to_bytes(2, "big") + p)
+    finally:
+        master.wipe()
+        if proof is not None:
+            proof.wipe()
+
+
+def _unbundle(bundle: Secret) -> tuple[Secret, Secret, Secret | None]:
+    data = bundle.reveal()
+    if len(data) < 67 or data[0] != BUNDLE_VERSION:
+        raise CorruptState("the reseal hand-over in the kernel keyring is malformed")
+    size = int.from_bytes(data[65:67], "big")
+    proof = Secret(data[67 : 67 + size]) if size else None
+    return Secret(data[1:33]), Secret(data[33:65]), proof
+
+
+def reseal_container(
+    path: Path,
+    *,
+    tcti: str,
+    predicted: list[dict[int, bytes]] | None = None,
+    keyring: str = "user",
+) -> Token:
+    """Seal the same master secret (and proof) again: to this boot, plus ``predicted`` ones.
+
+    No unseal and no passphrase: the secrets come from this boot's hand-over, which exists
+    only because the TPM released them in this boot (no trust on first use).  ``predicted``
+    gives PCR 17/18 of the next boot(s); PCR 13 is the expected value for the current header.
+    """
+    from .attest import Proof
+    from .luks.container import Container
+    from .luks.header import header_digest
+    from .tpm.device import Tpm
+    from .tpm.seal import current_state, seal_to_states
+
+    container = Container(path)
+    token_id, token = read_token(container)
+    bundle = handover.get(container.uuid, keyring=keyring, kind="rs")
+    if bundle is None:
+        raise UsageError(
+            "this boot did not unlock the container: nothing can approve another boot",
+            hint="Reseal in a boot that unlocked with the TPM and passphrase, or use "
+            "'qubes-seal recover --reseal' with the recovery key.",
+        )
+    master, auth, proof_value = _unbundle(bundle)
+    bundle.wipe()
+    old = token.sealed
+    try:
+        fixed: dict[int, bytes] = {}
+        if PCR13 in old.pcrs:
+            fixed[PCR13] = pcr13_after_extend(header_digest(path))
+        with Tpm(tcti) as tpm:
+            now = current_state(
+                tpm, [p for p in old.pcrs if p not in fixed], bank=old.pcr_bank,
+                require_launch=old.require_launch,
+            )  # fmt: skip
+            states = [PcrState("current", {**now.values, **fixed})]
+            for values in predicted or []:
+                state = PcrState("predicted", {**values, **fixed})
+                if sorted(state.values) != sorted(old.pcrs):
+                    raise UsageError("the prediction does not cover the sealed PCRs")
+                if state.values != states[0].values:
+                    states.append(state)
+            token.sealed = seal_to_states(
+                tpm, master, pcrs=old.pcrs, states=states, bank=old.pcr_bank,
+                require_launch=old.require_launch, auth=auth,
+            )  # fmt: skip
+            if token.proof is not None and proof_value is not None:
+                token.proof = Proof(
+                    token.proof.kind,
+                    seal_to_states(
+                        tpm, proof_value, pcrs=old.pcrs, states=states, bank=old.pcr_bank,
+                        require_launch=old.require_launch,
+                    ),
+                )  # fmt: skip
+        container.import_token(token.to_json(), token_id=token_id, replace=True)
+        return token
+    finally:
+        for s in (master, auth, proof_value):
+            if s is not None:
+                s.wipe()
 
 
 def _load_keystore(container: Any, vk: Secret, hkey: Secret, load: Any) -> Any:

@@ -70,8 +70,16 @@ def _call(*args: object) -> int:
     return r
 
 
-def description(container_uuid: str) -> str:
-    return f"qubes-seal:vk:{container_uuid}"
+KINDS = ("vk", "rs")
+"""``vk``: the container's volume key (the key service reads the keystore with it); ``rs``:
+the reseal bundle (master secret and authValue, so that this boot, already accepted by the
+TPM, can approve a predicted next boot after PCR 13 was capped)."""
+
+
+def description(container_uuid: str, kind: str = "vk") -> str:
+    if kind not in KINDS:
+        raise ValueError(f"unknown hand-over kind {kind!r}")
+    return f"qubes-seal:{kind}:{container_uuid}"
 
 
 def _keyring(name: str) -> int:
@@ -81,8 +89,8 @@ def _keyring(name: str) -> int:
         raise QubesSealError(f"unknown keyring {name!r}: use 'user' or 'session'") from None
 
 
-def put(container_uuid: str, volume_key: Secret, *, keyring: str = "user") -> int:
-    """Leave ``volume_key`` for the key service; returns the kernel key serial."""
+def put(container_uuid: str, volume_key: Secret, *, keyring: str = "user", kind: str = "vk") -> int:
+    """Leave ``volume_key`` (or the ``kind`` of secret) in the keyring; returns its serial."""
     add_key, keyctl = _syscalls()
     data = volume_key.reveal()
     buf = ctypes.create_string_buffer(data, len(data))
@@ -90,7 +98,7 @@ def put(container_uuid: str, volume_key: Secret, *, keyring: str = "user") -> in
         serial = _call(
             add_key,
             b"user",
-            description(container_uuid).encode(),
+            description(container_uuid, kind).encode(),
             buf,
             ctypes.c_size_t(len(data)),
             ctypes.c_int(_keyring(keyring)),
@@ -106,7 +114,7 @@ def put(container_uuid: str, volume_key: Secret, *, keyring: str = "user") -> in
     return serial
 
 
-def _find(container_uuid: str, keyring: str) -> int | None:
+def _find(container_uuid: str, keyring: str, kind: str = "vk") -> int | None:
     _, keyctl = _syscalls()
     try:
         return _call(
@@ -114,7 +122,7 @@ def _find(container_uuid: str, keyring: str) -> int | None:
             KEYCTL_SEARCH,
             ctypes.c_long(_keyring(keyring)),
             b"user",
-            description(container_uuid).encode(),
+            description(container_uuid, kind).encode(),
             ctypes.c_long(0),
         )
     except OSError as exc:
@@ -123,33 +131,40 @@ def _find(container_uuid: str, keyring: str) -> int | None:
         raise HandoverError(f"cannot search the kernel keyring: {exc.strerror}") from exc
 
 
-def get(container_uuid: str, *, keyring: str = "user") -> Secret | None:
-    """The handed-over volume key, or None when no unlock left one in this boot."""
-    serial = _find(container_uuid, keyring)
+def get(container_uuid: str, *, keyring: str = "user", kind: str = "vk") -> Secret | None:
+    """The handed-over volume key (or ``kind``), or None when no unlock left one this boot."""
+    serial = _find(container_uuid, keyring, kind)
     if serial is None:
         return None
     _, keyctl = _syscalls()
-    buf = ctypes.create_string_buffer(256)
+    cap = 4096
+    buf = ctypes.create_string_buffer(cap)
     try:
-        size = _call(keyctl, KEYCTL_READ, ctypes.c_long(serial), buf, ctypes.c_size_t(256))
+        size = _call(keyctl, KEYCTL_READ, ctypes.c_long(serial), buf, ctypes.c_size_t(cap))
     except OSError as exc:
         raise HandoverError(f"cannot read the hand-over key: {exc.strerror}") from exc
     try:
-        if size > 256:
-            raise HandoverError("the hand-over key is larger than a volume key")
+        if size > cap:
+            raise HandoverError("the hand-over key is larger than expected")
         return Secret(buf.raw[:size])
     finally:
-        ctypes.memset(buf, 0, 256)
+        ctypes.memset(buf, 0, cap)
 
 
 def drop(container_uuid: str, *, keyring: str = "user") -> bool:
-    """Unlink the hand-over; True if there was one."""
-    serial = _find(container_uuid, keyring)
-    if serial is None:
-        return False
+    """Unlink the hand-over (every kind); True if there was one."""
+    found = False
+    for kind in KINDS:
+        serial = _find(container_uuid, keyring, kind)
+        if serial is not None:
+            _unlink(serial, keyring)
+            found = True
+    return found
+
+
+def _unlink(serial: int, keyring: str) -> None:
     _, keyctl = _syscalls()
     try:
         _call(keyctl, KEYCTL_UNLINK, ctypes.c_long(serial), ctypes.c_long(_keyring(keyring)))
     except OSError as exc:
         raise HandoverError(f"cannot unlink the hand-over key: {exc.strerror}") from exc
-    return True

@@ -275,3 +275,40 @@ def test_no_secret_in_argv_environ_or_files(box: Box) -> None:
     header = box.container.read_bytes()[: Container(box.container).data_offset]
     for s in secrets:
         assert s not in header
+
+
+def test_update_predicted_while_running_unlocks_next_boot(box: Box) -> None:
+    """After the cap, this boot can still approve the next one, from its hand-over alone."""
+    from test_predict import write_components
+
+    assert box.cli("attest", "setup", "--text", "heron").code == 0
+    log = box.dir / "txt.log"
+    box.swtpm.reboot()
+    txt_launch(box.swtpm, sample_modules(), log_path=log)
+    assert box.unlock().code == 0  # PCR 13 is capped from here on
+    new = sample_modules(xen_version="4.19.1", kernel_version="6.12.9")
+    res = box.cli("reseal", "--predict", "--txt-log", str(log),
+                  *write_components(new, box.dir / "new"))  # fmt: skip
+    assert res.code == 0, res.err
+    token = chain.read_token(Container(box.container))[1]
+    assert [s.label for s in token.sealed.pcr_states] == ["current", "predicted"]
+    chain.lock(box.container)
+    # The update is installed and the machine reboots on it: no reseal in between.
+    box.swtpm.reboot()
+    txt_launch(box.swtpm, new, log_path=log)
+    assert box.cli("attest", "show").out.strip().endswith("heron")
+    assert box.unlock().code == 0
+    # First good boot on the new components: accept it alone from now on.
+    assert box.cli("reseal").code == 0
+    token = chain.read_token(Container(box.container))[1]
+    assert [s.label for s in token.sealed.pcr_states] == ["current"]
+    chain.lock(box.container)
+    box.boot()  # the old components
+    assert box.unlock().code == 3
+
+
+def test_reseal_needs_this_boots_unlock(box: Box) -> None:
+    box.boot()
+    res = box.cli("reseal")
+    assert res.code == 2
+    assert "did not unlock" in res.err

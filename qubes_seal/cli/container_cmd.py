@@ -368,6 +368,11 @@ def cmd_attest(args: argparse.Namespace) -> int:
     if args.attest_command == "show":
         if token.proof is None:
             raise UsageError("no proof of a clean boot is set up: 'qubes-seal attest setup'")
+        if chain.PCR13 in token.proof.sealed.pcrs:
+            from ..luks.header import header_digest
+
+            with Tpm(args.tpm) as tpm:  # as the boot does: the header is measured first
+                chain.measure_header(tpm, header_digest(args.container))
         shown = attest.reveal(token.proof, tcti=args.tpm)
         emit(args, {"kind": token.proof.kind, "proof": shown},
              f"proof of a clean boot ({token.proof.kind}): {shown}")  # fmt: skip
@@ -408,45 +413,62 @@ def cmd_lock(args: argparse.Namespace) -> int:
 
 def cmd_domain(args: argparse.Namespace) -> int:
     from .. import chain
+    from ..service import client
     from .main import emit
     from .prompt import ask
 
-    keyring = _keyring(args)
-    unlocked = chain.open_handed_over(args.container, keyring=keyring) if keyring else None
-    if unlocked is None:
-        unlocked = chain.unlock(
-            args.container,
-            tcti=args.tpm,
-            passphrase=lambda: ask("passphrase", path=args.passphrase_file),
-            keyring=keyring,
-            progress=_progress(args),
-        )
-    try:
-        ks = unlocked.keystore
-        action = args.domain_command
-        if action == "list":
-            rows = [d.public_view() for d in ks.list()]
-            doc: dict[str, Any] = {"domains": rows}
-            text = "\n".join(f"{r['name']:<32} key {r['key_id']}  generation {r['generation']}"
-                             for r in rows) or "no domain keys"  # fmt: skip
-        elif action == "add":
-            d = ks.add(args.name, qube_uuid=args.uuid)
-            unlocked.save()
-            doc = {"added": d.public_view()}
-            text = f"added a key for {d.name} (key id {d.key_id})"
-        elif action == "remove":
-            d = ks.remove(args.name)
-            unlocked.save()
-            doc = {"removed": args.name}
-            text = f"removed the key of {args.name}: it is destroyed"
-        else:
-            d = ks.get(args.name, qube_uuid=args.uuid)
-            doc = {"domain": d.public_view()}
-            text = "\n".join(f"{k}: {v}" for k, v in d.public_view().items())
-            if args.show_key:
-                doc["key"] = d.key.reveal().hex()
-                text += f"\nkey: {doc['key']}"
-        emit(args, doc, text)
-    finally:
-        unlocked.close()
+    action = args.domain_command
+    name = getattr(args, "name", None)
+    qube_uuid = getattr(args, "uuid", None)
+    show_key = bool(getattr(args, "show_key", False))
+    doc: dict[str, Any]
+    # A running, unlocked key service for this container: go through it, so that its memory
+    # and the container change together (docs/KEYSERVICE.md); else the direct path.
+    service = client.daemon_for(args.container)
+    if service is not None:
+        request = {"op": action, "name": name, "qube_uuid": qube_uuid, "show_key": show_key}
+        answer = client.admin(service, request)
+        doc = {k: v for k, v in answer.items() if k in ("domains", "added", "removed",
+                                                         "domain", "key")}  # fmt: skip
+    else:
+        keyring = _keyring(args)
+        unlocked = chain.open_handed_over(args.container, keyring=keyring) if keyring else None
+        if unlocked is None:
+            unlocked = chain.unlock(
+                args.container,
+                tcti=args.tpm,
+                passphrase=lambda: ask("passphrase", path=args.passphrase_file),
+                keyring=keyring,
+                progress=_progress(args),
+            )
+        try:
+            ks = unlocked.keystore
+            if action == "list":
+                doc = {"domains": [d.public_view() for d in ks.list()]}
+            elif action == "add":
+                doc = {"added": ks.add(name, qube_uuid=qube_uuid).public_view()}
+                unlocked.save()
+            elif action == "remove":
+                ks.remove(name)
+                unlocked.save()
+                doc = {"removed": name}
+            else:
+                d = ks.get(name, qube_uuid=qube_uuid)
+                doc = {"domain": d.public_view()}
+                if show_key:
+                    doc["key"] = d.key.reveal().hex()
+        finally:
+            unlocked.close()
+    if action == "list":
+        text = "\n".join(f"{r['name']:<32} key {r['key_id']}  generation {r['generation']}"
+                         for r in doc["domains"]) or "no domain keys"  # fmt: skip
+    elif action == "add":
+        text = f"added a key for {doc['added']['name']} (key id {doc['added']['key_id']})"
+    elif action == "remove":
+        text = f"removed the key of {name}: it is destroyed"
+    else:
+        text = "\n".join(f"{k}: {v}" for k, v in doc["domain"].items())
+        if show_key:
+            text += f"\nkey: {doc['key']}"
+    emit(args, doc, text)
     return 0

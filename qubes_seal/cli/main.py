@@ -194,12 +194,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--predict", action="store_true",
         help="also accept the boot predicted from the component options below",
     )  # fmt: skip
+    container_default = env("QUBES_SEAL_CONTAINER", "")
+    p.add_argument(
+        "--container", metavar="PATH", type=Path,
+        default=Path(container_default) if container_default else None,
+        help="reseal the container's token (needs this boot's unlock hand-over) instead of "
+        "the state directory's sealed.json [QUBES_SEAL_CONTAINER]",
+    )  # fmt: skip
     add_component_options(p, required=False)
     p.set_defaults(func=cmd_reseal)
 
     from . import container_cmd, eventlog_cmd
 
     container_cmd.register(sub)
+    from . import service_cmd
+
+    service_cmd.register(sub)
     eventlog_cmd.register(sub)
     return parser
 
@@ -355,6 +365,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         lines.append(
             "unseal:          " + ("expected to succeed" if will_unseal else "would be REFUSED")
         )
+    from ..service import client as key_service
+
+    doc["key_service"], service_lines = key_service.summary()
+    lines += service_lines
     emit(args, doc, "\n".join(lines))
     return 0
 
@@ -475,6 +489,37 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def reseal_container(args: argparse.Namespace) -> int:
+    from .. import chain
+
+    predicted: list[dict[int, bytes]] = []
+    if args.predict:
+        values = predicted_pcrs(args)
+        check_log_matches_tpm(args)
+        predicted.append(values)
+    elif any(getattr(args, o) is not None for o in ("xen", "kernel", "initramfs", "grub_cfg")):
+        raise UsageError("component options given without --predict")
+    token = chain.reseal_container(args.container, tcti=args.tpm, predicted=predicted)
+    new = token.sealed
+    lines = [f"resealed the container's master secret (unchanged) to {len(new.pcr_states)} "
+             "accepted state(s):"]  # fmt: skip
+    for s in new.pcr_states:
+        lines.append(f"  {s.label}:")
+        lines += [f"    PCR {p:>2}: {v.hex()}" for p, v in sorted(s.values.items())]
+    if token.proof is not None:
+        lines.append("  the proof of a clean boot follows the same states")
+    doc = {
+        "resealed": True,
+        "container": str(args.container),
+        "states": [
+            {"label": s.label, "pcrs": {str(p): v.hex() for p, v in sorted(s.values.items())}}
+            for s in new.pcr_states
+        ],
+    }
+    emit(args, doc, "\n".join(lines))
+    return 0
+
+
 def check_log_matches_tpm(args: argparse.Namespace) -> None:
     """A prediction is only as good as its log: it must replay to this boot's PCR 17/18."""
     from ..errors import MeasurementMismatch
@@ -500,6 +545,8 @@ def cmd_reseal(args: argparse.Namespace) -> int:
     from ..state import PcrState
     from ..tpm.seal import reseal
 
+    if args.container is not None:
+        return reseal_container(args)
     sealed = state_mod.load(args.state_dir)
     extra: list[PcrState] = []
     if args.predict:
