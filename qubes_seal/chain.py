@@ -309,14 +309,20 @@ def unlock(
 
     ``passphrase`` is called once the TPM side is ready (so a prompt appears only when it can
     succeed).  ``keyring`` names the kernel keyring for the hand-over (None: none).
+    ``backend``: ``dm-crypt`` maps the container with the kernel's dm-crypt to read the
+    keystore (production), ``userspace`` decrypts the same bytes in Python (machines without
+    device-mapper), ``auto`` picks dm-crypt where it is available.
     """
     from .kdf import KdfParams, derive, luks_key
     from .keystore import hmac_key_from_volume_key, load
     from .luks.container import Container
     from .luks.header import header_digest
+    from .luks.payload import dm_crypt_available, open_payload
     from .tpm.device import Tpm
     from .tpm.unseal import unseal
 
+    if backend not in ("auto", "dm-crypt", "userspace"):
+        raise UsageError(f"unknown back-end {backend!r}: auto, dm-crypt or userspace")
     t = Timings()
     container = Container(path)
     with t.part("token+header"):
@@ -340,9 +346,13 @@ def unlock(
             key = luks_key(master, mix, params, context=LUKS_KEY_CONTEXT)
         with t.part("cryptsetup"):
             vk = container.volume_key(key)
-        key.wipe()
         with t.part("keystore"), hmac_key_from_volume_key(vk) as hkey:
-            ks = _load_keystore(container, vk, hkey, load)
+            if backend == "userspace" or (backend == "auto" and not dm_crypt_available()[0]):
+                ks = _load_keystore(container, vk, hkey, load)
+            else:  # production: the kernel's dm-crypt reads the container
+                with open_payload(container, key=key, prefer="dm-crypt", writable=False) as pl:
+                    ks = load(pl, hkey)
+        key.wipe()
         proof_value = None
         if keyring is not None and token.proof is not None:
             with t.part("tpm"):

@@ -312,3 +312,16 @@ def test_reseal_needs_this_boots_unlock(box: Box) -> None:
     res = box.cli("reseal")
     assert res.code == 2
     assert "did not unlock" in res.err
+
+
+def test_dm_crypt_backend_is_refused_clearly_without_device_mapper(box: Box) -> None:
+    from qubes_seal.luks.payload import dm_crypt_available
+
+    ok, reason = dm_crypt_available()
+    if ok:
+        pytest.skip("device-mapper present: the positive path runs in the VM test")
+    box.boot()
+    res = box.cli("unlock", "--backend", "dm-crypt", pw=box.pw)
+    assert res.code != 0
+    assert "dm-crypt" in res.err or "device-mapper" in res.err
+    chain.lock(box.container)

@@ -42,6 +42,7 @@ class BootConfig:
     timeout: float = 30.0
     tries: int = 3
     ask: str = "auto"  # auto | systemd | tty | file:PATH (tests)
+    backend: str = "auto"  # auto | dm-crypt | userspace: how the container is read
     recovery_ask: str = ""  # as ask; empty: same as ask
     unsafe_no_measured_launch: bool = False  # honoured only with unsafe_test_mode too
     unsafe_test_mode: bool = False
@@ -279,7 +280,7 @@ def run(cfg: BootConfig, console: Console) -> Outcome:
         try:
             console.say("unlocking the container of domain keys")
             unlocked = chain.unlock(container, tcti=cfg.tpm, passphrase=passphrase,
-                                    keyring=cfg.keyring)  # fmt: skip
+                                    keyring=cfg.keyring, backend=cfg.backend)  # fmt: skip
         except AuthorizationError as exc:
             last = exc
             console.say(f"wrong passphrase (attempt {attempt} of {cfg.tries})")

@@ -112,6 +112,12 @@ def register(sub: Any) -> None:
     container_opt(p)
     passphrase_opt(p)
     keyring_opt(p)
+    p.add_argument(
+        "--backend", choices=["auto", "dm-crypt", "userspace"],
+        default=env("QUBES_SEAL_BACKEND", "auto"),
+        help="read the container through dm-crypt (production) or in user space (no "
+        "device-mapper); auto: dm-crypt where available [QUBES_SEAL_BACKEND]",
+    )  # fmt: skip
     p.set_defaults(func=cmd_unlock)
 
     p = add_command(
@@ -295,6 +301,7 @@ def cmd_unlock(args: argparse.Namespace) -> int:
         tcti=args.tpm,
         passphrase=lambda: ask("passphrase", path=args.passphrase_file),
         keyring=_keyring(args),
+        backend=args.backend,
         progress=_progress(args),
     )
     try:

@@ -37,16 +37,18 @@ def title(n: int, text: str) -> None:
 class Cli:
     """Runs the real ``qubes-seal`` command and shows it as a user would type it."""
 
-    def __init__(self, tcti: str, state_dir: Path) -> None:
+    def __init__(self, tcti: str, state_dir: Path, container: Path) -> None:
         self.tcti = tcti
         self.state_dir = state_dir
+        self.container = container
 
-    def __call__(self, *args: str) -> int:
-        shown = ["qubes-seal", "--tpm", self.tcti, "--state-dir", str(self.state_dir), *args]
+    def __call__(self, *args: str, container: bool = True) -> int:
+        extra = ["--container", str(self.container)] if container else []
+        shown = ["qubes-seal", "--tpm", self.tcti, *args, *extra]
         print(f"$ {shlex.join(shown)}")
         env = {k: v for k, v in os.environ.items() if not k.startswith("QUBES_SEAL_")}
         proc = subprocess.run(
-            [sys.executable, "-m", "qubes_seal", *shown[1:]],
+            [sys.executable, "-m", "qubes_seal", "--state-dir", str(self.state_dir), *shown[1:]],
             capture_output=True,
             text=True,
             env=env,
@@ -68,6 +70,10 @@ def show_launch(swtpm: Swtpm, modules: list[Module], log: Path) -> None:
     print(f"  TXT event log: {len(result.events)} events written to {log.name}")
 
 
+PASSPHRASE = "tr0ub4dor & the demo horse"  # noqa: S105 - the demo types it for the user
+DEMO_KDF = ["--kdf-time", "250", "--kdf-memory", "65536"]
+
+
 def run(workdir: Path) -> int:
     failures = 0
 
@@ -79,14 +85,21 @@ def run(workdir: Path) -> int:
 
     swtpm = Swtpm(workdir / "tpm")
     swtpm.start()
-    cli = Cli(swtpm.tcti, workdir / "state")
+    container = workdir / "keys.luks"
+    pw = workdir / "passphrase"
+    pw.write_text(PASSPHRASE + "\n")
+    rk = workdir / "recovery-key"
+    cli = Cli(swtpm.tcti, workdir / "state", container)
+    modules = sample_modules()
+    log = workdir / "txt-event.log"
     try:
         say(
             f"""
-            qubes-seal keeps the keys of a Qubes-style Xen workstation locked unless the
-            machine booted exactly the software you approved. This demonstration plays a
-            whole boot chain on a private software TPM (swtpm, pid {swtpm.pid}, ports
-            {swtpm.port}/{swtpm.ctrl_port}), so it is safe to run anywhere.
+            qubes-seal keeps the disk keys of a Qubes-style Xen workstation locked unless the
+            machine booted exactly the software you approved, and you typed your passphrase.
+            This demonstration plays the whole chain on a private software TPM (swtpm, pid
+            {swtpm.pid}, ports {swtpm.port}/{swtpm.ctrl_port}) and a LUKS2 container in a
+            temporary directory, so it is safe to run anywhere.
             """
         )
 
@@ -97,12 +110,13 @@ def run(workdir: Path) -> int:
             *extended* (new = SHA-256(old || measurement)), never set. PCR 17 and 18 are the
             "dynamic" ones: at power-on they hold all 0xFF bytes, and only an Intel TXT
             measured launch (tboot asking the CPU to run GETSEC[SENTER]) can reset them to
-            zero and fill them with measurements. Right now no launch happened, so qubes-seal
-            refuses to seal anything: a secret sealed to 'no launch' would protect nothing.
+            zero and fill them with measurements. No launch happened yet, so qubes-seal
+            refuses to set anything up: a secret sealed to 'no launch' would protect nothing.
             """
         )
-        cli("pcrs", "--pcrs", "17,18")
-        expect(cli("seal"), 3, "seal refused without a measured launch")
+        cli("pcrs", "--pcrs", "13,17,18", container=False)
+        expect(cli("init", "--passphrase-file", str(pw), *DEMO_KDF), 3,
+               "init refused without a measured launch")  # fmt: skip
 
         title(2, "a measured launch of Xen, dom0's kernel and initramfs")
         say(
@@ -110,66 +124,103 @@ def run(workdir: Path) -> int:
             GRUB loads tboot with three modules. The CPU measures the SINIT module, SINIT
             measures tboot, and tboot measures each module before running it: Xen, then
             dom0's Linux kernel, then its initramfs, each as SHA-256(SHA-256(command line) ||
-            SHA-256(file)), into PCR 17. We simulate exactly that on the software TPM.
+            SHA-256(file)), into PCR 17. We simulate exactly that on the software TPM, and keep
+            the TXT event log a real launch leaves behind.
             """
         )
-        modules = sample_modules()
-        show_launch(swtpm, modules, workdir / "txt-1.log")
+        show_launch(swtpm, modules, log)
 
-        title(3, "seal the master secret to these measurements")
+        title(3, "init: the container of per-domain keys, sealed to this boot")
         say(
             """
-            qubes-seal creates a random 32-byte master secret and asks the TPM to seal it:
-            the TPM encrypts it under its storage root key (SRK) with a policy that says
-            'release only when PCR 17 and 18 hold these values'. The encrypted blob is kept on
-            disk; it is useless on any other TPM or in any other boot state.
+            qubes-seal creates a LUKS2 container holding the keystore (one 512-bit key per
+            domain). Its key is derived from two halves: a random master secret that only the
+            TPM can release, and your passphrase (through Argon2id). The TPM seals the master
+            secret to PCR 13 (the container's header), 17 and 18 (tboot's measurements) AND to
+            half of the passphrase's Argon2id output: wrong guesses count against the TPM's
+            lockout. A recovery key, a plain LUKS passphrase, is shown once.
             """
         )
-        expect(cli("seal"), 0, "sealed")
-
-        title(4, "reboot, the same launch: the TPM releases the secret")
+        expect(cli("init", "--passphrase-file", str(pw), "--recovery-key-file", str(rk),
+                   *DEMO_KDF), 0, "container created and master secret sealed")  # fmt: skip
+        print(f"  (the recovery key went to {rk.name}: {rk.read_text().strip()})")
         say(
             """
-            A reboot resets PCR 17/18 to 0xFF; the next launch of the same software measures
-            the same values, so the unseal works. The request is made over a session salted
-            with the pinned SRK and the answer is encrypted: someone probing the TPM bus
-            sees nothing useful. Five TPM commands in all.
+            The boot will first show a proof that it is genuine: here a TOTP code, as a phone
+            authenticator shows it. Only a boot with the approved measurements can unseal the
+            seed, so a fake boot screen cannot show the right code.
             """
         )
+        expect(cli("attest", "setup", "--totp"), 0, "TOTP proof sealed")
+
+        title(4, "reboot: the initramfs shows the proof, asks the passphrase, unlocks")
         swtpm.reboot()
-        show_launch(swtpm, modules, workdir / "txt-2.log")
-        expect(cli("unseal", "--check"), 0, "unsealed")
-        cli("status")
+        show_launch(swtpm, modules, log)
+        expect(boot(swtpm, container, pw, rk, workdir), 0, "unlocked at boot")
+        say(
+            """
+            PCR 13 is now capped: nothing later in this boot can unseal again. The key
+            service gets the keystore through the kernel keyring instead (the hand-over).
+            """
+        )
+        for name in ("work", "personal", "untrusted"):
+            cli("domain", "add", name)
+        expect(cli("domain", "list"), 0, "domain keys listed (the keys are never printed)")
+        key_service_step(cli, container, workdir)
 
-        title(5, "the evil maid: Xen replaced while the machine was unattended")
+        title(5, "an update, predicted: the next boot unlocks with no trust on first use")
+        say(
+            """
+            A new Xen and a new dom0 kernel are installed. Before the reboot, qubes-seal
+            predicts the PCR values tboot will measure, from this boot's TXT event log and the
+            new files, and reseals the same secret to 'this boot OR the predicted one'. Only a
+            boot that the TPM already accepted (this one: it unlocked) can approve the next.
+            """
+        )
+        new = sample_modules(xen_version="4.19.1", kernel_version="6.12.9-1.qubes")
+        args: list[str] = []
+        for m in new:
+            path = workdir / f"new-{m.name}"
+            path.write_bytes(m.image)
+            args += [f"--{m.name}", str(path), f"--{m.name}-cmdline", m.cmdline.decode()]
+        expect(cli("reseal", "--predict", "--txt-log", str(log), *args), 0,
+               "resealed to the current and the predicted boot")  # fmt: skip
+        cli("lock")
+        swtpm.reboot()
+        show_launch(swtpm, new, log)
+        expect(boot(swtpm, container, pw, rk, workdir), 0, "the updated boot unlocks")
+        expect(cli("reseal"), 0, "first good boot on the update: accept it alone from now on")
+        cli("lock")
+
+        title(6, "the evil maid: Xen replaced while the machine was unattended")
         say(
             """
             Someone with a few minutes alone with the laptop swaps Xen for a version that
-            logs your passphrase. One byte is enough: PCR 17 changes, and the TPM refuses.
-            qubes-seal says which register differs and does not carry on.
+            logs your passphrase. One byte is enough: PCR 17 changes, the TPM refuses, no
+            proof is shown, so you know not to type your passphrase. The boot offers the
+            recovery key instead (here the demo types a wrong one) and never reseals by itself.
             """
         )
         swtpm.reboot()
-        evil = list(modules)
-        xen = modules[0]
+        evil = list(new)
+        xen = new[0]
         evil[0] = Module(xen.name, xen.cmdline, xen.image[:-1] + bytes([xen.image[-1] ^ 1]))
-        show_launch(swtpm, evil, workdir / "txt-3.log")
-        expect(cli("unseal", "--check"), 3, "refused: measurements do not match")
+        show_launch(swtpm, evil, log)
+        expect(boot(swtpm, container, pw, rk, workdir, recovery="wrong"), 3,
+               "refused: measurements do not match")  # fmt: skip
 
-        title(6, "the quiet attack: boot without TXT at all")
+        title(7, "the quiet attack: boot without TXT at all")
         say(
             """
             tboot falls back to a normal, unmeasured boot when TXT fails. Qubes Anti Evil
-            Maid then simply shows no secret and carries on; qubes-seal refuses loudly.
+            Maid then simply shows no secret and carries on; qubes-seal refuses loudly, and
+            only the recovery key opens the container (here the demo types the right one).
             """
         )
         swtpm.reboot()
-        expect(cli("unseal", "--check"), 3, "refused: no measured launch")
-
-        title(7, "back to the genuine software")
-        swtpm.reboot()
-        show_launch(swtpm, modules, workdir / "txt-4.log")
-        expect(cli("unseal", "--check"), 0, "unsealed again")
+        expect(boot(swtpm, container, pw, rk, workdir), 0,
+               "refused by the TPM, opened with the recovery key")  # fmt: skip
+        cli("lock")
     finally:
         swtpm.stop()
 
@@ -179,6 +230,44 @@ def run(workdir: Path) -> int:
         return 1
     print("demo: every step behaved as expected")
     return 0
+
+
+def boot(
+    swtpm: Swtpm, container: Path, pw: Path, rk: Path, workdir: Path, *, recovery: str = ""
+) -> int:
+    """Run the initramfs' boot sequence (python -m qubes_seal.boot) and show its console."""
+    console = workdir / "console.log"
+    console.unlink(missing_ok=True)
+    rfile = rk
+    if recovery:
+        rfile = workdir / "typed-recovery-key"
+        rfile.write_text(recovery + "\n")
+    cfg = workdir / "boot.toml"
+    cfg.write_text(
+        "[boot]\n"
+        f'container = "{container}"\n'
+        f'tpm = "{swtpm.tcti}"\n'
+        f'ask = "file:{pw}"\n'
+        f'recovery_ask = "file:{rfile}"\n'
+        f'console = "{console}"\n'
+        f'keys_dir = "{workdir / "cryptsetup-keys.d"}"\n'
+        "tries = 1\n"
+    )
+    print("$ python3 -m qubes_seal.boot   (what the initramfs runs; the demo types for you)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUBES_SEAL_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "qubes_seal.boot", "--config", str(cfg)],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    text = console.read_text() if console.exists() else proc.stderr
+    for line in text.rstrip().splitlines():
+        print(f"  {line}")
+    return proc.returncode
+
+
+def key_service_step(cli: Cli, container: Path, workdir: Path) -> None:
+    """The key service (when built): the storage domain fetches its domains' keys."""
+    _ = (cli, container, workdir)
 
 
 def main(argv: list[str] | None = None) -> int:
