@@ -13,6 +13,11 @@ Debian's ``20_linux_xen_tboot`` (and Qubes AEM's entries) look like::
 The module string tboot measures is the words after the path as GRUB re-quotes them
 (:func:`~qubes_seal.measure.tboot.grub_module_string`); ``module`` (multiboot v1, AEM)
 works the same way.  SINIT ACMs (and LCP data) are dropped by tboot before measuring.
+
+``grub-snippets/20_qubes_seal_tboot`` writes such entries; tests/test_grub_snippets.py
+proves that what is read back here is what a launch of those files measures.  A module
+line that uses a GRUB variable (``$x`` unquoted or in double quotes) is refused: its value
+exists only at boot.  A ``$`` in single quotes is a literal character.
 """
 
 from __future__ import annotations
@@ -33,18 +38,28 @@ def split_words(line: str) -> list[str]:
 
     Enough of GRUB's lexer for boot entries: single quotes keep everything, double quotes
     honour ``\\\\``, ``\\"``, ``\\$``; a backslash outside quotes escapes the next character.
-    Variables (``$x``) are not expanded: an entry that uses them is refused by the caller.
+    Variables (``$x``) are not expanded: :func:`lex_words` says which words hold one.
     """
-    words: list[str] = []
+    return [word for word, _ in lex_words(line)]
+
+
+def lex_words(line: str) -> list[tuple[str, bool]]:
+    """Like :func:`split_words`, with each word whether GRUB would expand a variable in it.
+
+    A ``$`` unquoted or in double quotes starts a variable (its value is known only at
+    boot); in single quotes or escaped by a backslash it is a literal character.
+    """
+    words: list[tuple[str, bool]] = []
     cur: list[str] = []
     in_word = False
+    variable = False
     i = 0
     while i < len(line):
         c = line[i]
         if c in " \t":
             if in_word:
-                words.append("".join(cur))
-                cur, in_word = [], False
+                words.append(("".join(cur), variable))
+                cur, in_word, variable = [], False, False
         elif c == "#" and not in_word:
             break
         elif c == "'":
@@ -58,6 +73,8 @@ def split_words(line: str) -> list[str]:
             while i < len(line) and line[i] != '"':
                 if line[i] == "\\" and i + 1 < len(line) and line[i + 1] in '\\"$':
                     i += 1
+                elif line[i] == "$":
+                    variable = True
                 cur.append(line[i])
                 i += 1
             if i >= len(line):
@@ -67,11 +84,12 @@ def split_words(line: str) -> list[str]:
             cur.append(line[i + 1])
             in_word, i = True, i + 1
         else:
+            variable = variable or c == "$"
             cur.append(c)
             in_word = True
         i += 1
     if in_word:
-        words.append("".join(cur))
+        words.append(("".join(cur), variable))
     return words
 
 
@@ -80,6 +98,7 @@ class ModuleLine:
     path: str
     args: list[str]
     nounzip: bool
+    uses_variables: bool = False  # a $variable GRUB expands at boot, in the path or an arg
 
 
 @dataclass(frozen=True)
@@ -96,7 +115,8 @@ def entries(text: str) -> list[BootEntry]:
     depth = 0
     for raw in text.splitlines():
         line = raw.strip()
-        words = split_words(line) if line else []
+        lexed = lex_words(line) if line else []
+        words = [w for w, _ in lexed]
         if not words:
             continue
         if words[0] == "menuentry" and len(words) > 1:
@@ -115,13 +135,12 @@ def entries(text: str) -> list[BootEntry]:
         if words[0] in ("multiboot", "multiboot2") and len(words) > 1:
             current = (current[0], words[1], current[2])
         elif words[0] in ("module", "module2") and len(words) > 1:
-            args = words[1:]
-            nounzip = args[0] == "--nounzip"
-            if nounzip:
-                args = args[1:]
-            if not args:
+            # grub_cmd_module: --nounzip only as the first argument, then the path.
+            start = 2 if words[1] == "--nounzip" else 1
+            if len(words) <= start:
                 continue
-            current[2].append(ModuleLine(args[0], args[1:], nounzip))
+            variables = any(v for _, v in lexed[start:])
+            current[2].append(ModuleLine(words[start], words[start + 1 :], start == 2, variables))
     return out
 
 
@@ -155,6 +174,15 @@ def resolve(path: str, boot_dir: Path) -> Path:
     candidates = [boot_dir / rel]
     if rel.startswith("boot/"):
         candidates.insert(0, boot_dir.parent / rel)
+    # /boot inside a subvolume or another directory of GRUB's root (``/@/boot/xen.gz``,
+    # as grub-mkrelpath writes it): the part after the last ``boot`` component.
+    parts = rel.split("/")
+    if "boot" in parts[:-1]:
+        last = len(parts) - 1 - parts[::-1].index("boot")
+        candidates.append(boot_dir.joinpath(*parts[last + 1 :]))
+    if boot_dir.name in parts[:-1] and boot_dir.name != "boot":
+        last = len(parts) - 1 - parts[::-1].index(boot_dir.name)
+        candidates.append(boot_dir.joinpath(*parts[last + 1 :]))
     for c in candidates:
         if c.exists():
             return c
@@ -166,7 +194,7 @@ def components_from_entry(entry: BootEntry, *, boot_dir: Path) -> list[Component
     comps: list[Component] = []
     names = iter(["xen", "kernel", "initramfs"])
     for m in entry.modules:
-        if any("$" in a for a in m.args):
+        if m.uses_variables:
             raise UsageError(
                 f"module line {m.path} uses GRUB variables: its measured string cannot be "
                 "known in advance; give the components explicitly"
