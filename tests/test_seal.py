@@ -207,3 +207,16 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     res = run(tcti, tmp_path, "status", env={"QUBES_SEAL_JSON": "maybe"})
     assert res.code == 2
     assert "QUBES_SEAL_JSON" in res.err
+
+
+def test_lazy_parser_knows_every_command() -> None:
+    """The CLI builds only the running command's parser: its table must list them all."""
+    from qubes_seal.cli import main as cli_main
+
+    full = cli_main.build_parser()
+    names = set(full._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+    assert names == set(cli_main.ALL_COMMANDS)
+    for name in names:
+        assert cli_main.build_parser(only=name).format_usage()
+    assert cli_main.command_in(["--tpm", "x", "--state-dir=/s", "unseal", "--check"]) == "unseal"
+    assert cli_main.command_in(["--help"]) is None

@@ -70,7 +70,58 @@ def add_command(sub: Any, name: str, help_: str, description: str) -> argparse.A
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Null:
+    """Stands in for the parser of a command that is not being run: every call is a no-op."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: self
+
+
+_NULL = _Null()
+
+
+class _Only:
+    """Subparsers that build only ``name``'s parser: the others cost nothing.
+
+    Building every command's parser takes about 10 ms, as long as a whole unseal's TPM work;
+    the command being run needs only its own.  ``--help`` and errors build them all.
+    """
+
+    def __init__(self, sub: Any, name: str) -> None:
+        self._sub = sub
+        self._name = name
+
+    def add_parser(self, name: str, **kwargs: Any) -> Any:
+        return self._sub.add_parser(name, **kwargs) if name == self._name else _NULL
+
+
+GLOBAL_OPTIONS_WITH_VALUE = ("--tpm", "--state-dir")
+INLINE_COMMANDS = ("seal", "unseal", "status", "pcrs", "predict", "reseal")
+#: The modules that register the other commands (imported only when their command runs).
+COMMAND_MODULES = {
+    "container_cmd": ("init", "unlock", "recover", "attest", "lock", "domain"),
+    "service_cmd": ("serve",),
+    "eventlog_cmd": ("eventlog",),
+}
+ALL_COMMANDS = frozenset(INLINE_COMMANDS).union(*COMMAND_MODULES.values())
+
+
+def command_in(argv: Sequence[str]) -> str | None:
+    """The command named in ``argv`` (after the global options), or None (help, errors)."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in GLOBAL_OPTIONS_WITH_VALUE:
+            i += 2
+            continue
+        if any(arg.startswith(o + "=") for o in GLOBAL_OPTIONS_WITH_VALUE):
+            i += 1
+            continue
+        return None if arg.startswith("-") else arg
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         formatter_class=Formatter,
@@ -98,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path(env("QUBES_SEAL_STATE_DIR", DEFAULT_STATE_DIR)),
         help=f"where the sealed state lives (default {DEFAULT_STATE_DIR}) [QUBES_SEAL_STATE_DIR]",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub: Any = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    if only is not None:
+        sub = _Only(sub, only)
 
     command = functools.partial(add_command, sub)
 
@@ -204,13 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_component_options(p, required=False)
     p.set_defaults(func=cmd_reseal)
 
-    from . import container_cmd, eventlog_cmd
+    import importlib
 
-    container_cmd.register(sub)
-    from . import service_cmd
-
-    service_cmd.register(sub)
-    eventlog_cmd.register(sub)
+    for module, names in COMMAND_MODULES.items():
+        if only is None or only in names:
+            importlib.import_module(f".{module}", __package__).register(sub)
     return parser
 
 
@@ -586,7 +637,9 @@ def cmd_reseal(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        parser = build_parser()
+        argv = list(sys.argv[1:] if argv is None else argv)
+        name = command_in(argv)
+        parser = build_parser(only=name if name in ALL_COMMANDS else None)
         args = parser.parse_args(argv)
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
