@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from argon2.exceptions import HashingError
 from argon2.low_level import Type, hash_secret_raw
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import QubesSealError, UsageError
+from ..hkdf import hkdf_sha256
 from ..secret import Secret
 from .params import ARGON2_VERSION, KdfParams
 
@@ -73,12 +72,10 @@ def luks_key(
     ikm = bytearray(master.reveal())
     ikm += mix_half.reveal()
     try:
-        hkdf = HKDF(
-            algorithm=hashes.SHA256(),
-            length=LUKS_KEY_SIZE,
-            salt=params.salt,
-            info=LUKS_KEY_INFO + context,
+        return Secret(
+            hkdf_sha256(
+                bytes(ikm), length=LUKS_KEY_SIZE, salt=params.salt, info=LUKS_KEY_INFO + context
+            )
         )
-        return Secret(hkdf.derive(bytes(ikm)))
     finally:
         ikm[:] = bytes(len(ikm))

@@ -10,10 +10,8 @@ import struct
 from datetime import datetime
 from typing import Any
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 from ..errors import CorruptState, UsageError
+from ..hkdf import hkdf_sha256
 from ..secret import Secret
 from .model import KEY_ID_HEX_CHARS, KEY_SIZE, DomainKey, Keystore
 from .names import name_problem, normalise_uuid
@@ -42,8 +40,7 @@ def hmac_key_from_volume_key(vk: Secret) -> Secret:
     """
     if len(vk) == 0:
         raise UsageError("the volume key is empty")
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=HMAC_KEY_SIZE, salt=None, info=HMAC_KEY_INFO)
-    return Secret(hkdf.derive(vk.reveal()))
+    return Secret(hkdf_sha256(vk.reveal(), length=HMAC_KEY_SIZE, info=HMAC_KEY_INFO))
 
 
 def _mac(hmac_key: Secret, data: bytes | bytearray | memoryview) -> bytes:

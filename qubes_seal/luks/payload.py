@@ -8,7 +8,7 @@ little-endian 64-bit integer, zero-padded to the 16-byte AES block.
 
 * :class:`DmCryptPayload` (production): ``cryptsetup open`` maps the container with dm-crypt,
   and the plaintext is read and written through ``/dev/mapper/NAME``; the kernel holds the key.
-* :class:`UserspacePayload`: the same bytes, encrypted in this process with ``cryptography``'s
+* :class:`UserspacePayload`: the same bytes, encrypted in this process with libcrypto's
   AES-XTS, read from and written to the file at the data offset.  For machines without
   device-mapper (containers, CI) and for tests; what it writes, dm-crypt reads, and back.
 
@@ -30,12 +30,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
 from ..errors import QubesSealError, UsageError
 from ..secret import Secret
 from . import cryptsetup
 from .container import Container
+from .xts import Xts
 
 SUPPORTED_CIPHER = "aes-xts-plain64"
 SECTOR = 512
@@ -135,7 +134,7 @@ def _check_layout(container: Container) -> tuple[int, int, int, str]:
 
 
 class UserspacePayload(Payload):
-    """The data area decrypted in this process (``cryptography`` AES-XTS, dm-crypt layout).
+    """The data area decrypted in this process (libcrypto's AES-XTS, dm-crypt layout).
 
     Holds its own copy of ``volume_key``, wiped by :meth:`close`.  Writes are fsynced.
     """
@@ -148,7 +147,7 @@ class UserspacePayload(Payload):
             )
         key = volume_key.reveal()
         if key[: len(key) // 2] == key[len(key) // 2 :]:
-            # cryptography refuses it, and so does the kernel's xts_verify_key in FIPS mode.
+            # OpenSSL refuses it, and so does the kernel's xts_verify_key in FIPS mode.
             raise UnsupportedPayload("the two halves of the XTS volume key are equal")
         self._key = Secret(key)
         self._writable = writable
@@ -159,9 +158,9 @@ class UserspacePayload(Payload):
             self._key.wipe()
             raise QubesSealError(f"cannot open {container.path}: {exc.strerror}") from exc
 
-    def _cipher(self, key: bytes, sector: int) -> Cipher[modes.XTS]:
-        iv = ((sector + self._iv_tweak) & _U64).to_bytes(8, "little") + bytes(8)
-        return Cipher(algorithms.AES(key), modes.XTS(iv))
+    def _iv(self, sector: int) -> bytes:
+        """plain64: the sector number (plus the segment's IV tweak), little-endian, padded."""
+        return ((sector + self._iv_tweak) & _U64).to_bytes(8, "little") + bytes(8)
 
     def _read_sectors(self, first: int, count: int) -> bytes:
         if self._fd < 0:
@@ -170,12 +169,10 @@ class UserspacePayload(Payload):
         raw = os.pread(self._fd, n, self._offset + first * SECTOR)
         if len(raw) != n:
             raise QubesSealError("the container file is shorter than its data area")
-        key = self._key.reveal()
         out = bytearray(n)
-        for i in range(count):
-            dec = self._cipher(key, first + i).decryptor()
-            out[i * SECTOR : (i + 1) * SECTOR] = dec.update(raw[i * SECTOR : (i + 1) * SECTOR])
-            dec.finalize()
+        with Xts(self._key.reveal(), encrypt=False) as xts:
+            for i in range(count):
+                xts.sector(raw[i * SECTOR : (i + 1) * SECTOR], self._iv(first + i), out, i * SECTOR)
         return bytes(out)
 
     def _write_sectors(self, first: int, data: bytes) -> None:
@@ -183,12 +180,12 @@ class UserspacePayload(Payload):
             raise ValueError("the payload is closed")
         if not self._writable:
             raise UsageError("the payload was opened read-only")
-        key = self._key.reveal()
         out = bytearray(len(data))
-        for i in range(len(data) // SECTOR):
-            enc = self._cipher(key, first + i).encryptor()
-            out[i * SECTOR : (i + 1) * SECTOR] = enc.update(data[i * SECTOR : (i + 1) * SECTOR])
-            enc.finalize()
+        with Xts(self._key.reveal(), encrypt=True) as xts:
+            for i in range(len(data) // SECTOR):
+                xts.sector(
+                    data[i * SECTOR : (i + 1) * SECTOR], self._iv(first + i), out, i * SECTOR
+                )
         try:
             written = os.pwrite(self._fd, out, self._offset + first * SECTOR)
             if written != len(out):
