@@ -183,7 +183,7 @@ def parse(doc: dict[str, Any], *, source: str = "<config>") -> ServiceConfig:
                 source,
                 integer=True,
             )
-        ),  # fmt: skip
+        ),
         source=source,
     )
 

@@ -1,0 +1,424 @@
+"""The dom0 key service for real: ``qubes-seal serve`` in a subprocess on a socket in
+``tmp_path``, a container initialised and unlocked on a swtpm (the hand-over in root's user
+keyring, dropped at the end), and ``qrexec/qubes.SealGetDiskKey`` run exactly as qrexec runs it:
+the caller and the argument in the environment, the argument also in argv[1], stdin and stdout
+connected to the caller, the key on stdout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cli_util import Result, run
+from test_chain import CHEAP_KDF, PASSPHRASE, U1, U2, Box
+
+from qubes_seal import chain
+from qubes_seal.service import client
+from qubes_seal.service.daemon import RECHECK_UNLOCKED
+from qubes_seal.service.protocol import MAX_REQUEST
+from qubes_seal.sim.swtpm import Swtpm
+from qubes_seal.sim.txt_launch import sample_modules, txt_launch
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICE = ROOT / "qrexec" / "qubes.SealGetDiskKey"
+
+CONFIG = f"""\
+[storage-domains]
+sys-storage = ["work", "personal", "vault"]
+sys-backup = ["archive"]
+
+[domain-uuids]
+work = "{U1}"
+
+[rate-limit]
+rate = 1000.0
+burst = 100000
+
+[service]
+request-timeout = 1.0
+"""
+
+
+class Daemon:
+    """``qubes-seal serve`` as a subprocess; its log (stderr) goes to a file the test reads."""
+
+    def __init__(self, dir: Path, container: Path, config: str = CONFIG) -> None:
+        self.dir = dir
+        self.socket = dir / "run" / "keyd.sock"
+        self.config = dir / "config.toml"
+        self.config.write_text(config)
+        self.container = container
+        self.logfile = dir / "keyd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("QUBES_SEAL_")}
+        with open(self.logfile, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "qubes_seal", "serve", "--socket", str(self.socket),
+                 "--config", str(self.config), "--container", str(self.container)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+            )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while client.status(self.socket, timeout=1) is None:
+            assert self.proc.poll() is None, self.log()
+            assert time.monotonic() < deadline, "the daemon did not answer in 20 s"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def log(self) -> str:
+        return self.logfile.read_text(errors="replace")
+
+    def request(self, doc: dict[str, Any]) -> dict[str, Any]:
+        return client.request(self.socket, doc)
+
+
+def get_key(sock: Path, caller: str, argument: str | None) -> subprocess.CompletedProcess[bytes]:
+    """Run the service executable as qrexec runs it for ``caller`` asking ``argument``."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "QREXEC_REMOTE_DOMAIN": caller,
+        "QREXEC_SERVICE_FULL_NAME": "qubes.SealGetDiskKey" + (f"+{argument}" if argument else ""),
+        "QREXEC_REQUESTED_TARGET_TYPE": "keyword",
+        "QREXEC_REQUESTED_TARGET_KEYWORD": "adminvm",
+        "QUBES_SEAL_SOCKET": str(sock),
+    }
+    argv = [str(SERVICE)]
+    if argument:
+        env["QREXEC_SERVICE_ARGUMENT"] = argument
+        argv.append(argument)
+    return subprocess.run(argv, input=b"", capture_output=True, env=env, timeout=30)
+
+
+def raw(sock: Path, data: bytes, *, timeout: float = 5.0) -> dict[str, Any]:
+    """Send ``data`` as it is; the daemon's answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(sock))
+        s.sendall(data)
+        buf = b""
+        while b"\n" not in buf:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    doc: dict[str, Any] = json.loads(buf.partition(b"\n")[0])
+    return doc
+
+
+@pytest.fixture
+def keybox(swtpm: Swtpm, tmp_path: Path) -> Iterator[Box]:
+    """A container initialised on this test's swtpm, rebooted into a measured launch."""
+    b = Box(swtpm, tmp_path)
+    b.pw.write_text(PASSPHRASE + "\n")
+    txt_launch(swtpm, sample_modules())
+    res = b.cli("init", *CHEAP_KDF, "--recovery-key-file", str(b.rk), pw=b.pw)
+    assert res.code == 0, res.err
+    b.boot()
+    yield b
+    chain.lock(b.container)  # leave no hand-over in root's keyring
+
+
+@pytest.fixture
+def daemon(keybox: Box) -> Iterator[Daemon]:
+    d = Daemon(keybox.dir, keybox.container)
+    yield d
+    d.stop()
+
+
+def cli(box: Box, d: Daemon, *args: str) -> Result:
+    """``qubes-seal ARGS --container C`` with the daemon's socket in QUBES_SEAL_SOCKET."""
+    return run(box.swtpm.tcti, box.dir / "state", *args, "--container", str(box.container),
+               env={"QUBES_SEAL_SOCKET": str(d.socket)})  # fmt: skip
+
+
+def unlocked_with_keys(box: Box, d: Daemon) -> dict[str, bytes]:
+    """Unlock (hand-over), add work and personal through the daemon; their keys."""
+    assert box.unlock().code == 0
+    assert cli(box, d, "domain", "add", "work", "--uuid", U1).code == 0
+    assert cli(box, d, "domain", "add", "personal").code == 0
+    assert cli(box, d, "domain", "add", "red").code == 0
+    keys = {}
+    for name, extra in (("work", ["--uuid", U1]), ("personal", []), ("red", [])):
+        res = cli(box, d, "domain", "show", name, *extra, "--show-key", "--json")
+        assert res.code == 0, res.err
+        keys[name] = bytes.fromhex(res.json()["key"])
+    return keys
+
+
+def test_locked_then_unlocked_then_restarted(keybox: Box, daemon: Daemon) -> None:
+    # Started before the unlock: locked, with a clear error and exit 7.
+    daemon.start()
+    res = get_key(daemon.socket, "sys-storage", "work")
+    assert res.returncode == 7, res.stderr
+    assert res.stdout == b""
+    assert b"locked" in res.stderr and b"qubes-seal unlock" in res.stderr
+    assert daemon.request({"op": "status"})["locked"] is True
+    # Unlock in dom0: the daemon follows the keyring; domain commands go through it.
+    keys = unlocked_with_keys(keybox, daemon)
+    assert "admin add work" in daemon.log()
+    res = get_key(daemon.socket, "sys-storage", "work")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == keys["work"] and len(res.stdout) == 64
+    assert get_key(daemon.socket, "sys-storage", "personal").stdout == keys["personal"]
+    # The log names caller, domain, result; never a key.
+    log = daemon.log()
+    assert "caller=sys-storage domain=work result=ok" in log
+    for key in keys.values():
+        assert key.hex() not in log and key.hex().upper() not in log
+    # Restart: unreachable meanwhile (exit 6), then keys at once (the hand-over stays).
+    daemon.stop()
+    res = get_key(daemon.socket, "sys-storage", "work")
+    assert res.returncode == 6 and res.stdout == b""
+    daemon.start()
+    assert get_key(daemon.socket, "sys-storage", "work").stdout == keys["work"]
+    # The added domains were persisted to the container, not only the daemon's memory.
+    daemon.stop()
+    listed = keybox.cli("domain", "list", "--json").json()
+    assert [d["name"] for d in listed["domains"]] == ["personal", "red", "work"]
+    daemon.start()
+    # A dropped hand-over (qubes-seal lock) locks the running daemon within RECHECK_UNLOCKED.
+    chain.lock(keybox.container)
+    time.sleep(RECHECK_UNLOCKED + 0.1)
+    res = get_key(daemon.socket, "sys-storage", "work")
+    assert res.returncode == 7
+    assert "keys wiped from memory" in daemon.log()
+
+
+def test_refusals_are_clear_logged_and_harmless(keybox: Box, daemon: Daemon) -> None:
+    daemon.start()
+    keys = unlocked_with_keys(keybox, daemon)
+    cases = [
+        ("red", "work", 4, b"not the storage domain"),  # another caller
+        ("sys-backup", "work", 4, b"not the storage domain"),  # another storage domain
+        ("sys-storage", "red", 4, b"not the storage domain"),  # a domain nobody serves
+        ("sys-storage", "vault", 3, b"no key"),  # assigned, but no key stored
+        ("sys-storage", "_work", 2, b"invalid"),  # qrexec's "_" for a bad byte
+        ("sys-storage", "work-dm", 2, b"invalid"),
+        ("sys-storage", "Domain-0", 2, b"invalid"),
+        ("sys-storage", "w" * 32, 2, b"invalid"),
+        ("sys-storage", "", 2, b"invalid"),
+        ("sys-storage", "work+x", 2, b"invalid"),
+    ]
+    for caller, domain, code, message in cases:
+        res = get_key(daemon.socket, caller, domain)
+        assert res.returncode == code, (caller, domain, res.stderr)
+        assert res.stdout == b""
+        assert message in res.stderr, res.stderr
+        assert get_key(daemon.socket, "sys-storage", "work").stdout == keys["work"]
+    log = daemon.log()
+    assert "caller=red domain=work result=refused" in log
+    assert "caller=sys-storage domain=red result=refused" in log
+    assert "caller=sys-storage domain=vault result=no-key" in log
+    # The daemon checks names itself (a client that skips the executable's check).
+    for bad in ({"caller": "sys-storage", "domain": "../work"},
+                {"caller": "sys storage", "domain": "work"},
+                {"caller": ["sys-storage"], "domain": "work"},
+                {"caller": "sys-storage"}):  # fmt: skip
+        answer = daemon.request({"op": "get-key", **bad})
+        assert answer["ok"] is False and answer["error"] == "bad-request", answer
+    # The configured UUID is enforced: a new "work" qube (other UUID) gets no old key.
+    cfg = daemon.config.read_text().replace(U1, U2)
+    daemon.config.write_text(cfg)
+    assert daemon.request({"op": "reload"})["ok"] is True
+    res = get_key(daemon.socket, "sys-storage", "work")
+    assert res.returncode == 4 and b"another qube" in res.stderr
+    # Garbage and oversized requests: an error answer, logged, still serving.
+    assert raw(daemon.socket, b"\x00\xffnot json\n")["error"] == "bad-request"
+    assert raw(daemon.socket, b"[1, 2]\n")["error"] == "bad-request"
+    assert raw(daemon.socket, b'{"op": "fly"}\n')["error"] == "bad-request"
+    answer = raw(daemon.socket, b"{" + b" " * (MAX_REQUEST * 4) + b"}\n")
+    assert answer["error"] == "too-large"
+    log = daemon.log()
+    assert "not a JSON line" in log and f"larger than {MAX_REQUEST} bytes" in log
+    assert get_key(daemon.socket, "sys-storage", "personal").stdout == keys["personal"]
+    assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+def test_200_concurrent_requests_all_correct(keybox: Box, daemon: Daemon) -> None:
+    daemon.start()
+    keys = unlocked_with_keys(keybox, daemon)
+    want = {"work": keys["work"].hex(), "personal": keys["personal"].hex()}
+    barrier = threading.Barrier(200)
+
+    def one(i: int) -> str:
+        domain = ("work", "personal")[i % 2]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(30)
+            s.connect(str(daemon.socket))
+            barrier.wait()  # 200 connections open at once, then 200 requests at once
+            req = {"op": "get-key", "caller": "sys-storage", "domain": domain}
+            s.sendall(json.dumps(req).encode() + b"\n")
+            buf = b""
+            while b"\n" not in buf:
+                chunk = s.recv(4096)
+                assert chunk
+                buf += chunk
+        answer = json.loads(buf)
+        assert answer["ok"] is True, answer
+        return "ok" if answer["key"] == want[domain] else "WRONG"
+
+    with ThreadPoolExecutor(200) as pool:
+        results = list(pool.map(one, range(200)))
+    assert results == ["ok"] * 200
+    # And through the service executable, 50 at once.
+    with ThreadPoolExecutor(50) as pool:
+        procs = list(pool.map(lambda i: get_key(daemon.socket, "sys-storage", "work"), range(50)))
+    assert all(p.returncode == 0 and p.stdout == keys["work"] for p in procs)
+    counts = daemon.request({"op": "status"})["requests"]
+    assert counts["keys_served"] >= 250
+
+
+def test_misbehaving_clients_do_not_stall_others(keybox: Box, daemon: Daemon) -> None:
+    daemon.start()
+    keys = unlocked_with_keys(keybox, daemon)
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def connect() -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(daemon.socket))
+        return s
+
+    for _ in range(100):  # silent: connect and say nothing
+        held.append(connect())
+
+    def slow() -> None:  # one byte every 0.2 s, never finishing in time
+        with connect() as s:
+            for b in b'{"op": "get-key", "caller": "sys-storage", "domain": "work"}':
+                if stop.is_set():
+                    return
+                try:
+                    s.send(bytes([b]))
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+    # The repeating ones pause 10 ms between connections: hundreds of bad connections per
+    # second in all, more than qrexec (a dom0 process per call) lets a qube make.
+    def garbage() -> None:
+        while not stop.wait(0.01):
+            with connect() as s:
+                s.sendall(os.urandom(512) + b"\n")
+
+    def vanish() -> None:  # disconnect mid-request
+        while not stop.wait(0.01):
+            with connect() as s:
+                s.sendall(b'{"op": "get-key", "caller": "sys-st')
+
+    def flood() -> None:  # oversized, never ending
+        while not stop.wait(0.01):
+            with connect() as s, contextlib.suppress(OSError):
+                s.sendall(b"x" * (MAX_REQUEST * 16))
+
+    workers = [threading.Thread(target=f) for f in [slow] * 20 + [garbage, vanish, flood] * 3]
+    for w in workers:
+        w.start()
+    try:
+        time.sleep(0.3)
+        latencies = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            res = get_key(daemon.socket, "sys-storage", "work")
+            latencies.append(time.perf_counter() - t0)
+            assert res.returncode == 0 and res.stdout == keys["work"], res.stderr
+        # A good client never waits for the 1 s request timeout of the bad ones.
+        assert max(latencies) < 0.9, latencies
+        # The silent ones were dropped after the request timeout, with an answer.
+        time.sleep(1.2)
+        answer = json.loads(held[0].recv(4096).partition(b"\n")[0])
+        assert answer["error"] == "bad-request" and "in time" in answer["message"]
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+        for s in held:
+            s.close()
+    log = daemon.log()
+    assert "no complete request in" in log
+    assert "disconnected mid-request" in log
+    assert "Traceback" not in log
+    assert get_key(daemon.socket, "sys-storage", "personal").stdout == keys["personal"]
+
+
+def test_rate_limit_per_caller(keybox: Box, tmp_path: Path) -> None:
+    d = Daemon(tmp_path, keybox.container, config=CONFIG.replace("burst = 100000", "burst = 3")
+               .replace("rate = 1000.0", "rate = 0.01"))  # fmt: skip
+    d.start()
+    try:
+        codes = [get_key(d.socket, "sys-storage", "work").returncode for _ in range(5)]
+        assert codes[:3] == [7, 7, 7]  # locked, but allowed through the limiter
+        assert codes[3:] == [5, 5]
+        assert get_key(d.socket, "sys-backup", "archive").returncode == 7  # its own bucket
+        assert "result=rate-limited" in d.log()
+    finally:
+        d.stop()
+
+
+def test_socket_is_root_only(keybox: Box, daemon: Daemon) -> None:
+    daemon.start()
+    mode = daemon.socket.stat().st_mode & 0o777
+    assert mode in (0o600, 0o660)
+    assert daemon.socket.parent.stat().st_mode & 0o007 == 0
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a client as another user")
+    res = subprocess.run([str(SERVICE), "work"], capture_output=True, timeout=30, user=65534,
+                         env={"QREXEC_REMOTE_DOMAIN": "sys-storage",
+                              "QREXEC_SERVICE_ARGUMENT": "work",
+                              "QUBES_SEAL_SOCKET": str(daemon.socket)})  # fmt: skip
+    assert res.returncode == 6 and res.stdout == b""
+    assert b"Permission denied" in res.stderr
+
+
+def status(box: Box, d: Daemon, *args: str) -> Result:
+    return run(box.swtpm.tcti, box.dir / "state", "status", *args,
+               env={"QUBES_SEAL_SOCKET": str(d.socket)})  # fmt: skip
+
+
+def test_status_shows_the_key_service(keybox: Box, daemon: Daemon) -> None:
+    res = status(keybox, daemon, "--json")
+    assert res.code == 0, res.err
+    assert res.json()["key_service"]["running"] is False
+    daemon.start()
+    res = status(keybox, daemon)
+    assert res.code == 0, res.err
+    assert "key service:" in res.out and "LOCKED" in res.out
+    assert keybox.unlock().code == 0
+    doc = status(keybox, daemon, "--json").json()["key_service"]
+    assert doc["locked"] is False
+    assert doc["domains_served"]["work"] == "sys-storage"
+    text = status(keybox, daemon).out
+    assert "sys-storage <- personal, vault, work" in text
+    assert "requests:" in text
+
+
+def test_daemon_refuses_a_bad_config(tmp_path: Path) -> None:
+    d = Daemon(tmp_path, tmp_path / "none.luks",
+               config='[storage-domains]\na = ["x"]\nb = ["x"]\n')  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUBES_SEAL_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "qubes_seal", "serve", "--socket", str(d.socket),
+         "--config", str(d.config), "--container", str(d.container)],
+        capture_output=True, text=True, env=env, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "served by both 'a' and 'b'" in proc.stderr
+    assert not d.socket.exists()

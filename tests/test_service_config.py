@@ -1,0 +1,182 @@
+"""The key service's pure parts: configuration, rate limiter, decisions, and the service
+executable's constants and name check (which must agree with the package's)."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qubes_seal.keystore import Keystore, name_problem
+from qubes_seal.service import config, protocol
+from qubes_seal.service.daemon import KeyService, Peer, Server
+from qubes_seal.service.ratelimit import RateLimiter
+
+SERVICE = Path(__file__).resolve().parent.parent / "qrexec" / "qubes.SealGetDiskKey"
+U1 = "6f1b0b3a-1111-4c4c-9d9d-000000000001"
+
+
+def load_service() -> ModuleType:
+    loader = importlib.machinery.SourceFileLoader("sealgetdiskkey", str(SERVICE))
+    spec = importlib.util.spec_from_loader("sealgetdiskkey", loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def test_the_example_config() -> None:
+    cfg = config.loads(
+        '[storage-domains]\nsys-storage = ["work", "personal"]\nsys-b = []\n'
+        f'[domain-uuids]\nwork = "{U1.upper()}"\n[rate-limit]\nrate = 5\nburst = 10\n'
+    )
+    assert cfg.served_by("work") == "sys-storage"
+    assert cfg.served_by("vault") is None
+    assert cfg.domain_uuids == {"work": U1}
+    assert (cfg.rate, cfg.burst) == (5.0, 10)
+    assert cfg.server_of == {"work": "sys-storage", "personal": "sys-storage"}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "no [storage-domains]"),
+        ('[storage-domains]\na = ["x"]\nb = ["x"]', "served by both 'a' and 'b'"),
+        ('[storage-domains]\na = ["x", "x"]', "served twice"),
+        ('[storage-domains]\na = ["a"]', "cannot serve itself"),
+        ('[storage-domains]\na = ["b"]\nb = ["c"]', "is a storage domain and is served"),
+        ('[storage-domains]\na = ["x-dm"]', "invalid qube name"),
+        ('[storage-domains]\n"_a" = ["x"]', "invalid qube name"),
+        ('[storage-domains]\na = "x"', "must be a list"),
+        ('[storage-domain]\na = ["x"]', "unknown table"),
+        ('[storage-domains]\na = ["x"]\n[rate-limit]\nrate = -1', "must be positive"),
+        ('[storage-domains]\na = ["x"]\n[rate-limit]\nburst = 1.5', "must be an integer"),
+        ('[storage-domains]\na = ["x"]\n[rate-limit]\nbursts = 1', "unknown key"),
+        ('[storage-domains]\na = ["x"]\n[domain-uuids]\ny = "' + U1 + '"', "nobody serves"),
+        ('[storage-domains]\na = ["x"]\n[domain-uuids]\nx = "nope"', "invalid qube UUID"),
+        ("[storage-domains\n", "not valid TOML"),
+    ],
+)
+def test_bad_configs_are_refused(text: str, message: str) -> None:
+    with pytest.raises(config.ConfigError) as info:
+        config.loads(text)
+    assert message in info.value.message
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="no key service configuration"):
+        config.load(tmp_path / "config.toml")
+
+
+def test_token_bucket() -> None:
+    now = [0.0]
+    rl = RateLimiter(rate=2.0, burst=3, clock=lambda: now[0])
+    assert [rl.allow("a") for _ in range(4)] == [True, True, True, False]
+    assert rl.allow("b")  # per caller
+    now[0] += 0.5  # one token back
+    assert rl.allow("a") and not rl.allow("a")
+    now[0] += 100
+    assert sum(rl.allow("a") for _ in range(10)) == 3  # never more than the burst
+
+
+def test_rate_limiter_memory_is_bounded() -> None:
+    from qubes_seal.service import ratelimit
+
+    rl = RateLimiter(rate=1.0, burst=1, clock=lambda: 0.0)
+    for i in range(ratelimit.MAX_CALLERS + 100):
+        rl.allow(f"q{i}")
+    assert len(rl) <= ratelimit.MAX_CALLERS
+
+
+class FakeUnlocked:
+    def __init__(self) -> None:
+        self.keystore = Keystore()
+        self.saved = 0
+
+    def save(self) -> None:
+        self.saved += 1
+
+    def close(self) -> None:
+        pass
+
+
+def service_with(tmp_path: Path) -> tuple[KeyService, FakeUnlocked]:
+    cfg = config.loads('[storage-domains]\nsys-storage = ["work"]\n')
+    unlocked = FakeUnlocked()
+    svc = KeyService(cfg, container=tmp_path / "c", opener=lambda path: unlocked)
+    svc._unlocked = unlocked
+    svc.refresh = lambda: True  # type: ignore[method-assign]
+    return svc, unlocked
+
+
+def test_admin_requests_only_for_root(tmp_path: Path) -> None:
+    svc, unlocked = service_with(tmp_path)
+    user = Peer(1, 1000, 1000)
+    for op in sorted(protocol.ADMIN_OPS):
+        answer = svc.handle({"op": op, "name": "work"}, user, admin=False)
+        assert answer["error"] == "forbidden", op
+    assert unlocked.keystore.list() == []
+    root = Peer(1, 0, 0)
+    answer = svc.handle({"op": "add", "name": "work", "qube_uuid": U1}, root, admin=True)
+    assert answer["ok"] and unlocked.saved == 1
+    key = unlocked.keystore.get("work", qube_uuid=U1).key.reveal()
+    # No UUID in the configuration, a UUID in the store: refused (fail closed).
+    answer = svc.handle({"op": "get-key", "caller": "sys-storage", "domain": "work"}, user,
+                        admin=False)  # fmt: skip
+    assert answer["error"] == "refused"
+    answer = svc.handle({"op": "show", "name": "work", "qube_uuid": U1, "show_key": True},
+                        root, admin=True)  # fmt: skip
+    assert bytes.fromhex(answer["key"]) == key
+    assert svc.handle({"op": "remove", "name": "work"}, root, admin=True)["ok"]
+    assert unlocked.saved == 2 and unlocked.keystore.list() == []
+
+
+def test_group_members_are_admitted_but_not_admins(tmp_path: Path) -> None:
+    svc, _ = service_with(tmp_path)
+    server = Server(svc, tmp_path / "run" / "s.sock")
+    server.gid = 4242
+    assert server._admitted(Peer(1, 0, 0))
+    assert server._admitted(Peer(1, 99999, 4242))
+    assert not server._admitted(Peer(1, 99999, 99999))
+    assert not server._is_admin(Peer(1, 99999, 4242)) or os.geteuid() == 99999
+
+
+def test_executable_agrees_with_the_protocol() -> None:
+    exe = load_service()
+    assert exe.DEFAULT_SOCKET == protocol.DEFAULT_SOCKET
+    assert exe.MAX_RESPONSE == protocol.MAX_RESPONSE
+    assert set(exe.KNOWN_EXITS) == set(protocol.ERRORS.values()) | {protocol.EXIT_UNREACHABLE}
+    assert (exe.EXIT_ERROR, exe.EXIT_BAD_ARGUMENT, exe.EXIT_UNREACHABLE) == (
+        protocol.EXIT_ERROR, protocol.EXIT_BAD_ARGUMENT, protocol.EXIT_UNREACHABLE,
+    )  # fmt: skip
+    assert os.access(SERVICE, os.X_OK)
+    assert SERVICE.read_text().startswith("#!/usr/bin/python3 -IS\n")
+    assert "import qubes_seal" not in SERVICE.read_text()
+
+
+QREXEC_ARG = st.text(alphabet="abcXYZ019._-+_", max_size=40)
+
+
+@given(st.one_of(QREXEC_ARG, st.text(max_size=40)))
+def test_executable_name_check_is_the_package_check(name: str) -> None:
+    exe = _EXE
+    assert exe.valid_name(name) == (name_problem(name) == "")
+
+
+_EXE = load_service()
+
+
+@given(st.binary(max_size=200))
+def test_decode_fuzz(data: bytes) -> None:
+    try:
+        doc: Any = protocol.decode(data)
+    except protocol.ProtocolError:
+        return
+    assert isinstance(doc, dict)
