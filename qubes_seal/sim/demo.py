@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 from .swtpm import Swtpm
@@ -166,7 +167,7 @@ def run(workdir: Path) -> int:
         for name in ("work", "personal", "untrusted"):
             cli("domain", "add", name)
         expect(cli("domain", "list"), 0, "domain keys listed (the keys are never printed)")
-        key_service_step(cli, container, workdir)
+        failures += key_service_step(cli, container, workdir)
 
         title(5, "an update, predicted: the next boot unlocks with no trust on first use")
         say(
@@ -265,9 +266,66 @@ def boot(
     return proc.returncode
 
 
-def key_service_step(cli: Cli, container: Path, workdir: Path) -> None:
-    """The key service (when built): the storage domain fetches its domains' keys."""
-    _ = (cli, container, workdir)
+SERVICE = Path(__file__).resolve().parents[2] / "qrexec" / "qubes.SealGetDiskKey"
+
+
+def key_service_step(cli: Cli, container: Path, workdir: Path) -> int:
+    """The key service: the storage domain gets its domains' keys; a red domain gets nothing."""
+    from ..service import client
+
+    say(
+        """
+        The dom0 key service holds the keystore (from the hand-over) and answers qrexec calls.
+        Its configuration says which storage domain serves which domains: here sys-storage
+        serves 'work' and 'personal'. We call the qrexec service exactly as qrexec would,
+        with the caller's name in QREXEC_REMOTE_DOMAIN.
+        """
+    )
+    config = workdir / "config.toml"
+    config.write_text('[storage-domains]\nsys-storage = ["work", "personal"]\n')
+    sock = workdir / "run" / "keyd.sock"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUBES_SEAL_")}
+    shown = f"qubes-seal serve --socket {sock} --config {config} --container {container} &"
+    print(f"$ {shown}")
+    log = open(workdir / "keyd.log", "wb")  # noqa: SIM115 - closed below
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "qubes_seal", "serve", "--socket", str(sock), "--config",
+         str(config), "--container", str(container)],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+    )  # fmt: skip
+    failures = 0
+    try:
+        deadline = time.monotonic() + 20
+        while client.status(sock, timeout=1) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for caller, domain, wanted in (
+            ("sys-storage", "work", 0),
+            ("sys-storage", "personal", 0),
+            ("untrusted", "work", 4),
+            ("sys-storage", "untrusted", 4),
+        ):
+            print(f"$ qrexec: {caller} calls qubes.SealGetDiskKey+{domain}")
+            proc = subprocess.run(
+                [str(SERVICE), domain],
+                env={"PATH": "/usr/bin:/bin", "QREXEC_REMOTE_DOMAIN": caller,
+                     "QREXEC_SERVICE_ARGUMENT": domain, "QUBES_SEAL_SOCKET": str(sock)},
+                input=b"", capture_output=True, timeout=30,
+            )  # fmt: skip
+            if proc.returncode == 0:
+                print(f"  received {len(proc.stdout)} key bytes (piped into cryptsetup by the "
+                      "storage agent; not shown)")  # fmt: skip
+            else:
+                print(f"  {proc.stderr.decode().strip()}")
+            print(f"  [exit code {proc.returncode}]")
+            verdict = "as expected" if proc.returncode == wanted else "UNEXPECTED"
+            what = "key delivered" if wanted == 0 else "refused"
+            print(f"  -> {what}: {verdict}")
+            failures += proc.returncode != wanted
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=10)
+        log.close()
+    return failures
 
 
 def main(argv: list[str] | None = None) -> int:
