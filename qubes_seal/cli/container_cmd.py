@@ -23,15 +23,9 @@ def parse_size(text: str) -> int:
 
 
 def register(sub: Any) -> None:
-    from .main import add_command, env, env_bool
+    from .main import add_command, add_container_option, env, env_bool
 
-    def container_opt(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--container", metavar="PATH", type=Path,
-            default=Path(env("QUBES_SEAL_CONTAINER", "/var/lib/qubes-seal/keys.luks")),
-            help="the LUKS2 container: a file or a block device (default "
-            "/var/lib/qubes-seal/keys.luks) [QUBES_SEAL_CONTAINER]",
-        )  # fmt: skip
+    container_opt = add_container_option
 
     def passphrase_opt(p: argparse.ArgumentParser) -> None:
         default = env("QUBES_SEAL_PASSPHRASE_FILE", "")

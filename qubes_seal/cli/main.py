@@ -58,6 +58,19 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
     pass
 
 
+DEFAULT_CONTAINER = "/var/lib/qubes-seal/keys.luks"
+
+
+def add_container_option(p: Any, *, optional: bool = False, help_: str | None = None) -> None:
+    """``--container PATH`` [QUBES_SEAL_CONTAINER], with the default or (optional) none."""
+    raw = env("QUBES_SEAL_CONTAINER", "" if optional else DEFAULT_CONTAINER)
+    p.add_argument(
+        "--container", metavar="PATH", type=Path, default=Path(raw) if raw else None,
+        help=(help_ or "the LUKS2 container: a file or a block device (default "
+              f"{DEFAULT_CONTAINER})") + " [QUBES_SEAL_CONTAINER]",
+    )  # fmt: skip
+
+
 def add_command(sub: Any, name: str, help_: str, description: str) -> argparse.ArgumentParser:
     """A subcommand with the conventions every command keeps: --json, the exit-code table."""
     p: argparse.ArgumentParser = sub.add_parser(
@@ -247,12 +260,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         "--predict", action="store_true",
         help="also accept the boot predicted from the component options below",
     )  # fmt: skip
-    container_default = env("QUBES_SEAL_CONTAINER", "")
-    p.add_argument(
-        "--container", metavar="PATH", type=Path,
-        default=Path(container_default) if container_default else None,
-        help="reseal the container's token (needs this boot's unlock hand-over) instead of "
-        "the state directory's sealed.json [QUBES_SEAL_CONTAINER]",
+    add_container_option(
+        p, optional=True, help_="reseal the container's token (needs this boot's unlock "
+        "hand-over) instead of the state directory's sealed.json",
     )  # fmt: skip
     add_component_options(p, required=False)
     p.set_defaults(func=cmd_reseal)

@@ -10,7 +10,7 @@ from ..service.protocol import DEFAULT_CONFIG, DEFAULT_SOCKET
 
 
 def register(sub: Any) -> None:
-    from .main import add_command, env
+    from .main import add_command, add_container_option, env
 
     p = add_command(
         sub,
@@ -33,12 +33,7 @@ def register(sub: Any) -> None:
         default=Path(env("QUBES_SEAL_CONFIG", DEFAULT_CONFIG)),
         help=f"the configuration (default {DEFAULT_CONFIG}) [QUBES_SEAL_CONFIG]",
     )  # fmt: skip
-    p.add_argument(
-        "--container", metavar="PATH", type=Path,
-        default=Path(env("QUBES_SEAL_CONTAINER", "/var/lib/qubes-seal/keys.luks")),
-        help="the LUKS2 container (default /var/lib/qubes-seal/keys.luks) "
-        "[QUBES_SEAL_CONTAINER]",
-    )  # fmt: skip
+    add_container_option(p)
     p.add_argument(
         "--keyring", choices=["user", "session"], default=env("QUBES_SEAL_KEYRING", "user"),
         help="the kernel keyring holding the hand-over (default: root's user keyring) "
