@@ -318,7 +318,7 @@ def unlock(
     from .luks.container import Container
     from .luks.header import header_digest
     from .luks.payload import dm_crypt_available, open_payload
-    from .tpm.device import Tpm
+    from .tpm.esys import Esys
     from .tpm.unseal import unseal
 
     if backend not in ("auto", "dm-crypt", "userspace"):
@@ -331,7 +331,7 @@ def unlock(
         params = KdfParams.from_json(token.kdf)
     sealed = token.sealed
     if PCR13 in sealed.pcrs:
-        with t.part("tpm"), Tpm(tcti) as tpm:
+        with t.part("tpm"), Esys(tcti) as tpm:
             measure_header(tpm, digest)
     secret = passphrase()
     with t.part("argon2id"):
@@ -358,7 +358,7 @@ def unlock(
             with t.part("tpm"):
                 proof_value = unseal(token.proof.sealed, tcti=tcti)
         if PCR13 in sealed.pcrs:
-            with t.part("tpm"), Tpm(tcti) as tpm:
+            with t.part("tpm"), Esys(tcti) as tpm:
                 cap(tpm)
         if keyring is not None:
             with t.part("handover"):

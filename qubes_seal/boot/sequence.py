@@ -239,7 +239,7 @@ def run(cfg: BootConfig, console: Console) -> Outcome:
     """The boot sequence; raises the error that ended it when even recovery failed."""
     from .. import chain
     from ..attest import reveal
-    from ..tpm.device import Tpm
+    from ..tpm.esys import Esys
     from ..tpm.seal import launch_happened
 
     container = Path(cfg.container)
@@ -253,8 +253,8 @@ def run(cfg: BootConfig, console: Console) -> Outcome:
     require_launch = token.sealed.require_launch and not (
         cfg.unsafe_test_mode and cfg.unsafe_no_measured_launch
     )
-    with Tpm(cfg.tpm) as tpm:
-        pcr17 = tpm.read_pcrs([DRTM_PCR])[DRTM_PCR]
+    with Esys(cfg.tpm) as tpm:
+        pcr17 = tpm.pcr_read([DRTM_PCR])[DRTM_PCR]
     if require_launch and not launch_happened(pcr17):
         from ..errors import NoMeasuredLaunch
 
@@ -342,6 +342,8 @@ def _recover(
             rkey.wipe()
         try:
             n = len(unlocked.keystore.list())
+            # dom0's root volume too: otherwise systemd-cryptsetup asks for its passphrase.
+            _root_key(cfg, chain.read_token(unlocked.container)[1], unlocked, console)
             console.say(
                 f"container open with the recovery key: {n} domain key(s). Nothing was "
                 "resealed: once you trust this boot, run 'qubes-seal recover --reseal'."
