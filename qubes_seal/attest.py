@@ -89,7 +89,7 @@ class Proof:
 
 def seal_proof(tpm: Any, *, kind: str, value: Secret, master: SealedState) -> Proof:
     """Seal ``value`` to the master secret's PCR states, with no authorization."""
-    from .tpm.seal import seal_to_states
+    from .tpm.seal import seal_to_states  # not on the boot path
 
     if kind not in KINDS:
         raise UsageError(f"unknown proof kind {kind!r}: text or totp")

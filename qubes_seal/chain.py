@@ -212,8 +212,8 @@ def init(
     from .luks.container import Container
     from .luks.header import header_digest
     from .luks.payload import UserspacePayload
-    from .tpm.device import Tpm
-    from .tpm.seal import current_state, seal_to_states
+    from .tpm.device import Tpm  # not on the boot path
+    from .tpm.seal import current_state, seal_to_states  # not on the boot path
 
     if PCR13 not in pcrs:
         progress("warning: PCR 13 is not selected: a rolled-back header would not be refused")
@@ -413,8 +413,8 @@ def reseal_container(
     from .attest import Proof
     from .luks.container import Container
     from .luks.header import header_digest
-    from .tpm.device import Tpm
-    from .tpm.seal import current_state, seal_to_states
+    from .tpm.device import Tpm  # not on the boot path
+    from .tpm.seal import current_state, seal_to_states  # not on the boot path
 
     container = Container(path)
     token_id, token = read_token(container)
@@ -529,8 +529,8 @@ def reseal_with_recovery(
     from .kdf import derive, luks_key
     from .luks.container import Container
     from .luks.header import header_digest
-    from .tpm.device import Tpm
-    from .tpm.seal import current_state, seal_to_states
+    from .tpm.device import Tpm  # not on the boot path
+    from .tpm.seal import current_state, seal_to_states  # not on the boot path
 
     container = Container(path)
     token_id, old = read_token(container)

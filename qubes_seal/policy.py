@@ -37,6 +37,11 @@ PCR_SELECT_SIZE = 3
 PCR_COUNT = 24
 
 
+def launch_happened(pcr17: bytes) -> bool:
+    """PCR 17 of all 0xFF is its power-on value: no dynamic launch reset it (TBOOT-TXT.md)."""
+    return pcr17 != b"\xff" * len(pcr17)
+
+
 def validate_pcrs(pcrs: Iterable[int]) -> list[int]:
     """Sorted, de-duplicated PCR indices; an empty or out-of-range selection is an error.
 

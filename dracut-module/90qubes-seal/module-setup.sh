@@ -28,8 +28,8 @@ check() {
     local _py
     _py=$(_qs_python)
     require_binaries "$_py" cryptsetup systemd-ask-password || return 1
-    if ! "$_py" -c 'import qubes_seal.boot.sequence, tpm2_pytss' > /dev/null 2>&1; then
-        dinfo "dracut module 'qubes-seal' will not be installed, because qubes_seal or tpm2_pytss is not importable by $_py (set QUBES_SEAL_PYTHON)"
+    if ! "$_py" -c 'import qubes_seal.boot.sequence' > /dev/null 2>&1; then
+        dinfo "dracut module 'qubes-seal' will not be installed, because qubes_seal is not importable by $_py (set QUBES_SEAL_PYTHON)"
         return 1
     fi
     # Configured on this host: include it by default; otherwise only on request (-m, add_dracutmodules).
@@ -99,9 +99,12 @@ install() {
     inst_multiple cryptsetup systemd-ask-password
     inst_multiple -o mount dmsetup
 
-    # libtss2's TCTI loader dlopen()s the TCTI at run time: the kernel device, and swtpm for
-    # the tests (a few kB).
-    inst_libdir_file "libtss2-tcti-device.so*" "libtss2-tcti-swtpm.so*"
+    # The boot path reaches the TPM through ctypes (qubes_seal/tpm/esys.py): libtss2's ESYS,
+    # MU and TCTI loader (and libtss2-sys under ESYS) are dlopen()ed, so name them; the TCTI
+    # loader in turn dlopen()s the TCTI at run time: the kernel device, and swtpm for the
+    # tests (a few kB).  libcrypto (OpenSSL) comes with cryptsetup.
+    inst_libdir_file "libtss2-esys.so.0*" "libtss2-mu.so.0*" "libtss2-tctildr.so.0*" \
+        "libtss2-sys.so.1*" "libtss2-tcti-device.so*" "libtss2-tcti-swtpm.so*" "libcrypto.so.3*"
 
     _config=$(_qs_config)
     inst_dir /etc/qubes-seal

@@ -239,8 +239,8 @@ def run(cfg: BootConfig, console: Console) -> Outcome:
     """The boot sequence; raises the error that ended it when even recovery failed."""
     from .. import chain
     from ..attest import reveal
+    from ..policy import launch_happened
     from ..tpm.esys import Esys
-    from ..tpm.seal import launch_happened
 
     container = Path(cfg.container)
     started = time.monotonic()

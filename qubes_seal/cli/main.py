@@ -348,7 +348,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .. import state as state_mod
     from ..errors import CorruptState
     from ..tpm.device import SRK_HANDLE, Tpm
-    from ..tpm.seal import DRTM_PCR, launch_happened
+    from ..policy import launch_happened
+    from ..tpm.seal import DRTM_PCR
 
     sealed: state_mod.SealedState | None
     state_error = None

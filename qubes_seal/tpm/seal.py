@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..errors import NoMeasuredLaunch, UsageError
-from ..policy import sealing_policy, validate_pcrs
+from ..policy import launch_happened, sealing_policy, validate_pcrs
 from ..secret import Secret
 from ..state import PcrState, SealedState
 from .device import Tpm
@@ -27,11 +27,6 @@ def parse_pcr_list(text: str) -> list[int]:
             f"invalid PCR list {text!r}: {exc}",
             hint="Give comma-separated PCR indices 0-23, e.g. --pcrs 17,18.",
         ) from exc
-
-
-def launch_happened(value: bytes) -> bool:
-    """PCR 17 of all 0xFF is its power-on value: no dynamic launch reset it (TBOOT-TXT.md)."""
-    return value != b"\xff" * len(value)
 
 
 def seal_to_states(
