@@ -123,6 +123,9 @@ def test_no_measured_launch_asks_for_the_recovery_key(machine: Machine) -> None:
     assert "recovery key" in out
     assert "RESULT: unlocked with the recovery key" in out
     assert "Nothing was resealed" in out
+    with Tpm(machine.swtpm.tcti) as tpm:  # capped after the recovery too (13 was never
+        # extended: the launch check refused first), so PCR 13 = H(0 || cap separator)
+        assert tpm.read_pcrs([13])[13] == chain.pcr13_after_extend(chain.CAP_DIGEST)
 
 
 def test_tampered_boot_refused_and_bad_recovery_key_fails(machine: Machine) -> None:

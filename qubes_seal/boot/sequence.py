@@ -344,6 +344,7 @@ def _recover(
             n = len(unlocked.keystore.list())
             # dom0's root volume too: otherwise systemd-cryptsetup asks for its passphrase.
             _root_key(cfg, chain.read_token(unlocked.container)[1], unlocked, console)
+            _cap_after_recovery(cfg, console)
             console.say(
                 f"container open with the recovery key: {n} domain key(s). Nothing was "
                 "resealed: once you trust this boot, run 'qubes-seal recover --reseal'."
@@ -352,6 +353,20 @@ def _recover(
         finally:
             unlocked.close()
     raise cause
+
+
+def _cap_after_recovery(cfg: BootConfig, console: Console) -> None:
+    """Cap PCR 13 after a recovery too, so nothing later in this boot unseals (the proof
+    of a clean boot included).  A TPM that cannot be reached (perhaps why we recovered)
+    is reported, not fatal: the container is open."""
+    from .. import chain
+    from ..tpm.esys import Esys
+
+    try:
+        with Esys(cfg.tpm) as tpm:
+            chain.cap(tpm)
+    except QubesSealError as exc:
+        console.say(f"note: PCR 13 not capped ({exc.message})")
 
 
 def main(argv: list[str] | None = None) -> int:
