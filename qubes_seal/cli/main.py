@@ -347,8 +347,8 @@ def cmd_unseal(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from .. import state as state_mod
     from ..errors import CorruptState
-    from ..tpm.device import SRK_HANDLE, Tpm
     from ..policy import launch_happened
+    from ..tpm.device import SRK_HANDLE, Tpm
     from ..tpm.seal import DRTM_PCR
 
     sealed: state_mod.SealedState | None
