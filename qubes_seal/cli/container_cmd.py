@@ -27,6 +27,13 @@ def register(sub: Any) -> None:
 
     container_opt = add_container_option
 
+    def unsafe_opt(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument(
+            "--unsafe-no-measured-launch", action="store_true",
+            default=env_bool("QUBES_SEAL_UNSAFE_NO_MEASURED_LAUNCH"),
+            help=f"UNSAFE, for tests: {what} [QUBES_SEAL_UNSAFE_NO_MEASURED_LAUNCH]",
+        )  # fmt: skip
+
     def passphrase_opt(p: argparse.ArgumentParser) -> None:
         default = env("QUBES_SEAL_PASSPHRASE_FILE", "")
         p.add_argument(
@@ -87,11 +94,7 @@ def register(sub: Any) -> None:
         help="also keep a key for dom0's root LUKS volume NAME (as in /etc/crypttab): the "
         "boot hands it to systemd-cryptsetup, so one passphrase opens everything",
     )  # fmt: skip
-    p.add_argument(
-        "--unsafe-no-measured-launch", action="store_true",
-        default=env_bool("QUBES_SEAL_UNSAFE_NO_MEASURED_LAUNCH"),
-        help="UNSAFE, for tests: do not require a TXT measured launch",
-    )  # fmt: skip
+    unsafe_opt(p, "do not require a TXT measured launch")
     p.set_defaults(func=cmd_init)
 
     p = add_command(
@@ -130,11 +133,7 @@ def register(sub: Any) -> None:
                    help="read the recovery key from FILE instead of the terminal")  # fmt: skip
     p.add_argument("--reseal", action="store_true", default=env_bool("QUBES_SEAL_RESEAL"),
                    help="seal a new master secret to this boot (asks the passphrase)")  # fmt: skip
-    p.add_argument(
-        "--unsafe-no-measured-launch", action="store_true",
-        default=env_bool("QUBES_SEAL_UNSAFE_NO_MEASURED_LAUNCH"),
-        help="UNSAFE, for tests: reseal without a TXT measured launch",
-    )  # fmt: skip
+    unsafe_opt(p, "reseal without a TXT measured launch")
     p.set_defaults(func=cmd_recover)
 
     p = add_command(
