@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -380,11 +382,21 @@ def test_socket_is_root_only(keybox: Box, daemon: Daemon) -> None:
     assert daemon.socket.parent.stat().st_mode & 0o007 == 0
     if os.geteuid() != 0:
         pytest.skip("needs root to run a client as another user")
-    res = subprocess.run([str(SERVICE), "work"], capture_output=True, timeout=30, user=65534,
+    # A copy of the executable that user 65534 may run, wherever this checkout lives (a CI
+    # clone may sit in a 0700 directory).
+    public = Path(tempfile.mkdtemp(prefix="qs-service-"))
+    os.chmod(public, 0o755)
+    exe = public / SERVICE.name
+    shutil.copy2(SERVICE, exe)
+    os.chmod(exe, 0o755)
+    try:
+        res = subprocess.run([str(exe), "work"], capture_output=True, timeout=30, user=65534,
                          env={"QREXEC_REMOTE_DOMAIN": "sys-storage",
                               "QREXEC_SERVICE_ARGUMENT": "work",
                               "QUBES_SEAL_SOCKET": str(daemon.socket)})  # fmt: skip
-    assert res.returncode == 6 and res.stdout == b""
+    finally:
+        shutil.rmtree(public)
+    assert res.returncode == 6 and res.stdout == b"", res.stderr
     assert b"Permission denied" in res.stderr
 
 
