@@ -22,6 +22,36 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * scale
 
 
+def add_unlock_options(p: argparse.ArgumentParser, *, kdf: bool) -> None:
+    """--passphrase-file, --keyring (and --kdf-time/--kdf-memory) for the rotate commands."""
+    from .main import env
+
+    default = env("QUBES_SEAL_PASSPHRASE_FILE", "")
+    p.add_argument(
+        "--passphrase-file", metavar="FILE", type=Path,
+        default=Path(default) if default else None,
+        help="read the current passphrase from FILE ('-': stdin) instead of the terminal "
+        "[QUBES_SEAL_PASSPHRASE_FILE]",
+    )  # fmt: skip
+    p.add_argument(
+        "--keyring", choices=["user", "session"], default=env("QUBES_SEAL_KEYRING", "user"),
+        help="kernel keyring of this boot's hand-over (default: root's user keyring) "
+        "[QUBES_SEAL_KEYRING]",
+    )  # fmt: skip
+    if kdf:
+        t, m = env("QUBES_SEAL_KDF_TIME", ""), env("QUBES_SEAL_KDF_MEMORY", "")
+        p.add_argument(
+            "--kdf-time", metavar="MS", type=int, default=int(t) if t else None,
+            help="new Argon2id target time (default: keep the current cost, new salt) "
+            "[QUBES_SEAL_KDF_TIME]",
+        )  # fmt: skip
+        p.add_argument(
+            "--kdf-memory", metavar="KIB", type=int, default=int(m) if m else None,
+            help="new Argon2id memory in KiB (default: keep the current cost) "
+            "[QUBES_SEAL_KDF_MEMORY]",
+        )  # fmt: skip
+
+
 def register(sub: Any) -> None:
     from .main import add_command, add_container_option, env, env_bool
 
@@ -169,10 +199,13 @@ def register(sub: Any) -> None:
     p = add_command(
         sub,
         "domain",
-        "per-domain disk keys: add, list, show, remove",
+        "per-domain disk keys: add, list, show, remove, rotate",
         "Work on the keystore: through this boot's hand-over when the container was\n"
         "unlocked, else by unlocking it (passphrase).\n\n"
-        "examples:\n  qubes-seal domain add work --uuid 6f1b...\n  qubes-seal domain list --json",
+        "examples:\n  qubes-seal domain add work --uuid 6f1b...\n  qubes-seal domain list --json\n"
+        "  qubes-seal domain rotate work --uuid 6f1b...   (new key; the previous one is kept)\n"
+        "  qubes-seal domain rotate work --uuid 6f1b... --commit   (after re-encryption: the\n"
+        "                                                 previous key is destroyed)",
     )
     dsub = p.add_subparsers(dest="domain_command", metavar="ACTION", required=True)
     for name, help_ in (
@@ -180,6 +213,7 @@ def register(sub: Any) -> None:
         ("list", "list the domains (never their keys)"),
         ("show", "one domain's details (its key only with --show-key)"),
         ("remove", "destroy a domain's key"),
+        ("rotate", "a new key for a domain, the previous one kept until --commit"),
     ):
         dp = add_command(dsub, name, help_, help_)
         container_opt(dp)
@@ -187,12 +221,17 @@ def register(sub: Any) -> None:
         keyring_opt(dp)
         if name != "list":
             dp.add_argument("name", metavar="NAME", help="the qube's name")
-        if name in ("add", "show"):
+        if name in ("add", "show", "rotate"):
             dp.add_argument("--uuid", help="the qube's UUID (recommended: a reused name with "
                             "another UUID never gets this key)")  # fmt: skip
         if name == "show":
             dp.add_argument("--show-key", action="store_true",
                             help="print the key (hex): only where you mean it")  # fmt: skip
+        if name == "rotate":
+            dp.add_argument(
+                "--commit", action="store_true",
+                help="the volume now uses the new key: destroy the previous one",
+            )  # fmt: skip
         dp.set_defaults(func=cmd_domain)
 
 
@@ -425,6 +464,11 @@ def cmd_domain(args: argparse.Namespace) -> int:
     # A running, unlocked key service for this container: go through it, so that its memory
     # and the container change together (docs/KEYSERVICE.md); else the direct path.
     service = client.daemon_for(args.container)
+    if service is not None and action == "rotate":
+        raise UsageError(
+            "the key service is running: 'domain rotate' goes through the keystore directly",
+            hint="Stop the key service (systemctl stop qubes-seal-keyd), rotate, start it.",
+        )
     if service is not None:
         request = {"op": action, "name": name, "qube_uuid": qube_uuid, "show_key": show_key}
         answer = client.admin(service, request)
@@ -452,6 +496,17 @@ def cmd_domain(args: argparse.Namespace) -> int:
                 ks.remove(name)
                 unlocked.save()
                 doc = {"removed": name}
+            elif action == "rotate":
+                from .. import rotate
+
+                if args.commit:
+                    entry = rotate.commit_domain(ks, str(name), qube_uuid=qube_uuid)
+                else:
+                    entry = rotate.rotate_domain(ks, str(name), qube_uuid=qube_uuid)
+                unlocked.save()
+                doc = {"rotated": {**entry.public_view(),
+                                   "previous_kept": rotate.PREVIOUS in entry.extra,
+                                   "committed": bool(args.commit)}}  # fmt: skip
             else:
                 d = ks.get(name, qube_uuid=qube_uuid)
                 doc = {"domain": d.public_view()}
@@ -466,6 +521,16 @@ def cmd_domain(args: argparse.Namespace) -> int:
         text = f"added a key for {doc['added']['name']} (key id {doc['added']['key_id']})"
     elif action == "remove":
         text = f"removed the key of {name}: it is destroyed"
+    elif action == "rotate":
+        r = doc["rotated"]
+        text = (
+            f"committed the rotation of {name}: the previous key is destroyed; key id "
+            f"{r['key_id']} (generation {r['generation']}) remains"
+            if r["committed"]
+            else f"new key for {name}: key id {r['key_id']} (generation {r['generation']}); "
+            "the previous key is kept until the volume is re-encrypted, then run "
+            f"'qubes-seal domain rotate {name} --commit'"
+        )
     else:
         text = "\n".join(f"{k}: {v}" for k, v in doc["domain"].items())
         if show_key:

@@ -115,6 +115,7 @@ COMMAND_MODULES = {
     "container_cmd": ("init", "unlock", "recover", "attest", "lock", "domain"),
     "service_cmd": ("serve",),
     "eventlog_cmd": ("eventlog",),
+    "rotate_cmd": ("rotate", "repair"),
 }
 ALL_COMMANDS = frozenset(INLINE_COMMANDS).union(*COMMAND_MODULES.values())
 
@@ -427,6 +428,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         lines.append(
             "unseal:          " + ("expected to succeed" if will_unseal else "would be REFUSED")
         )
+    from .. import journal
+
+    doc["journal"], journal_line = journal.summary(args.state_dir)
+    lines.append(journal_line)
     from ..service import client as key_service
 
     doc["key_service"], service_lines = key_service.summary()

@@ -1,0 +1,194 @@
+"""The rotation commands: rotate passphrase|master|recovery, and repair."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+
+ROTATE_HELP = """\
+Replace one secret of the unlock chain, in a boot that unlocked the container (the
+rotation uses this boot's hand-over; without one, the command unlocks first with the
+current passphrase). Each rotation adds the new keyslot, reseals the master secret to the
+header as it will be (PCR 13), and removes the old keyslot last; a journal in the state
+directory lets 'qubes-seal repair' complete or roll back an interrupted one.
+
+  qubes-seal rotate passphrase      new passphrase (asked twice), new Argon2id salt,
+                                    new TPM authValue, new keyslot
+  qubes-seal rotate master          new master secret (passphrase re-typed), new keyslot
+  qubes-seal rotate recovery        new recovery key, shown once (or --recovery-key-file)
+
+The other secrets stay valid: a passphrase rotation keeps the recovery key, and so on."""
+
+
+def register(sub: Any) -> None:
+    from .container_cmd import add_unlock_options
+    from .main import add_command, add_container_option
+
+    p = add_command(sub, "rotate", "replace the passphrase, master secret or recovery key",
+                    ROTATE_HELP)  # fmt: skip
+    rsub = p.add_subparsers(dest="rotate_command", metavar="WHAT", required=True)
+
+    rp = add_command(
+        rsub, "passphrase", "a new passphrase (and Argon2id salt, authValue, keyslot)",
+        "Change the passphrase: the current one is checked against this boot's unlock (no\n"
+        "TPM try is spent), the new one gets a new Argon2id salt, so a new TPM authValue\n"
+        "and a new LUKS key in a new keyslot; the old keyslot is removed last.\n\n"
+        "example:  qubes-seal rotate passphrase --kdf-time 1000",
+    )  # fmt: skip
+    add_container_option(rp)
+    add_unlock_options(rp, kdf=True)
+    rp.add_argument(
+        "--new-passphrase-file", metavar="FILE", type=Path,
+        help="read the new passphrase from FILE instead of asking it twice",
+    )  # fmt: skip
+    rp.set_defaults(func=cmd_rotate)
+
+    rp = add_command(
+        rsub,
+        "master",
+        "a new master secret sealed in the TPM, a new keyslot",
+        "Replace the TPM-sealed master secret: the passphrase is re-typed (it derives the\n"
+        "new LUKS key with the new secret), a new keyslot is added, the new secret sealed\n"
+        "with the same passphrase authorization, the old keyslot removed, and this boot's\n"
+        "reseal hand-over updated.",
+    )
+    add_container_option(rp)
+    add_unlock_options(rp, kdf=False)
+    rp.set_defaults(func=cmd_rotate)
+
+    rp = add_command(
+        rsub,
+        "recovery",
+        "a new recovery key; the old one stops working",
+        "Create a new recovery key in a new keyslot, show it once (or write it, mode 0600,\n"
+        "to a new --recovery-key-file), then remove the old recovery keyslot. The master\n"
+        "secret is resealed to the changed header (PCR 13).",
+    )
+    add_container_option(rp)
+    add_unlock_options(rp, kdf=False)
+    rp.add_argument(
+        "--recovery-key-file", metavar="FILE", type=Path,
+        help="write the new recovery key to FILE (created, mode 0600; never overwritten)",
+    )  # fmt: skip
+    rp.set_defaults(func=cmd_rotate)
+
+    p = add_command(
+        sub, "repair", "complete or roll back an interrupted rotation",
+        "Read the journal in the state directory and finish the operation it names: an\n"
+        "operation interrupted before its new secret took effect is rolled back (the new\n"
+        "keyslot removed, the old token put back), one interrupted after is completed (the\n"
+        "old keyslot removed). No secret is needed. 'qubes-seal status' shows a pending one.",
+    )  # fmt: skip
+    add_container_option(
+        p, optional=True, help_="refuse unless the interrupted operation is on this container"
+    )
+    p.set_defaults(func=cmd_repair)
+
+
+def _ensure_unlocked(args: argparse.Namespace) -> None:
+    """Unlock with the current passphrase when this boot left no hand-over."""
+    from .. import chain, handover
+    from ..luks.container import Container
+    from .container_cmd import _progress
+    from .prompt import ask
+
+    uuid = Container(args.container).uuid
+    rs = handover.get(uuid, keyring=args.keyring, kind="rs")
+    if rs is not None:
+        rs.wipe()
+        return
+    unlocked = chain.unlock(
+        args.container, tcti=args.tpm, keyring=args.keyring, progress=_progress(args),
+        passphrase=lambda: ask("current passphrase", path=args.passphrase_file),
+    )  # fmt: skip
+    unlocked.close()
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    from .. import rotate
+    from .container_cmd import _kdf_params, _progress
+    from .main import emit
+    from .prompt import ask
+
+    what = args.rotate_command
+    progress = _progress(args)
+    rk_file = args.recovery_key_file if what == "recovery" else None
+    if rk_file is not None and rk_file.exists():
+        raise UsageError(f"{rk_file} exists: refusing to overwrite it")
+    _ensure_unlocked(args)
+    doc: dict[str, Any] = {"rotated": what, "container": str(args.container)}
+    lines: list[str] = []
+    if what == "recovery":
+
+        def deliver(key: Any) -> None:
+            if args.recovery_key_file is not None:
+                rotate.write_key_file(args.recovery_key_file, key)
+                doc["recovery_key_file"] = str(args.recovery_key_file)
+                lines.append(f"new recovery key written to {args.recovery_key_file} (0600)")
+            else:
+                text = key.reveal().decode()
+                doc["recovery_key"] = text
+                if not args.json:  # printed now: it must be seen before the old one goes
+                    print("NEW RECOVERY KEY (shown once; write it down, keep it away from "
+                          f"this machine):\n\n    {text}\n", flush=True)  # fmt: skip
+
+        result = rotate.rotate_recovery(
+            args.container, tcti=args.tpm, state_dir=args.state_dir, deliver=deliver,
+            key_file=args.recovery_key_file, keyring=args.keyring, progress=progress,
+        )  # fmt: skip
+        lines.append(f"recovery key rotated: keyslot {result.keyslot} added, keyslot "
+                     f"{result.removed_keyslot} (the old recovery key) removed")  # fmt: skip
+    else:
+        current = ask("current passphrase" if what == "passphrase" else "passphrase",
+                      path=args.passphrase_file)  # fmt: skip
+        try:
+            new = None
+            if what == "passphrase":
+                new = ask("new passphrase", path=args.new_passphrase_file, confirm=True)
+            explicit = getattr(args, "kdf_time", None) or getattr(args, "kdf_memory", None)
+            params = _kdf_params(args) if explicit else None
+            result = rotate.rotate_tpm_key(
+                args.container, tcti=args.tpm, state_dir=args.state_dir, passphrase=current,
+                new_passphrase=new, new_master=what == "master", kdf_params=params,
+                keyring=args.keyring, progress=progress,
+            )  # fmt: skip
+        finally:
+            current.wipe()
+            if new is not None:
+                new.wipe()
+        lines.append(f"{what} rotated: keyslot {result.keyslot} added, keyslot "
+                     f"{result.removed_keyslot} removed; resealed to "
+                     f"PCR {','.join(map(str, result.token.sealed.pcrs))}")  # fmt: skip
+    doc.update({"keyslot": result.keyslot, "removed_keyslot": result.removed_keyslot})
+    emit(args, doc, "\n".join(lines))
+    return 0
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    from .. import rotate
+    from ..journal import read
+    from .main import emit
+
+    pending = read(args.state_dir)
+    given = args.container
+    if (
+        pending is not None
+        and given is not None
+        and Path(pending["container"]).resolve() != (given.resolve())
+    ):
+        raise UsageError(
+            f"the interrupted operation is on {pending['container']}, not {args.container}"
+        )
+    result = rotate.repair(args.state_dir)
+    if result is None:
+        emit(args, {"repaired": None}, "no interrupted operation: nothing to repair")
+        return 0
+    doc = {"repaired": result.op, "step": result.step, "action": result.action,
+           "notes": result.notes}  # fmt: skip
+    text = "\n".join([f"{result.op} (interrupted after step {result.step}): {result.action}",
+                      *(f"  {n}" for n in result.notes)])  # fmt: skip
+    emit(args, doc, text)
+    return 0

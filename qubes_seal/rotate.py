@@ -1,0 +1,526 @@
+"""Rotations: passphrase, master secret, recovery key; each journaled and crash-safe.
+
+Every rotation changes keyslots, and keyslots are covered by the header digest that the
+unlock extends into PCR 13.  So that an interruption at any point leaves a working unlock,
+the keyslot change is first made on a *copy* of the header (``luksHeaderBackup``, then
+``luksAddKey`` on the copy): the digests of the header with the new keyslot (D1) and of the
+header once the old keyslot is gone (D2) are then known exactly before the container
+changes.  The token is resealed to accept D0 (now), D1 and D2 before the copy is written
+back (``luksHeaderRestore``), the old keyslot is removed last, and a final reseal accepts
+the final header only::
+
+    step                  container header   token accepts      works after a crash
+    begun / staged        D0                 old: D0            old credentials
+    keyslot-added         D1 (both slots)    old: D0, D1, (D2)  old (and new recovery key)
+    token-replaced        D1                 new: D1, D2        new credentials
+    old-keyslot-killed    D2                 new: D1, D2        new credentials
+    resealed              D2                 new: D2            new credentials
+
+``qubes-seal repair`` decides from the container itself (which keyslot the token names), not
+only from the journal: before the new token is in the container it rolls back (removes the
+new keyslot, puts the old token back); after, it rolls forward (removes the old keyslot).
+Neither needs a secret; a roll-forward leaves the transitional digest D1 accepted by a token
+whose authValue is the new one (harmless; the next ``reseal`` drops it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import handover
+from .chain import (
+    LUKS_KEY_CONTEXT,
+    PCR13,
+    Token,
+    _bundle,
+    _unbundle,
+    pcr13_after_extend,
+    read_token,
+)
+from .errors import AuthorizationError, CorruptState, UsageError
+from .journal import Journal, crash_point
+from .secret import Secret
+from .state import PcrState
+
+Progress = Callable[[str], None]
+HEADER_COPY = "rotate-header.img"
+HEADER_COPY2 = "rotate-header-final.img"
+OPS = ("rotate-passphrase", "rotate-master", "rotate-recovery")
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _handed_over(uuid: str, keyring: str) -> tuple[Secret, Secret, Secret, Secret | None]:
+    """This boot's volume key, master secret, authValue and proof value."""
+    vk = handover.get(uuid, keyring=keyring, kind="vk")
+    bundle = handover.get(uuid, keyring=keyring, kind="rs")
+    if vk is None or bundle is None:
+        for s in (vk, bundle):
+            if s is not None:
+                s.wipe()
+        raise UsageError(
+            "this boot did not unlock the container with the TPM and passphrase: a rotation "
+            "needs this boot's hand-over",
+            hint="Run 'qubes-seal unlock' first (or let the command unlock with "
+            "--passphrase-file).",
+        )
+    try:
+        master, auth, proof = _unbundle(bundle)
+    finally:
+        bundle.wipe()
+    return vk, master, auth, proof
+
+
+def _copy(secret: Secret) -> Secret:
+    return Secret(bytes(secret.reveal()))
+
+
+def _states(sealed: Any, digests: list[bytes]) -> list[PcrState]:
+    """The token's accepted states, each with PCR 13 for every header digest in ``digests``."""
+    if PCR13 not in sealed.pcrs:
+        return list(sealed.pcr_states)
+    out: list[PcrState] = []
+    for d in digests:
+        for s in sealed.pcr_states:
+            state = PcrState(s.label, {**s.values, PCR13: pcr13_after_extend(d)})
+            if state not in out:
+                out.append(state)
+    if len(out) > 8:
+        raise UsageError(
+            f"the token accepts {len(sealed.pcr_states)} boot states: a rotation needs room "
+            "for three header states of each (8 at most)",
+            hint="Run 'qubes-seal reseal' (this boot only) first, then rotate.",
+        )
+    return out
+
+
+def _seal_token(
+    token: Token,
+    *,
+    tcti: str,
+    master: Secret,
+    auth: Secret,
+    proof: Secret | None,
+    states: list[PcrState],
+) -> None:
+    """Seal ``master`` (and the proof) to ``states`` in ``token``; a proof without its value
+    (none handed over) is dropped: 'attest setup' must be run again."""
+    from .attest import Proof
+    from .tpm.device import Tpm
+    from .tpm.seal import seal_to_states
+
+    old = token.sealed
+    with Tpm(tcti) as tpm:
+        token.sealed = seal_to_states(
+            tpm, master, pcrs=old.pcrs, states=states, bank=old.pcr_bank,
+            require_launch=old.require_launch, auth=auth,
+        )  # fmt: skip
+        if token.proof is not None:
+            if proof is None:
+                token.proof = None
+            else:
+                token.proof = Proof(
+                    token.proof.kind,
+                    seal_to_states(
+                        tpm, proof, pcrs=old.pcrs, states=states, bank=old.pcr_bank,
+                        require_launch=old.require_launch,
+                    ),
+                )  # fmt: skip
+
+
+def _backup_header(path: Path, dest: Path) -> None:
+    from .luks import cryptsetup
+
+    dest.unlink(missing_ok=True)
+    cryptsetup.run(["luksHeaderBackup", str(path)], options=["--header-backup-file", str(dest)])
+
+
+def _restore_header(path: Path, source: Path) -> None:
+    from .luks import cryptsetup
+
+    cryptsetup.run(["luksHeaderRestore", str(path)], options=["--header-backup-file", str(source)])
+
+
+def kill_slot_unchecked(path: Path, slot: int) -> None:
+    """Remove keyslot ``slot`` without a key (repair: the caller checked what remains)."""
+    from .luks import cryptsetup
+    from .luks.container import Container
+
+    used = Container(path).slots()
+    if slot not in used:
+        return
+    if used == [slot]:
+        raise CorruptState(f"keyslot {slot} is the last one: refusing to remove it")
+    cryptsetup.run(["luksKillSlot", str(path), str(slot)])
+
+
+def add_key_with_volume_key(path: Path, vk: Secret, new: Secret, *, pbkdf: Any) -> int:
+    """Add ``new`` in the lowest free keyslot, authorised by the volume key itself."""
+    from .luks import cryptsetup
+    from .luks.container import KEYSLOTS_MAX, Container
+
+    used = set(Container(path).slots())
+    free = [s for s in range(KEYSLOTS_MAX) if s not in used]
+    if not free:
+        raise UsageError("every keyslot is in use")
+    cryptsetup.run(
+        ["luksAddKey", str(path)],
+        options=["--volume-key-file=/dev/stdin", f"--new-key-slot={free[0]}",
+                 *pbkdf.options()],
+        key=vk,
+        new_key=new,
+    )  # fmt: skip
+    return free[0]
+
+
+def _stage(
+    path: Path,
+    state_dir: Path,
+    *,
+    add: Callable[[Path], int],
+    old_slot: int,
+    new_key: Secret,
+) -> tuple[Path, int, bytes, bytes]:
+    """The header copy with the new keyslot; its digest (D1) and the final one (D2)."""
+    from .luks.container import Container
+    from .luks.header import header_digest
+
+    copy = Path(state_dir) / HEADER_COPY
+    final = Path(state_dir) / HEADER_COPY2
+    _backup_header(path, copy)
+    new_slot = add(copy)
+    d1 = header_digest(copy)
+    final.unlink(missing_ok=True)
+    shutil.copyfile(copy, final)
+    try:
+        Container(final).kill_slot(old_slot, existing=new_key)
+        d2 = header_digest(final)
+    finally:
+        final.unlink(missing_ok=True)
+    return copy, new_slot, d1, d2
+
+
+def _cleanup(state_dir: Path) -> None:
+    for name in (HEADER_COPY, HEADER_COPY2):
+        (Path(state_dir) / name).unlink(missing_ok=True)
+
+
+# -- passphrase and master secret ------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RotateResult:
+    op: str
+    keyslot: int
+    removed_keyslot: int
+    token: Token
+
+
+def rotate_tpm_key(
+    path: Path,
+    *,
+    tcti: str,
+    state_dir: Path,
+    passphrase: Secret,
+    new_passphrase: Secret | None = None,
+    new_master: bool = False,
+    kdf_params: Any = None,
+    keyring: str = "user",
+    progress: Progress = _quiet,
+) -> RotateResult:
+    """A new passphrase (``new_passphrase``) and/or a new master secret (``new_master``).
+
+    Always a new Argon2id salt (``kdf_params``: new parameters; None keeps the cost), so a new
+    authValue and a new LUKS key, in a new keyslot; the old keyslot is removed last.
+    ``passphrase`` is the current one, checked against this boot's hand-over (no TPM try).
+    """
+    from .kdf import KdfParams, derive, luks_key, new_salt
+    from .luks.container import Container, PbkdfCost
+    from .luks.header import header_digest
+
+    op = "rotate-master" if new_master else "rotate-passphrase"
+    container = Container(path)
+    token_id, old = read_token(container)
+    vk, master0, auth0, proof = _handed_over(container.uuid, keyring)
+    vk.wipe()
+    params0 = KdfParams.from_json(old.kdf)
+    params1 = kdf_params or dataclasses.replace(params0, salt=new_salt())
+    secrets: list[Secret | None] = [master0, auth0, proof]
+    try:
+        progress("checking the current passphrase (Argon2id)")
+        a0, mix0 = derive(passphrase, params0)
+        secrets += [a0, mix0]
+        if not hmac.compare_digest(a0.reveal(), auth0.reveal()):
+            raise AuthorizationError(
+                "the current passphrase is wrong (or the container was unlocked with "
+                "another one in this boot)",
+                hint="Give the passphrase this boot was unlocked with.",
+            )
+        old_key = luks_key(master0, mix0, params0, context=LUKS_KEY_CONTEXT)
+        master1 = Secret.random(32) if new_master else _copy(master0)
+        progress("deriving the new keys (Argon2id)")
+        auth1, mix1 = derive(new_passphrase or passphrase, params1)
+        new_key = luks_key(master1, mix1, params1, context=LUKS_KEY_CONTEXT)
+        secrets += [old_key, master1, auth1, mix1, new_key]
+        journal = Journal.begin(
+            state_dir, op, path, uuid=container.uuid, token_id=token_id,
+            old_token=old.to_json(), slots_before=container.slots(), old_slot=old.tpm_keyslot,
+        )  # fmt: skip
+        crash_point("begun")
+        progress("adding the new keyslot to a copy of the header")
+        d0 = header_digest(path)
+        copy, new_slot, d1, d2 = _stage(
+            path, state_dir, old_slot=old.tpm_keyslot, new_key=new_key,
+            add=lambda h: Container(h).add_key(old_key, new_key, pbkdf=PbkdfCost.minimal()),
+        )  # fmt: skip
+        progress("resealing the current master secret to the transitional header")
+        keep = Token.from_json(old.to_json(), source="token")
+        _seal_token(keep, tcti=tcti, master=master0, auth=auth0, proof=proof,
+                    states=_states(old.sealed, [d0, d1]))  # fmt: skip
+        Container(copy).import_token(keep.to_json(), token_id=token_id, replace=True)
+        journal.mark("staged", new_slot=new_slot)
+        _restore_header(path, copy)
+        journal.mark("keyslot-added")
+        progress("sealing the new secret")
+        new = Token(
+            old.sealed, params1.to_json(), new_slot, old.recovery_keyslot,
+            proof=keep.proof, root_volume=old.root_volume,
+        )  # fmt: skip
+        _seal_token(new, tcti=tcti, master=master1, auth=auth1, proof=proof,
+                    states=_states(old.sealed, [d1, d2]))  # fmt: skip
+        container.import_token(new.to_json(), token_id=token_id, replace=True)
+        journal.mark("token-replaced")
+        progress(f"removing the old keyslot {old.tpm_keyslot}")
+        container.kill_slot(old.tpm_keyslot, existing=new_key)
+        journal.mark("old-keyslot-killed")
+        if header_digest(path) != d2:
+            raise CorruptState("the header changed unexpectedly during the rotation")
+        _seal_token(new, tcti=tcti, master=master1, auth=auth1, proof=proof,
+                    states=_states(old.sealed, [d2]))  # fmt: skip
+        container.import_token(new.to_json(), token_id=token_id, replace=True)
+        journal.mark("resealed")
+        proof_copy = None if proof is None else _copy(proof)
+        with _bundle(_copy(master1), auth1, proof_copy) as bundle:
+            handover.put(container.uuid, bundle, keyring=keyring, kind="rs")
+        journal.finish()
+        _cleanup(state_dir)
+        return RotateResult(op, new_slot, old.tpm_keyslot, new)
+    finally:
+        for s in secrets:
+            if s is not None:
+                s.wipe()
+
+
+# -- recovery key ------------------------------------------------------------------------------
+
+
+def rotate_recovery(
+    path: Path,
+    *,
+    tcti: str,
+    state_dir: Path,
+    deliver: Callable[[Secret], None],
+    key_file: Path | None = None,
+    keyring: str = "user",
+    progress: Progress = _quiet,
+) -> RotateResult:
+    """A new recovery key in a new keyslot; ``deliver`` shows or writes it before the old
+    recovery keyslot is removed (it is the commit point: ``repair`` rolls forward after it)."""
+    from . import recovery
+    from .kdf import KdfParams
+    from .luks.container import Container, PbkdfCost
+    from .luks.header import header_digest
+
+    container = Container(path)
+    token_id, old = read_token(container)
+    vk, master, auth, proof = _handed_over(container.uuid, keyring)
+    params = KdfParams.from_json(old.kdf)
+    pbkdf = PbkdfCost(
+        algorithm="argon2id",
+        iterations=max(4, params.time_cost),
+        memory_kib=max(32, min(params.memory_kib, 1 << 20)),
+        parallelism=max(1, min(4, params.parallelism)),
+    )
+    rkey = recovery.generate()
+    try:
+        journal = Journal.begin(
+            state_dir, "rotate-recovery", path, uuid=container.uuid, token_id=token_id,
+            old_token=old.to_json(), slots_before=container.slots(),
+            old_slot=old.recovery_keyslot, key_file=None if key_file is None else str(key_file),
+        )  # fmt: skip
+        crash_point("begun")
+        d0 = header_digest(path)
+        progress("adding the new recovery keyslot to a copy of the header")
+        copy, new_slot, d1, d2 = _stage(
+            path, state_dir, old_slot=old.recovery_keyslot, new_key=rkey,
+            add=lambda h: add_key_with_volume_key(h, vk, rkey, pbkdf=pbkdf),
+        )  # fmt: skip
+        token = Token.from_json(old.to_json(), source="token")
+        _seal_token(token, tcti=tcti, master=master, auth=auth, proof=proof,
+                    states=_states(old.sealed, [d0, d1, d2]))  # fmt: skip
+        Container(copy).import_token(token.to_json(), token_id=token_id, replace=True)
+        journal.mark("staged", new_slot=new_slot)
+        _restore_header(path, copy)
+        journal.mark("keyslot-added")
+        deliver(rkey)
+        journal.mark("key-delivered")
+        token.recovery_keyslot = new_slot
+        container.import_token(token.to_json(), token_id=token_id, replace=True)
+        journal.mark("token-updated")
+        progress(f"removing the old recovery keyslot {old.recovery_keyslot}")
+        container.kill_slot(old.recovery_keyslot, existing=rkey)
+        journal.mark("old-keyslot-killed")
+        if header_digest(path) != d2:
+            raise CorruptState("the header changed unexpectedly during the rotation")
+        _seal_token(token, tcti=tcti, master=master, auth=auth, proof=proof,
+                    states=_states(old.sealed, [d2]))  # fmt: skip
+        container.import_token(token.to_json(), token_id=token_id, replace=True)
+        journal.mark("resealed")
+        journal.finish()
+        _cleanup(state_dir)
+        return RotateResult("rotate-recovery", new_slot, old.recovery_keyslot, token)
+    finally:
+        for s in (vk, master, auth, proof, rkey):
+            if s is not None:
+                s.wipe()
+
+
+def write_key_file(path: Path, key: Secret) -> None:
+    """Write a recovery key to a new file, mode 0600 (an existing file is never replaced)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise UsageError(f"{path} exists: refusing to overwrite it") from None
+    except OSError as exc:
+        raise UsageError(f"cannot create {path}: {exc.strerror}") from exc
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.reveal() + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# -- repair ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RepairResult:
+    op: str
+    step: str
+    action: str  # "rolled back", "completed" or "nothing to do"
+    notes: list[str]
+
+
+def repair(state_dir: Path) -> RepairResult | None:
+    """Complete or roll back the interrupted operation; None when there is none."""
+    from .luks.container import Container
+
+    journal = Journal.resume(state_dir)
+    if journal is None:
+        return None
+    if journal.op not in OPS:
+        raise CorruptState(f"the journal names an unknown operation {journal.op!r}")
+    data = journal.data
+    path = Path(journal.doc["container"])
+    container = Container(path)
+    if container.uuid != data["uuid"]:
+        raise CorruptState(f"{path} is not the container of the interrupted operation")
+    slots_before = [int(s) for s in data["slots_before"]]
+    old_slot = int(data["old_slot"])
+    token_id = int(data["token_id"])
+    new_slot = data.get("new_slot")
+    notes: list[str] = []
+    step = journal.step
+    _, current = read_token(container)
+    if journal.op == "rotate-recovery":
+        forward = journal.did("key-delivered")
+    else:
+        forward = new_slot is not None and current.tpm_keyslot == int(new_slot)
+    if forward:
+        assert new_slot is not None
+        if int(new_slot) not in container.slots():
+            raise CorruptState("the new keyslot named by the journal is missing")
+        if journal.op == "rotate-recovery" and current.recovery_keyslot != int(new_slot):
+            current.recovery_keyslot = int(new_slot)
+            container.import_token(current.to_json(), token_id=token_id, replace=True)
+        kill_slot_unchecked(path, old_slot)
+        action = "completed"
+        if not journal.did("resealed"):
+            notes.append("the token still accepts the transitional header state too; the "
+                         "next 'qubes-seal reseal' drops it")  # fmt: skip
+    else:
+        extra = [s for s in container.slots() if s not in slots_before]
+        for s in extra:
+            kill_slot_unchecked(path, s)
+        if current.to_json() != data["old_token"]:
+            container.import_token(data["old_token"], token_id=token_id, replace=True)
+        key_file = data.get("key_file")
+        if key_file and journal.did("begun") and Path(key_file).exists() and extra:
+            Path(key_file).unlink()
+            notes.append(f"removed {key_file}: the new recovery key it held was not kept")
+        action = "rolled back" if extra or step != "begun" else "nothing to do"
+        if journal.op == "rotate-recovery":
+            notes.append("the old recovery key remains valid")
+        else:
+            notes.append("the old passphrase and keyslot remain valid")
+    journal.finish()
+    _cleanup(state_dir)
+    return RepairResult(journal.op, step, action, notes)
+
+
+# -- domain keys ---------------------------------------------------------------------------
+
+
+PREVIOUS = "previous"
+
+
+def rotate_domain(keystore: Any, name: str, *, qube_uuid: str | None = None) -> Any:
+    """A new key for ``name``; the previous one is kept in the entry until :func:`commit_domain`.
+
+    Refused while a previous key is still kept (commit first): two rotations in a row would
+    otherwise lose the key the volume is still encrypted with.
+    """
+    from .keystore.model import KEY_SIZE, new_key_id, utc_now
+
+    entry = keystore.get(name, qube_uuid=qube_uuid)
+    if PREVIOUS in entry.extra:
+        raise UsageError(
+            f"{name} has a rotation pending (previous key {entry.extra[PREVIOUS]['key_id']})",
+            hint=f"Re-encrypt the volume, then 'qubes-seal domain rotate {name} --commit'.",
+        )
+    entry.extra[PREVIOUS] = {
+        "key": entry.key.reveal().hex(),
+        "key_id": entry.key_id,
+        "generation": entry.generation,
+        "rotated": utc_now(),
+    }
+    entry.key.wipe()
+    entry.key = Secret.random(KEY_SIZE)
+    entry.key_id = new_key_id()
+    entry.generation += 1
+    return entry
+
+
+def commit_domain(keystore: Any, name: str, *, qube_uuid: str | None = None) -> Any:
+    """Forget the previous key of ``name`` (the volume was re-encrypted with the new one)."""
+    entry = keystore.get(name, qube_uuid=qube_uuid)
+    if PREVIOUS not in entry.extra:
+        raise UsageError(f"{name} has no rotation pending: nothing to commit")
+    del entry.extra[PREVIOUS]
+    keystore.keys_removed = True  # the next store overwrites both slots: no copy remains
+    return entry
+
+
+def previous_key(entry: Any) -> Secret | None:
+    prev = entry.extra.get(PREVIOUS)
+    return None if prev is None else Secret(bytes.fromhex(prev["key"]))
