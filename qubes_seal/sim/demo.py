@@ -72,6 +72,7 @@ def show_launch(swtpm: Swtpm, modules: list[Module], log: Path) -> None:
 
 
 PASSPHRASE = "tr0ub4dor & the demo horse"  # noqa: S105 - the demo types it for the user
+NEW_PASSPHRASE = "correct horse, new stable"  # noqa: S105 - the demo types it for the user
 DEMO_KDF = ["--kdf-time", "250", "--kdf-memory", "65536"]
 
 
@@ -191,6 +192,20 @@ def run(workdir: Path) -> int:
         show_launch(swtpm, new, log)
         expect(boot(swtpm, container, pw, rk, workdir), 0, "the updated boot unlocks")
         expect(cli("reseal"), 0, "first good boot on the update: accept it alone from now on")
+        say(
+            """
+            The passphrase was typed in a café: change it. The current one is checked against
+            this boot's unlock (no TPM try spent); the new one gets a new Argon2id salt, so the
+            TPM object's authorization and the LUKS key change too. Every step is journalled:
+            a power cut in the middle leaves the old or the new passphrase working, and
+            'qubes-seal repair' finishes the job.
+            """
+        )
+        new_pw = workdir / "new-passphrase"
+        new_pw.write_text(NEW_PASSPHRASE + "\n")
+        expect(cli("rotate", "passphrase", "--passphrase-file", str(pw), "--new-passphrase-file",
+                   str(new_pw)), 0, "passphrase changed")  # fmt: skip
+        pw.write_text(NEW_PASSPHRASE + "\n")  # from now on the user types the new one
         cli("lock")
 
         title(6, "the evil maid: Xen replaced while the machine was unattended")
