@@ -182,7 +182,10 @@ def register(sub: Any) -> None:
     ap = add_command(asub, "setup", "seal the proof", "Seal a text or a TOTP seed.")
     container_opt(ap)
     which = ap.add_mutually_exclusive_group(required=True)
-    which.add_argument("--text", help="the text to show at boot")
+    which.add_argument(
+        "--text", help="the text to show at boot (visible to other local users while the "
+        "command runs, and kept in shell history: prefer --text-file)",
+    )  # fmt: skip
     which.add_argument("--text-file", type=Path, help="read the text from FILE")
     which.add_argument("--totp", action="store_true", help="a TOTP seed (RFC 6238, 6 digits)")
     ap.set_defaults(func=cmd_attest)
