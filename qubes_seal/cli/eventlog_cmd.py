@@ -33,7 +33,7 @@ DATA_CHARS = 48
 class LogSource:
     """The log the command reads: its path, whether it is the TXT log, its bytes and parse."""
 
-    __slots__ = ("data", "drtm", "log", "path", "user_given")
+    __slots__ = ("banks", "data", "drtm", "events", "format", "log", "path", "user_given")
 
     def __init__(self, path: str, *, drtm: bool, user_given: bool) -> None:
         self.path = path
@@ -41,6 +41,10 @@ class LogSource:
         self.user_given = user_given
         self.data = b""
         self.log: EventLog | None = None
+        # What describe() and summary() report: set from the parse, or by the fast replay.
+        self.format = ""
+        self.banks: list[str] = []
+        self.events = 0
 
     @property
     def kind(self) -> str:
@@ -48,7 +52,6 @@ class LogSource:
 
     def describe(self) -> str:
         """One line naming the log, its format and banks, and how it is replayed."""
-        log = self.parsed
         where = (
             f"TXT event log {self.path}" if self.drtm else f"firmware (SRTM) event log {self.path}"
         )
@@ -58,19 +61,19 @@ class LogSource:
             else "PCR 17-22 start at 0xFF (no dynamic launch)"
         )
         return (
-            f"{where}\n  format {log.format}, banks {', '.join(log.banks)}, "
-            f"{len(log.events)} events; {rule}"
+            f"{where}\n  format {self.format}, banks {', '.join(self.banks)}, "
+            f"{self.events} events; {rule}"
         )
 
     def summary(self) -> dict[str, Any]:
-        log = self.parsed
+        assert self.format, "read() first"
         return {
             "path": self.path,
             "kind": self.kind,
             "drtm": self.drtm,
-            "format": log.format,
-            "banks": list(log.banks),
-            "events": len(log.events),
+            "format": self.format,
+            "banks": list(self.banks),
+            "events": self.events,
             "size": len(self.data),
         }
 
@@ -157,10 +160,14 @@ def register(sub: Any) -> None:
 
 def read_log(args: argparse.Namespace) -> LogSource:
     """Read and parse the log the arguments name; errors say which file and why."""
-    import gc
+    source = read_bytes(args)
+    parse_log(source)
+    return source
 
+
+def read_bytes(args: argparse.Namespace) -> LogSource:
+    """Read (not parse) the log the arguments name; errors say which file and why."""
     from ..errors import QubesSealError, UsageError
-    from ..measure import eventlog
 
     if args.txt is not None and args.file is not None:
         raise UsageError(
@@ -199,6 +206,15 @@ def read_log(args: argparse.Namespace) -> LogSource:
         ) from exc
     except OSError as exc:
         raise QubesSealError(f"cannot read the {what} {source.path}: {exc.strerror}") from exc
+    return source
+
+
+def parse_log(source: LogSource) -> None:
+    """Parse the bytes read (source.log); errors say which file."""
+    import gc
+
+    from ..measure import eventlog
+
     # A parse allocates a few objects per event and none of them form cycles: the cyclic
     # garbage collector's passes over them cost up to a tenth of a large log's parse.
     gc_was_enabled = gc.isenabled()
@@ -213,7 +229,34 @@ def read_log(args: argparse.Namespace) -> LogSource:
     finally:
         if gc_was_enabled:
             gc.enable()
-    return source
+    log = source.parsed
+    source.format, source.banks, source.events = log.format, log.banks, len(log.events)
+
+
+def fast_replay(source: LogSource) -> tuple[dict[str, dict[int, bytes]], list[str]] | None:
+    """:func:`replay` of a crypto-agile log without parsing it into events first.
+
+    None when the log is in another format or is anything but well-formed (errors
+    included): then parse it (:func:`parse_log`) and :func:`replay` it, which give the
+    answer or the error.
+    """
+    import gc
+
+    from ..measure import eventlog
+
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        fast = eventlog._replay_agile_fast(source.data, source.drtm)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    if fast is None:
+        return None
+    values, banks, events = fast
+    source.format, source.banks, source.events = eventlog.FORMAT_CRYPTO_AGILE, banks, events
+    skipped = [bank for bank in banks if bank not in values]
+    return {bank: pcrs for bank, pcrs in values.items() if pcrs}, skipped
 
 
 def replay(source: LogSource) -> tuple[dict[str, dict[int, bytes]], list[str]]:
@@ -307,8 +350,13 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    source = read_log(args)
-    values, skipped = replay(source)
+    source = read_bytes(args)
+    # A TXT Event Container is never crypto-agile: the fast path declines it.
+    result = fast_replay(source)
+    if result is None:
+        parse_log(source)
+        result = replay(source)
+    values, skipped = result
     if args.json:
         import json
 

@@ -55,6 +55,7 @@ __all__ = [
     "parse_txt_event_container",
     "parse_txt_tpm2_legacy",
     "replay",
+    "replay_bytes",
     "verify",
     "write",
     "write_sha1",
@@ -581,6 +582,8 @@ def _parse_sha1_records(r: _Reader, limit: int) -> list[Event]:
 _U16 = struct.Struct("<H").unpack_from
 _U32 = struct.Struct("<I").unpack_from
 _U32X3 = struct.Struct("<III").unpack_from
+_HEADER_FIELDS = struct.Struct("<II20xI").unpack_from
+_ZERO_SHA1 = bytes(20)
 
 
 def _digest_dict_builder(banks: list[str]) -> Callable[[tuple[Any, ...]], dict[str, bytes]]:
@@ -1012,6 +1015,171 @@ def replay(log: EventLog, *, drtm: bool = False) -> dict[str, dict[int, bytes]]:
     """
     values, _, _ = _replay(log, drtm)
     return values
+
+
+def replay_bytes(data: bytes, *, drtm: bool = False) -> dict[str, dict[int, bytes]]:
+    """``replay(parse(data), drtm=drtm)``, in one pass for a well-formed crypto-agile log.
+
+    The records are read and extended as they are walked, without building an
+    :class:`Event` per record.  Any other format, and any record or replay rule the fast
+    walk does not pass (including every error), goes through :func:`parse` and
+    :func:`replay`, so the result and every :class:`EventLogError` are theirs exactly.
+    """
+    fast = _replay_agile_fast(data, drtm)
+    if fast is not None:
+        return fast[0]
+    return replay(parse(data), drtm=drtm)
+
+
+_FastReplay = tuple[dict[str, dict[int, bytes]], list[str], int]
+
+
+def _replay_agile_fast(data: bytes, drtm: bool) -> _FastReplay | None:
+    """One pass over a crypto-agile log: (replayed values, the log's banks, event count).
+
+    Returns None, without raising, for a log that is not crypto-agile or that anything
+    would make :func:`parse` or :func:`replay` reject, or that takes a path not written out
+    here: the caller then runs :func:`parse` and :func:`replay`, which give the answer (or
+    the error).  The checks are those of :func:`parse` (``_parse_agile_records``) and
+    :func:`_replay`, in the same order of rules; where this returns values, they are the
+    ones :func:`replay` returns, in the same order.
+    """
+    data = bytes(data)
+    end = len(data)
+    # The Spec ID event: a TPM 1.2-style record, PCR 0, EV_NO_ACTION, 20 zero bytes.
+    if end < 48:
+        return None
+    pcr, event_type, size = _HEADER_FIELDS(data, 0)
+    if (
+        pcr != 0
+        or event_type != EV_NO_ACTION
+        or size > end - 32
+        or size < len(SPEC_ID_SIGNATURE)
+        or data[32:48] != SPEC_ID_SIGNATURE
+        or data[8:28] != _ZERO_SHA1
+    ):
+        return None
+    r = _Reader(data, 32)
+    try:
+        spec, _ = _parse_spec_id(r, 0, size)
+    except EventLogError:
+        return None
+    pos = r.pos
+    limit = max(_data_end(data, 0, end), pos)
+
+    algorithms = spec.algorithms
+    sizes = dict(algorithms)
+    names = {alg: bank_name(alg) for alg in sizes}
+    banks = [names[alg] for alg, _ in algorithms]
+    max_count = len(sizes)
+    values: dict[str, dict[int, bytes]] = {}
+    # Replayable banks by name: (hash constructor, digest size, the bank's PCR values).
+    by_name: dict[str, tuple[Callable[[bytes], Any], int, dict[int, bytes]]] = {}
+    # For a record in the full layout: (field index of the digest, constructor, PCRs).
+    plan: list[tuple[int, Callable[[bytes], Any], int, dict[int, bytes]]] = []
+    for index, (alg, dsize) in enumerate(algorithms):
+        bank = names[alg]
+        ctor = _hash_constructor(bank)
+        if ctor is None:
+            continue
+        pcrs: dict[int, bytes] = {}
+        values[bank] = pcrs
+        by_name[bank] = (ctor, dsize, pcrs)
+        plan.append((4 + 2 * index, ctor, dsize, pcrs))
+    ids = tuple(alg for alg, _ in algorithms)
+    full = struct.Struct("<III" + "".join(f"H{dsize}s" for _, dsize in algorithms) + "I")
+    full_unpack, full_size = full.unpack_from, full.size
+    n_banks = len(ids)
+
+    no_action = EV_NO_ACTION
+    hcrtm = EV_EFI_HCRTM_EVENT
+    locality_signature = STARTUP_LOCALITY_SIGNATURE
+    locality_at = len(locality_signature)
+    locality = 0
+    seen_locality = False
+    pcr0_extended = False
+    count_events = 1  # the Spec ID event
+    digests: list[tuple[str, bytes]] = []
+    while pos < limit:
+        if pos + full_size <= end:
+            fields = full_unpack(data, pos)
+            full_layout = fields[2] == n_banks and fields[3:-1:2] == ids
+        else:
+            full_layout = False
+        if full_layout:
+            pcr, event_type = fields[0], fields[1]
+            p = pos + full_size
+            dsize = fields[-1]
+            if dsize > end - p:
+                return None
+            next_pos = p + dsize
+            count = n_banks
+        else:
+            # Any other layout: a subset of the banks, or another order.
+            if pos + 12 > end:
+                return None
+            pcr, event_type, count = _U32X3(data, pos)
+            if count > max_count:
+                return None
+            p = pos + 12
+            digests = []
+            for _ in range(count):
+                if p + 2 > end:
+                    return None
+                (alg,) = _U16(data, p)
+                dsize = sizes.get(alg, -1)
+                if dsize < 0 or p + 2 + dsize > end:
+                    return None
+                name = names[alg]
+                for seen_name, _ in digests:
+                    if seen_name == name:
+                        return None
+                digests.append((name, data[p + 2 : p + 2 + dsize]))
+                p += 2 + dsize
+            if p + 4 > end:
+                return None
+            (dsize,) = _U32(data, p)
+            p += 4
+            if dsize > end - p:
+                return None
+            next_pos = p + dsize
+        count_events += 1
+        # The rules of _replay, per event.
+        if event_type == no_action:
+            if pcr == 0 and dsize > locality_at and data[p : p + locality_at] == locality_signature:
+                if seen_locality or pcr0_extended:
+                    return None
+                seen_locality = True
+                locality = data[p + locality_at]
+            pos = next_pos
+            continue
+        if pcr >= NUM_PCRS:
+            return None
+        if pcr == 0:
+            if event_type == hcrtm:
+                if pcr0_extended or (seen_locality and locality != HCRTM_LOCALITY):
+                    return None
+                locality = HCRTM_LOCALITY
+            if count:
+                pcr0_extended = True
+        if full_layout:
+            for field, ctor, bank_size, pcrs in plan:
+                current = pcrs.get(pcr)
+                if current is None:
+                    current = initial_pcr_value(bank_size, pcr, drtm=drtm, locality=locality)
+                pcrs[pcr] = ctor(current + fields[field]).digest()
+        else:
+            for name, digest in digests:
+                entry = by_name.get(name)
+                if entry is None:
+                    continue
+                ctor, bank_size, pcrs = entry
+                current = pcrs.get(pcr)
+                if current is None:
+                    current = initial_pcr_value(bank_size, pcr, drtm=drtm, locality=locality)
+                pcrs[pcr] = ctor(current + digest).digest()
+        pos = next_pos
+    return values, banks, count_events
 
 
 def verify(
