@@ -385,6 +385,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         + (", IN LOCKOUT" if da["in_lockout"] else "")
         + f", recovery every {da['recovery_seconds']} s",
     ]  # fmt: skip
+    if da["recovery_seconds"] == 0:
+        lines.append("  recovery: none (interval 0): only the lockout authorization clears it")
+    else:
+        lines.append(
+            f"  one try forgiven every {da['recovery_seconds']} s; all forgiven within about "
+            f"{da['all_forgiven_within_seconds']} s (TPM powered-on time)"
+        )
+    if da["in_lockout"]:
+        wait = da["next_try_within_seconds"]
+        lines.append(
+            f"  locked out: next try possible within {wait} s"
+            if wait >= 0
+            else "  locked out: it does not recover by itself; clear it with the lockout "
+            "authorization (tpm2_dictionarylockout --clear-lockout)"
+        )
     if sealed is None:
         lines.append(f"sealed state:    none ({state_error})")
     else:

@@ -353,7 +353,14 @@ class Tpm:
     # -- status -----------------------------------------------------------------------------------
 
     def da_status(self) -> dict[str, int | bool]:
-        """Dictionary-attack state: failed tries, maximum, recovery interval, lockout flag."""
+        """Dictionary-attack state: failed tries, maximum, recovery interval, lockout flag.
+
+        Also the time to recovery, derived from those (the TPM counts its powered-on time
+        only): ``all_forgiven_within_seconds`` (failed tries x interval: one failure is
+        forgiven every interval) and ``next_try_within_seconds`` (0 unless in lockout; in
+        lockout one interval at most, when one failure is forgiven; -1 if the protection
+        cannot recover on its own: an interval of 0 or a maximum of 0).
+        """
         from tpm2_pytss import TPM2_CAP, TPM2_PT
 
         with self._tss("TPM2_GetCapability(TPM_PROPERTIES)"):
@@ -362,10 +369,22 @@ class Tpm:
         props = {int(p.property): int(p.value) for p in data.data.tpmProperties}
         props.update({int(p.property): int(p.value) for p in fixed.data.tpmProperties})
         permanent = props.get(int(TPM2_PT.PERMANENT), 0)
+        failed = props.get(int(TPM2_PT.LOCKOUT_COUNTER), 0)
+        maximum = props.get(int(TPM2_PT.MAX_AUTH_FAIL), 0)
+        interval = props.get(int(TPM2_PT.LOCKOUT_INTERVAL), 0)
+        in_lockout = bool(permanent & 0x200)  # TPMA_PERMANENT.inLockout
+        if not in_lockout:
+            next_try = 0
+        elif interval == 0 or maximum == 0:
+            next_try = -1  # no self-healing: only the lockout authorization clears it
+        else:
+            next_try = interval
         return {
-            "failed_tries": props.get(int(TPM2_PT.LOCKOUT_COUNTER), 0),
-            "max_tries": props.get(int(TPM2_PT.MAX_AUTH_FAIL), 0),
-            "recovery_seconds": props.get(int(TPM2_PT.LOCKOUT_INTERVAL), 0),
+            "failed_tries": failed,
+            "max_tries": maximum,
+            "recovery_seconds": interval,
             "lockout_recovery_seconds": props.get(int(TPM2_PT.LOCKOUT_RECOVERY), 0),
-            "in_lockout": bool(permanent & 0x200),  # TPMA_PERMANENT.inLockout
+            "in_lockout": in_lockout,
+            "all_forgiven_within_seconds": failed * interval,
+            "next_try_within_seconds": next_try,
         }
