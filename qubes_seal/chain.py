@@ -363,7 +363,7 @@ def unlock(
         if keyring is not None:
             with t.part("handover"):
                 handover.put(container.uuid, vk, keyring=keyring)
-                with _bundle(master, auth, proof_value) as bundle:
+                with make_bundle(master, auth, proof_value) as bundle:
                     handover.put(container.uuid, bundle, keyring=keyring, kind="rs")
         return Unlocked(container, ks, vk, container.uuid, t)
     finally:
@@ -376,7 +376,7 @@ def unlock(
 BUNDLE_VERSION = 1
 
 
-def _bundle(master: Secret, auth: Secret, proof: Secret | None) -> Secret:
+def make_bundle(master: Secret, auth: Secret, proof: Secret | None) -> Secret:
     """The reseal bundle: version, master secret, authValue, proof value (each wiped after)."""
     try:
         p = proof.reveal() if proof is not None else b""
@@ -388,7 +388,7 @@ def _bundle(master: Secret, auth: Secret, proof: Secret | None) -> Secret:
             proof.wipe()
 
 
-def _unbundle(bundle: Secret) -> tuple[Secret, Secret, Secret | None]:
+def unbundle(bundle: Secret) -> tuple[Secret, Secret, Secret | None]:
     data = bundle.reveal()
     if len(data) < 67 or data[0] != BUNDLE_VERSION:
         raise CorruptState("the reseal hand-over in the kernel keyring is malformed")
@@ -425,7 +425,7 @@ def reseal_container(
             hint="Reseal in a boot that unlocked with the TPM and passphrase, or use "
             "'qubes-seal recover --reseal' with the recovery key.",
         )
-    master, auth, proof_value = _unbundle(bundle)
+    master, auth, proof_value = unbundle(bundle)
     bundle.wipe()
     old = token.sealed
     try:

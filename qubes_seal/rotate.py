@@ -38,10 +38,10 @@ from .chain import (
     LUKS_KEY_CONTEXT,
     PCR13,
     Token,
-    _bundle,
-    _unbundle,
+    make_bundle,
     pcr13_after_extend,
     read_token,
+    unbundle,
 )
 from .errors import AuthorizationError, CorruptState, UsageError
 from .journal import Journal, crash_point
@@ -76,7 +76,7 @@ def _handed_over(uuid: str, keyring: str) -> tuple[Secret, Secret, Secret, Secre
             "--passphrase-file).",
         )
     try:
-        master, auth, proof = _unbundle(bundle)
+        master, auth, proof = unbundle(bundle)
     finally:
         bundle.wipe()
     return vk, master, auth, proof
@@ -311,7 +311,7 @@ def rotate_tpm_key(
         container.import_token(new.to_json(), token_id=token_id, replace=True)
         journal.mark("resealed")
         proof_copy = None if proof is None else _copy(proof)
-        with _bundle(_copy(master1), auth1, proof_copy) as bundle:
+        with make_bundle(_copy(master1), auth1, proof_copy) as bundle:
             handover.put(container.uuid, bundle, keyring=keyring, kind="rs")
         journal.finish()
         _cleanup(state_dir)
