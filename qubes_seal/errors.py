@@ -143,3 +143,25 @@ class SRKMismatch(CorruptState):
         "sealing time. Either the TPM was cleared, or something replaced the SRK to intercept "
         "the unseal. Nothing was sent to it. Use the recovery key, then seal again."
     )
+
+
+class RevokedState(MeasurementMismatch):
+    """The rollback counter is past this sealed object's bound: a newer object replaced it.
+
+    The TPM's NV counter is incremented by every reseal, rotation and revoke: an older sealed
+    object (for example a restored copy of the container's header with its old token) no
+    longer satisfies its TPM2_PolicyNV.
+    """
+
+    hint = (
+        "The container's header or token is older than the TPM's rollback counter allows: "
+        "it was replaced (rotation, reseal, revoke) and a copy of the old one was restored. "
+        "If you did not restore it yourself, someone rolled the header back. Unlock with "
+        "the recovery key ('qubes-seal recover --reseal') to seal again."
+    )
+
+    def __init__(
+        self,
+        message: str = "this sealed object was revoked (a newer one exists): rollback refused",
+    ) -> None:
+        super().__init__(message)

@@ -15,6 +15,7 @@ import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 
 # TPM 2.0 Part 2, 6.5.2 (TPM_CC).
+TPM_CC_POLICY_NV = 0x00000149
 TPM_CC_POLICY_AUTH_VALUE = 0x0000016B
 TPM_CC_POLICY_OR = 0x00000171
 TPM_CC_POLICY_PCR = 0x0000017F
@@ -31,6 +32,11 @@ BANK_ALG = {
     "sha384": TPM_ALG_SHA384,
     "sha512": TPM_ALG_SHA512,
 }
+
+# TPM 2.0 Part 2, 6.9 (TPM_EO): operandA (the NV data) <= operandB, both unsigned big-endian.
+TPM_EO_UNSIGNED_LE = 0x0009
+#: The NV counter is 8 bytes (UINT64): PolicyNV compares all of them.
+NV_COUNTER_SIZE = 8
 
 #: PC Client platforms implement 24 PCRs: a selection bitmap is 3 bytes.
 PCR_SELECT_SIZE = 3
@@ -114,6 +120,33 @@ def policy_auth_value(start: bytes, *, name_alg: str = "sha256") -> bytes:
     return hashlib.new(name_alg, start + TPM_CC_POLICY_AUTH_VALUE.to_bytes(4, "big")).digest()
 
 
+def policy_nv(
+    start: bytes,
+    nv_name: bytes,
+    operand_b: bytes,
+    *,
+    offset: int = 0,
+    operation: int = TPM_EO_UNSIGNED_LE,
+    name_alg: str = "sha256",
+) -> bytes:
+    """The policy digest after TPM2_PolicyNV (Part 3, 23.9)::
+
+    policyDigest' = H(policyDigest || TPM_CC_PolicyNV || args || nvIndexName)
+    args = H(operandB || offset (UINT16) || operation (UINT16))
+    """
+    args = hashlib.new(
+        name_alg, operand_b + offset.to_bytes(2, "big") + operation.to_bytes(2, "big")
+    ).digest()
+    return hashlib.new(
+        name_alg, start + TPM_CC_POLICY_NV.to_bytes(4, "big") + args + nv_name
+    ).digest()
+
+
+def counter_bound(bound: int) -> bytes:
+    """operandB of the rollback check: the highest accepted counter value, UINT64 big-endian."""
+    return bound.to_bytes(NV_COUNTER_SIZE, "big")
+
+
 def policy_or(branches: Sequence[bytes], *, name_alg: str = "sha256") -> bytes:
     """The policy digest after TPM2_PolicyOR over 2 to 8 branch digests (Part 3, 23.6)."""
     if not 2 <= len(branches) <= 8:
@@ -130,6 +163,7 @@ def sealing_policy(
     *,
     bank: str = "sha256",
     with_auth: bool = False,
+    nv: tuple[bytes, int] | None = None,
 ) -> tuple[bytes, list[bytes]]:
     """The sealed object's ``authPolicy``, and the PolicyOR branches (empty for one state).
 
@@ -137,11 +171,15 @@ def sealing_policy(
     8): ``PolicyPCR`` then ``PolicyOR`` over each state's PolicyPCR digest.  With ``with_auth``,
     ``PolicyAuthValue`` comes last, so the object's authValue (derived from the passphrase) must
     be proven in the session HMAC and the TPM's dictionary-attack lockout rate-limits guesses.
+    With ``nv`` (the NV counter's name and the bound), ``PolicyNV`` (counter <= bound) comes
+    after the PCR part: once the counter is incremented past the bound, the object is dead.
     """
     if not states:
         raise ValueError("no accepted PCR state")
     branches = [policy_pcr(s, pcrs, bank=bank) for s in states]
     digest = branches[0] if len(branches) == 1 else policy_or(branches)
+    if nv is not None:
+        digest = policy_nv(digest, nv[0], counter_bound(nv[1]))
     if with_auth:
         digest = policy_auth_value(digest)
     return digest, branches if len(branches) > 1 else []

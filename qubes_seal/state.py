@@ -14,8 +14,13 @@ Format (JSON, UTF-8, one object; documented in docs/STATE.md)::
       "pcr_states": [{"label": "current", "values": {"17": "<hex>", "18": "<hex>"}}],
       "policy_digest": "<hex>",
       "require_launch": true,
-      "auth_value": false
+      "auth_value": false,
+      "nv": {"handle": "0x01800100", "name": "<hex>", "esys_tr": "<base64>", "bound": 2}
     }
+
+``nv`` (optional; absent in states written before it, and for the state-dir ``seal``): the
+TPM NV counter of the rollback protection.  The policy then requires ``counter <= bound``
+(TPM2_PolicyNV); every reseal increments the counter past the older objects' bounds.
 
 The private blob is encrypted by the TPM under the SRK: it is useless without that TPM.  The
 file is still written with mode 0600 in a 0700 directory, atomically.
@@ -48,6 +53,36 @@ class PcrState:
     values: dict[int, bytes]
 
 
+@dataclass(frozen=True)
+class NvBinding:
+    """The NV counter a sealed object is bound to, and the highest value it accepts."""
+
+    handle: int
+    name: bytes
+    esys_tr: bytes  # Esys_TR_Serialize of the index (written): no NV_ReadPublic at unseal
+    bound: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "handle": f"0x{self.handle:08x}",
+            "name": self.name.hex(),
+            "esys_tr": base64.b64encode(self.esys_tr).decode(),
+            "bound": self.bound,
+        }
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> NvBinding:
+        bound = doc["bound"]
+        if not isinstance(bound, int) or not 0 <= bound < 1 << 64:
+            raise ValueError("bad NV bound")
+        return cls(
+            handle=int(doc["handle"], 16),
+            name=bytes.fromhex(doc["name"]),
+            esys_tr=base64.b64decode(doc["esys_tr"], validate=True),
+            bound=bound,
+        )
+
+
 @dataclass
 class SealedState:
     """Everything needed to unseal, and to explain a refusal."""
@@ -63,6 +98,7 @@ class SealedState:
     policy_digest: bytes
     require_launch: bool = True
     auth_value: bool = False
+    nv: NvBinding | None = None
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     tool_version: str = __version__
 
@@ -90,6 +126,7 @@ class SealedState:
             "policy_digest": self.policy_digest.hex(),
             "require_launch": self.require_launch,
             "auth_value": self.auth_value,
+            **({"nv": self.nv.to_dict()} if self.nv is not None else {}),
         }
         return (json.dumps(doc, indent=2) + "\n").encode()
 
@@ -144,6 +181,7 @@ class SealedState:
                 policy_digest=bytes.fromhex(doc["policy_digest"]),
                 require_launch=bool(doc["require_launch"]),
                 auth_value=bool(doc.get("auth_value", False)),
+                nv=NvBinding.from_dict(doc["nv"]) if doc.get("nv") is not None else None,
                 created=str(doc["created"]),
                 tool_version=str(doc["tool_version"]),
             )

@@ -79,3 +79,42 @@ def test_after_a_power_cut_the_tpm_asks_for_one_retry(
     assert swtpm_proxy.commands.count("Unseal") == 2
     with Tpm(swtpm.tcti) as tpm:
         assert tpm.da_status()["failed_tries"] == 0  # a power cut is not a failed try
+
+
+#: With the rollback counter (the container flows): PolicyNV between PolicyPCR and
+#: PolicyAuthValue; the index comes from the sealed state (no NV_ReadPublic).
+SEVEN = ["Load", "StartAuthSession", "PolicyPCR", "PolicyNV", "PolicyAuthValue", "Unseal",
+         "FlushContext"]  # fmt: skip
+
+
+def test_nv_bound_unseal_in_seven_commands_then_revoked(
+    swtpm: Swtpm, swtpm_proxy: CountingProxy
+) -> None:
+    from qubes_seal.errors import RevokedState
+
+    txt_launch(swtpm, sample_modules())
+    with Tpm(swtpm.tcti) as tpm:
+        nv = tpm.nv_define_counter()
+        value = tpm.nv_read_counter(nv)
+        now = current_state(tpm, [17, 18])
+        secret = Secret.random()
+        state = seal_to_states(tpm, secret, pcrs=[17, 18], states=[now], auth=GOOD, nv=nv)
+    assert state.nv is not None and state.nv.bound == value + 1
+    unseal(state, tcti=swtpm.tcti, auth=GOOD).wipe()  # past libtpms's one TPM_RC_RETRY
+    swtpm_proxy.reset()
+    assert unseal(state, tcti=swtpm_proxy.tcti, auth=GOOD) == secret
+    assert swtpm_proxy.commands == SEVEN
+    with Tpm(swtpm.tcti) as tpm:
+        tpm.nv_increment(nv)  # counter == bound: still accepted
+    assert unseal(state, tcti=swtpm.tcti, auth=GOOD) == secret
+    with Tpm(swtpm.tcti) as tpm:
+        tpm.nv_increment(nv)  # past the bound: revoked
+    swtpm_proxy.reset()
+    with pytest.raises(RevokedState) as info:
+        unseal(state, tcti=swtpm_proxy.tcti, auth=GOOD)
+    assert info.value.exit_code == 3
+    assert "rollback refused" in info.value.message
+    assert swtpm_proxy.commands[:4] == SEVEN[:4]
+    assert "Unseal" not in swtpm_proxy.commands  # refused before any authValue is tried
+    with Tpm(swtpm.tcti) as tpm:
+        assert tpm.da_status()["failed_tries"] == 0

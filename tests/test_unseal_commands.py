@@ -2,7 +2,9 @@
 
 Targets (the issue, and ANCHORS.md's floor): the library's unseal issues at most 5 commands
 (Load, StartAuthSession, PolicyPCR, Unseal, FlushContext); the whole ``unseal --check``
-command at most 6.  clevis needs 29 and systemd-creds (systemd 252) 12.
+command at most 6.  clevis needs 29 and systemd-creds (systemd 252) 12.  The container's
+unseal adds PolicyAuthValue (the passphrase) and PolicyNV (the rollback counter): 7
+(tests/test_auth.py).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import QubesSealError, TPMUnavailable
 from ..secret import Secret
+from ..state import NvBinding
 from . import _lib, rc
 
 DEFAULT_TCTI = "device:/dev/tpmrm0"
@@ -33,6 +34,19 @@ USER_WITH_AUTH = 0x00000040
 NO_DA = 0x00000400
 RESTRICTED = 0x00010000
 DECRYPT = 0x00020000
+
+# TPM 2.0 Part 2, 13.4 (TPMA_NV).  The rollback counter: TPM_NT_COUNTER, read and incremented
+# with its own (empty) authValue, never counted against the dictionary-attack lockout.
+TPMA_NV_AUTHWRITE = 0x00000004
+TPMA_NV_COUNTER = 0x00000010  # TPM_NT_COUNTER << 4
+TPMA_NV_AUTHREAD = 0x00040000
+TPMA_NV_NO_DA = 0x02000000
+TPMA_NV_WRITTEN = 0x20000000
+NV_COUNTER_ATTRIBUTES = TPMA_NV_AUTHWRITE | TPMA_NV_COUNTER | TPMA_NV_AUTHREAD | TPMA_NV_NO_DA
+#: Owner NV indices 0x01800100..0x018001ff: one counter per container (TCG Registry of
+#: Reserved TPM 2.0 Handles: 0x01800000-0x01bfffff is the owner's range).
+NV_COUNTER_BASE = 0x01800100
+NV_COUNTER_SLOTS = 0x100
 
 # TPM 2.0 Part 2, 8.4 (TPMA_SESSION).
 SESSION_CONTINUE = 0x01
@@ -348,6 +362,130 @@ class Tpm:
                 self.esys.policy_pcr(session, b"", sel)
                 return bytes(self.esys.policy_get_digest(session))
         finally:
+            self.esys.flush_context(session)
+
+    # -- NV counter (rollback protection) ----------------------------------------------------
+
+    def _nv_attributes(self, handle: int) -> tuple[int, int, bytes] | None:
+        """(attributes, dataSize, authPolicy) of the NV index at ``handle``; None if undefined."""
+        from tpm2_pytss import TPM2_CAP
+
+        with self._tss("TPM2_GetCapability"):
+            _, data = self.esys.get_capability(TPM2_CAP.HANDLES, handle, 1)
+        if handle not in list(data.data.handles):
+            return None
+        with self._tss("TPM2_NV_ReadPublic"):
+            tr = self.esys.tr_from_tpmpublic(handle)
+        try:
+            with self._tss("TPM2_NV_ReadPublic"):
+                pub, _ = self.esys.nv_read_public(tr)
+        finally:
+            self.esys.tr_close(tr)
+        n = pub.nvPublic
+        return int(n.attributes), int(n.dataSize), bytes(n.authPolicy)
+
+    def nv_counter(self, handle: int) -> NvBinding:
+        """The (written) counter at ``handle``: its name and serialized ESYS_TR, bound 0."""
+        with self._tss("TPM2_NV_ReadPublic"):
+            tr = self.esys.tr_from_tpmpublic(handle)
+        try:
+            with self._tss("Esys_TR_Serialize"):
+                return NvBinding(
+                    handle=handle,
+                    name=bytes(self.esys.tr_get_name(tr)),
+                    esys_tr=bytes(self.esys.tr_serialize(tr)),
+                )
+        finally:
+            self.esys.tr_close(tr)
+
+    def nv_define_counter(self, preferred: int = 0) -> NvBinding:
+        """Define a new rollback counter in the first free owner index from ``preferred`` on.
+
+        TPM_NT_COUNTER, AUTHREAD|AUTHWRITE with an empty authValue, NO_DA, no policy; owner
+        hierarchy with empty owner auth (as for the SRK).  It is incremented once, so that it
+        is written (a counter's first value is the highest any counter of this TPM had) and
+        its name (which covers TPMA_NV_WRITTEN) is final.
+        """
+        from tpm2_pytss import TPM2_ALG, TPM2B_NV_PUBLIC, TPMS_NV_PUBLIC
+
+        for i in range(NV_COUNTER_SLOTS):
+            handle = NV_COUNTER_BASE + (preferred + i) % NV_COUNTER_SLOTS
+            if self._nv_attributes(handle) is None:
+                break
+        else:
+            raise QubesSealError(
+                f"no free NV index in 0x{NV_COUNTER_BASE:08x}..0x"
+                f"{NV_COUNTER_BASE + NV_COUNTER_SLOTS - 1:08x} for the rollback counter"
+            )
+        public = TPM2B_NV_PUBLIC(
+            nvPublic=TPMS_NV_PUBLIC(
+                nvIndex=handle,
+                nameAlg=TPM2_ALG.SHA256,
+                attributes=NV_COUNTER_ATTRIBUTES,
+                dataSize=8,
+            )
+        )
+        with self._tss("TPM2_NV_DefineSpace of the rollback counter (owner hierarchy)"):
+            tr = self.esys.nv_define_space(b"", public)
+        try:
+            with self._tss("TPM2_NV_Increment"):
+                self.esys.nv_increment(tr, auth_handle=tr)
+        finally:
+            self.esys.tr_close(tr)
+        return self.nv_counter(handle)
+
+    def is_our_counter(self, handle: int) -> bool:
+        """Whether ``handle`` holds a counter with our attributes (so it can be reused)."""
+        found = self._nv_attributes(handle)
+        if found is None:
+            return False
+        attributes, size, policy = found
+        return attributes & ~TPMA_NV_WRITTEN == NV_COUNTER_ATTRIBUTES and size == 8 and not policy
+
+    def nv_read_counter(self, nv: NvBinding) -> int:
+        """The counter's value (TPM2_NV_Read with its empty authValue)."""
+        with self._tss("Esys_TR_Deserialize"):
+            tr = self.esys.tr_deserialize(nv.esys_tr)
+        try:
+            with self._tss(f"TPM2_NV_Read of the rollback counter 0x{nv.handle:08x}"):
+                data = self.esys.nv_read(tr, 8, 0, auth_handle=tr)
+        finally:
+            self.esys.tr_close(tr)
+        return int.from_bytes(bytes(data), "big")
+
+    def nv_increment(self, nv: NvBinding) -> int:
+        """TPM2_NV_Increment of the counter; returns the new value."""
+        with self._tss("Esys_TR_Deserialize"):
+            tr = self.esys.tr_deserialize(nv.esys_tr)
+        try:
+            with self._tss(f"TPM2_NV_Increment of the rollback counter 0x{nv.handle:08x}"):
+                self.esys.nv_increment(tr, auth_handle=tr)
+        finally:
+            self.esys.tr_close(tr)
+        return self.nv_read_counter(nv)
+
+    def trial_policy_nv(self, nv: NvBinding, bound: int) -> bytes:
+        """A trial session's digest for TPM2_PolicyNV(counter <= ``bound``) from zero."""
+        from tpm2_pytss import ESYS_TR, TPM2_ALG, TPM2_EO, TPM2_SE, TPM2B_OPERAND, TPMT_SYM_DEF
+
+        with self._tss("TPM2_StartAuthSession (trial)"):
+            session = self.esys.start_auth_session(
+                ESYS_TR.NONE,
+                ESYS_TR.NONE,
+                TPM2_SE.TRIAL,
+                TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL),
+                TPM2_ALG.SHA256,
+            )
+        tr = self.esys.tr_deserialize(nv.esys_tr)
+        try:
+            with self._tss("TPM2_PolicyNV (trial)"):
+                self.esys.policy_nv(
+                    tr, tr, session, TPM2B_OPERAND(bound.to_bytes(8, "big")),
+                    TPM2_EO.UNSIGNED_LE,
+                )  # fmt: skip
+                return bytes(self.esys.policy_get_digest(session))
+        finally:
+            self.esys.tr_close(tr)
             self.esys.flush_context(session)
 
     # -- status -----------------------------------------------------------------------------------

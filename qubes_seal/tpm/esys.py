@@ -45,6 +45,8 @@ TPM2_ALG_SHA512 = 0x000D
 TPM2_ALG_NULL = 0x0010
 TPM2_ALG_CFB = 0x0043
 
+TPM2_EO_UNSIGNED_LE = 0x0009
+
 TPM2_SE_HMAC = 0x00
 TPM2_SE_POLICY = 0x01
 TPM2_CAP_HANDLES = 0x00000001
@@ -117,6 +119,7 @@ class TPM2B_DIGEST(ctypes.Structure):
 
 TPM2B_AUTH = TPM2B_DIGEST  # typedef TPM2B_DIGEST TPM2B_AUTH
 TPM2B_NONCE = TPM2B_DIGEST  # typedef TPM2B_DIGEST TPM2B_NONCE
+TPM2B_OPERAND = TPM2B_DIGEST  # typedef TPM2B_DIGEST TPM2B_OPERAND
 
 
 class TPML_DIGEST(ctypes.Structure):
@@ -173,6 +176,7 @@ STRUCTS: dict[str, type[ctypes.Structure] | type[ctypes.Union]] = {
     "TPM2B_DIGEST": TPM2B_DIGEST,
     "TPM2B_AUTH": TPM2B_AUTH,
     "TPM2B_NONCE": TPM2B_NONCE,
+    "TPM2B_OPERAND": TPM2B_OPERAND,
     "TPML_DIGEST": TPML_DIGEST,
     "TPML_DIGEST_VALUES": TPML_DIGEST_VALUES,
     "TPM2B_SENSITIVE_DATA": TPM2B_SENSITIVE_DATA,
@@ -223,6 +227,9 @@ _PROTOTYPES: dict[str, tuple[int, Any, tuple[Any, ...]]] = {
     ),
     "Esys_PolicyOR": (0, TSS2_RC, (vp, ESYS_TR, *TR3, P(TPML_DIGEST))),
     "Esys_PolicyAuthValue": (0, TSS2_RC, (vp, ESYS_TR, *TR3)),
+    "Esys_PolicyNV": (
+        0, TSS2_RC, (vp, ESYS_TR, ESYS_TR, ESYS_TR, *TR3, P(TPM2B_OPERAND), u16, u16),
+    ),
     "Esys_Unseal": (0, TSS2_RC, (vp, ESYS_TR, *TR3, P(P(TPM2B_SENSITIVE_DATA)))),
     "Esys_FlushContext": (0, TSS2_RC, (vp, ESYS_TR)),
     "Esys_PCR_Read": (
@@ -590,6 +597,30 @@ class Esys:
             ),
             "TPM2_PolicyAuthValue",
         )
+
+    def policy_nv(
+        self,
+        session: int,
+        nv_index: int,
+        operand_b: bytes,
+        *,
+        offset: int = 0,
+        operation: int = TPM2_EO_UNSIGNED_LE,
+    ) -> None:
+        """TPM2_PolicyNV: the NV data at ``offset`` ``operation`` ``operand_b``; the index is
+        read with its own (empty) authValue, through a password session."""
+        operand = TPM2B_OPERAND()
+        if len(operand_b) > len(operand.buffer):
+            raise ValueError("an operand has at most 64 bytes")
+        operand.size = len(operand_b)
+        ctypes.memmove(ctypes.addressof(operand.buffer), operand_b, len(operand_b))
+        self.check(
+            self.lib.Esys_PolicyNV(
+                self._ctx, nv_index, nv_index, session, ESYS_TR_PASSWORD, ESYS_TR_NONE,
+                ESYS_TR_NONE, ctypes.byref(operand), offset, operation,
+            ),
+            "TPM2_PolicyNV",
+        )  # fmt: skip
 
     def unseal(self, item: int, session: int) -> Secret:
         """TPM2_Unseal of ``item`` through ``session``; libtss2's copy is zeroed, then freed."""

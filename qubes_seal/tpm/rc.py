@@ -32,6 +32,7 @@ TPM_RC_REFERENCE_H0 = RC_WARN + 0x010  # 0x910 .. 0x916: handle not loaded
 TPM_RC_REFERENCE_H6 = RC_WARN + 0x016
 TPM_RC_INITIALIZE = 0x100
 TPM_RC_FAILURE = 0x101
+TPM_RC_POLICY = 0x126  # TPM2_PolicyNV and others: the comparison failed
 
 LAYER_SHIFT = 16
 TSS2_TCTI_LAYER = 10
@@ -74,6 +75,7 @@ def describe(rc: int) -> str:
         TPM_RC_PCR_CHANGED: "TPM_RC_PCR_CHANGED",
         TPM_RC_INITIALIZE: "TPM_RC_INITIALIZE",
         TPM_RC_FAILURE: "TPM_RC_FAILURE",
+        TPM_RC_POLICY: "TPM_RC_POLICY",
     }
     if layer(rc) in (0, TSS2_RESMGR_TPM_LAYER):
         return f"{names.get(base(rc), 'TPM error')} (0x{rc:x})"

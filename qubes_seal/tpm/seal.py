@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from ..errors import NoMeasuredLaunch, UsageError
 from ..policy import launch_happened, sealing_policy, validate_pcrs
 from ..secret import Secret
-from ..state import PcrState, SealedState
+from ..state import NvBinding, PcrState, SealedState
 from .device import Tpm
 
 #: tboot with a TPM 2.0 uses the details/authorities mapping: PCR 17 (details) and 18
@@ -38,16 +38,26 @@ def seal_to_states(
     bank: str = "sha256",
     require_launch: bool = True,
     auth: Secret | None = None,
+    nv: NvBinding | None = None,
 ) -> SealedState:
     """Seal ``secret`` so that any one of ``states`` (1 to 8 sets of PCR values) unseals it.
 
-    With ``auth``, the unseal also needs that authValue (PolicyAuthValue last).
+    With ``auth``, the unseal also needs that authValue (PolicyAuthValue last).  With ``nv``
+    (a rollback counter), it also needs the counter at most its current value + 1
+    (PolicyNV): the object works before and after the increment that follows its sealing,
+    and no more after the next one.
     """
     pcrs = validate_pcrs(pcrs)
     if not 1 <= len(states) <= 8:
         raise UsageError(f"{len(states)} accepted PCR states: between 1 and 8 are possible")
+    if nv is not None:
+        nv = NvBinding(nv.handle, nv.name, nv.esys_tr, bound=tpm.nv_read_counter(nv) + 1)
     digest, _ = sealing_policy(
-        [s.values for s in states], pcrs, bank=bank, with_auth=auth is not None
+        [s.values for s in states],
+        pcrs,
+        bank=bank,
+        with_auth=auth is not None,
+        nv=None if nv is None else (nv.name, nv.bound),
     )
     srk = tpm.ensure_srk()
     public, private = tpm.seal(secret, srk=srk, policy_digest=digest, auth=auth)
@@ -63,6 +73,7 @@ def seal_to_states(
         policy_digest=digest,
         require_launch=require_launch,
         auth_value=auth is not None,
+        nv=nv,
     )
 
 
@@ -136,4 +147,5 @@ def reseal(
             bank=state.pcr_bank,
             require_launch=state.require_launch,
             auth=auth,
+            nv=state.nv,
         )

@@ -6,6 +6,8 @@ Sequence (TPM 2.0 Part 3 command names)::
     TPM2_StartAuthSession  policy session salted with the pinned SRK, AES-128-CFB
     TPM2_PolicyPCR       the sealed PCR selection, current values
     [TPM2_PolicyOR]      when several PCR states are accepted (current + predicted boot)
+    [TPM2_PolicyNV]      rollback counter <= the object's bound, when the state has one (the
+                         container flows): an object older than the last reseal is refused
     [TPM2_PolicyAuthValue] when the object's authValue comes from the passphrase
     TPM2_Unseal          response parameter encrypted (session attribute ``encrypt``);
                          ``continueSession`` clear, so the TPM flushes the session itself
@@ -26,11 +28,12 @@ from ..errors import (
     MeasurementMismatch,
     NoMeasuredLaunch,
     QubesSealError,
+    RevokedState,
     SRKMismatch,
     TPMUnavailable,
     UsageError,
 )
-from ..policy import sealing_policy
+from ..policy import counter_bound, sealing_policy
 from ..secret import Secret
 from ..state import SealedState
 from . import esys as _esys
@@ -68,13 +71,18 @@ def _unseal(state: SealedState, *, tcti: str, auth: Secret | None) -> Secret:
             priv = _esys.unmarshal_private(state.private)
         except ValueError:
             raise CorruptState("the sealed state's private area is corrupted") from None
-        srk = obj = sess = ESYS_TR_NONE
+        srk = obj = sess = nv = ESYS_TR_NONE
         session_open = False
         try:
             try:
                 srk = tpm.tr_deserialize(state.srk_esys_tr)
             except TssError:
                 raise CorruptState("the sealed state's SRK record is corrupted") from None
+            if state.nv is not None:
+                try:
+                    nv = tpm.tr_deserialize(state.nv.esys_tr)
+                except TssError:
+                    raise CorruptState("the sealed state's NV counter is corrupted") from None
             obj = tpm.load(srk, priv, pub)
             sess = tpm.start_auth_session(srk, TPM2_SE_POLICY)
             session_open = True
@@ -87,6 +95,8 @@ def _unseal(state: SealedState, *, tcti: str, auth: Secret | None) -> Secret:
             )
             if branches:
                 tpm.policy_or(sess, list(branches))
+            if state.nv is not None:
+                tpm.policy_nv(sess, nv, counter_bound(state.nv.bound))
             if auth is not None:
                 tpm.policy_auth_value(sess)
                 tpm.tr_set_auth(obj, auth.reveal())
@@ -100,6 +110,8 @@ def _unseal(state: SealedState, *, tcti: str, auth: Secret | None) -> Secret:
                 tpm.flush_context(sess)
             if srk != ESYS_TR_NONE:
                 tpm.tr_close(srk)
+            if nv != ESYS_TR_NONE:
+                tpm.tr_close(nv)
 
 
 def _diagnose(state: SealedState, tcti: str, failed: TssError) -> QubesSealError:
@@ -107,6 +119,9 @@ def _diagnose(state: SealedState, tcti: str, failed: TssError) -> QubesSealError
     error = rc.to_error(failed.code, action=failed.action, tcti=tcti)
     if isinstance(error, TPMUnavailable):
         return error
+    if failed.action == "TPM2_PolicyNV":
+        # TPM_RC_POLICY: the comparison failed, the counter is past the bound.
+        return RevokedState() if rc.base(failed.code) == rc.TPM_RC_POLICY else error
     try:
         with Esys(tcti) as tpm:
             if failed.action in ("TPM2_Load", "TPM2_StartAuthSession"):
