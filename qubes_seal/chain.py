@@ -37,6 +37,7 @@ from typing import Any
 
 from . import __version__, handover
 from .errors import CorruptState, MeasurementMismatch, QubesSealError, UsageError
+from .journal import crash_point
 from .secret import Secret
 from .state import PcrState, SealedState
 
@@ -252,6 +253,7 @@ def init(
         states = [PcrState("current", values)]
         progress("sealing the master secret in the TPM")
         with Tpm(tcti) as tpm:
+            nv = tpm.nv_define_counter(int(container.uuid.replace("-", "")[:8], 16))
             sealed = seal_to_states(
                 tpm,
                 master,
@@ -259,11 +261,13 @@ def init(
                 states=states,
                 require_launch=require_launch,
                 auth=auth,
+                nv=nv,
             )
         token = Token(
             sealed, kdf_params.to_json(), tpm_slot, recovery_slot, root_volume=root_volume
         )
         container.import_token(token.to_json())
+        settle_counter(tcti, sealed)
         return InitResult(container.uuid, rkey, sealed.pcrs, states)
     except BaseException:
         rkey.wipe()
@@ -272,6 +276,25 @@ def init(
         master.wipe()
         auth.wipe()
         mix.wipe()
+
+
+def settle_counter(tcti: str, sealed: SealedState | None) -> bool:
+    """Increment the rollback counter up to ``sealed``'s bound, once the token that holds it
+    is in the container: every older sealed object (bound lower) stops unsealing.
+
+    Idempotent (crash-safe): nothing happens when the counter reached the bound already, so
+    ``repair`` and an interrupted command's next run can call it again.  True if it counted.
+    """
+    if sealed is None or sealed.nv is None:
+        return False
+    from .tpm.device import Tpm  # not on the boot path
+
+    with Tpm(tcti) as tpm:
+        value = tpm.nv_read_counter(sealed.nv)
+        if value >= sealed.nv.bound:
+            return False
+        tpm.nv_increment(sealed.nv)
+        return True
 
 
 # -- unlock ----------------------------------------------------------------------------------
@@ -446,7 +469,7 @@ def reseal_container(
                     states.append(state)
             token.sealed = seal_to_states(
                 tpm, master, pcrs=old.pcrs, states=states, bank=old.pcr_bank,
-                require_launch=old.require_launch, auth=auth,
+                require_launch=old.require_launch, auth=auth, nv=old.nv,
             )  # fmt: skip
             if token.proof is not None and proof_value is not None:
                 token.proof = Proof(
@@ -457,6 +480,8 @@ def reseal_container(
                     ),
                 )  # fmt: skip
         container.import_token(token.to_json(), token_id=token_id, replace=True)
+        crash_point("token-written")
+        settle_counter(tcti, token.sealed)  # after the token: every older object is revoked
         return token
     finally:
         for s in (master, auth, proof_value):
@@ -549,9 +574,12 @@ def reseal_with_recovery(
         if PCR13 in pcrs:
             values[PCR13] = pcr13_after_extend(header_digest(path))
         with Tpm(tcti) as tpm:
+            nv = old.sealed.nv
+            if nv is None or not tpm.is_our_counter(nv.handle):
+                nv = tpm.nv_define_counter(int(container.uuid.replace("-", "")[:8], 16))
             sealed = seal_to_states(
                 tpm, master, pcrs=pcrs, states=[PcrState("current", values)],
-                require_launch=require_launch, auth=auth,
+                require_launch=require_launch, auth=auth, nv=nv,
             )  # fmt: skip
         # The proof of a clean boot was sealed to the old header's PCR 13 and cannot be
         # unsealed any more: 'qubes-seal attest setup' must be run again.
@@ -560,6 +588,8 @@ def reseal_with_recovery(
             root_volume=old.root_volume,
         )  # fmt: skip
         container.import_token(token.to_json(), token_id=token_id, replace=True)
+        crash_point("token-written")
+        settle_counter(tcti, sealed)
         return token
     finally:
         for s in (rkey, master, auth, mix):

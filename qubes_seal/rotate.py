@@ -41,6 +41,7 @@ from .chain import (
     make_bundle,
     pcr13_after_extend,
     read_token,
+    settle_counter,
     unbundle,
 )
 from .errors import AuthorizationError, CorruptState, UsageError
@@ -124,7 +125,7 @@ def _seal_token(
     with Tpm(tcti) as tpm:
         token.sealed = seal_to_states(
             tpm, master, pcrs=old.pcrs, states=states, bank=old.pcr_bank,
-            require_launch=old.require_launch, auth=auth,
+            require_launch=old.require_launch, auth=auth, nv=old.nv,
         )  # fmt: skip
         if token.proof is not None:
             if proof is None:
@@ -301,6 +302,7 @@ def rotate_tpm_key(
                     states=_states(old.sealed, [d1, d2]))  # fmt: skip
         container.import_token(new.to_json(), token_id=token_id, replace=True)
         journal.mark("token-replaced")
+        settle_counter(tcti, new.sealed)  # the old object (and its header) is revoked
         progress(f"removing the old keyslot {old.tpm_keyslot}")
         container.kill_slot(old.tpm_keyslot, existing=new_key)
         journal.mark("old-keyslot-killed")
@@ -310,6 +312,7 @@ def rotate_tpm_key(
                     states=_states(old.sealed, [d2]))  # fmt: skip
         container.import_token(new.to_json(), token_id=token_id, replace=True)
         journal.mark("resealed")
+        settle_counter(tcti, new.sealed)  # the transitional objects are revoked
         proof_copy = None if proof is None else _copy(proof)
         with make_bundle(_copy(master1), auth1, proof_copy) as bundle:
             handover.put(container.uuid, bundle, keyring=keyring, kind="rs")
@@ -378,6 +381,7 @@ def rotate_recovery(
         token.recovery_keyslot = new_slot
         container.import_token(token.to_json(), token_id=token_id, replace=True)
         journal.mark("token-updated")
+        settle_counter(tcti, token.sealed)  # the old object (and its header) is revoked
         progress(f"removing the old recovery keyslot {old.recovery_keyslot}")
         container.kill_slot(old.recovery_keyslot, existing=rkey)
         journal.mark("old-keyslot-killed")
@@ -387,6 +391,7 @@ def rotate_recovery(
                     states=_states(old.sealed, [d2]))  # fmt: skip
         container.import_token(token.to_json(), token_id=token_id, replace=True)
         journal.mark("resealed")
+        settle_counter(tcti, token.sealed)  # the transitional objects are revoked
         journal.finish()
         _cleanup(state_dir)
         return RotateResult("rotate-recovery", new_slot, old.recovery_keyslot, token)
@@ -421,8 +426,13 @@ class RepairResult:
     notes: list[str]
 
 
-def repair(state_dir: Path) -> RepairResult | None:
-    """Complete or roll back the interrupted operation; None when there is none."""
+def repair(state_dir: Path, *, tcti: str | None = None) -> RepairResult | None:
+    """Complete or roll back the interrupted operation; None when there is none.
+
+    A completed operation's rollback counter is brought to the token's bound (``tcti``: the
+    TPM; None skips it): the increment the interrupted command did not make.  A rolled-back
+    one needs none: nothing was incremented before the new token was in the container.
+    """
     from .luks.container import Container
 
     journal = Journal.resume(state_dir)
@@ -454,6 +464,8 @@ def repair(state_dir: Path) -> RepairResult | None:
             current.recovery_keyslot = int(new_slot)
             container.import_token(current.to_json(), token_id=token_id, replace=True)
         kill_slot_unchecked(path, old_slot)
+        if tcti is not None and settle_counter(tcti, current.sealed):
+            notes.append("the rollback counter was incremented: older sealed objects are revoked")
         action = "completed"
         if not journal.did("resealed"):
             notes.append("the token still accepts the transitional header state too; the "

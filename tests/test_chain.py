@@ -167,8 +167,8 @@ def test_header_rollback_is_refused(box: Box) -> None:
 
     The attacker restores an old copy of the header (its keyslots: an old, leaked passphrase)
     and puts the current qubes-seal token back into it, so that the current sealed object is
-    used.  (Restoring the old token too, a complete rollback, is stopped by the TPM NV counter
-    of the rotation work, not by PCR 13: see docs/PCR13.md.)
+    used.  (Restoring the old token too, a complete rollback, is stopped by the TPM NV counter,
+    not by PCR 13: tests/test_rollback.py, docs/PCR13.md.)
     """
     c = Container(box.container)
     size = c.data_offset

@@ -115,7 +115,7 @@ COMMAND_MODULES = {
     "container_cmd": ("init", "unlock", "recover", "attest", "lock", "domain"),
     "service_cmd": ("serve",),
     "eventlog_cmd": ("eventlog",),
-    "rotate_cmd": ("rotate", "repair"),
+    "rotate_cmd": ("rotate", "revoke", "repair"),
 }
 ALL_COMMANDS = frozenset(INLINE_COMMANDS).union(*COMMAND_MODULES.values())
 

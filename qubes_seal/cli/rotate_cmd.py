@@ -76,6 +76,19 @@ def register(sub: Any) -> None:
     rp.set_defaults(func=cmd_rotate)
 
     p = add_command(
+        sub, "revoke", "accept this boot only and revoke every older sealed object",
+        "Reseal the master secret (unchanged) to this boot only, then increment the TPM's\n"
+        "rollback counter (NV index): every other accepted state (a predicted boot that\n"
+        "should not happen) and every older sealed object (a restored copy of the header and\n"
+        "its token, with an old passphrase) stops unsealing. Needs this boot's unlock (or\n"
+        "unlocks first with the passphrase).\n\n"
+        "example:  qubes-seal revoke --container /var/lib/qubes-seal/keys.luks",
+    )  # fmt: skip
+    add_container_option(p)
+    add_unlock_options(p, kdf=False)
+    p.set_defaults(func=cmd_revoke)
+
+    p = add_command(
         sub, "repair", "complete or roll back an interrupted rotation",
         "Read the journal in the state directory and finish the operation it names: an\n"
         "operation interrupted before its new secret took effect is rolled back (the new\n"
@@ -167,6 +180,27 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_revoke(args: argparse.Namespace) -> int:
+    from .. import chain
+    from .main import emit
+
+    _ensure_unlocked(args)
+    token = chain.reseal_container(args.container, tcti=args.tpm, keyring=args.keyring)
+    sealed = token.sealed
+    doc: dict[str, Any] = {"revoked": True, "container": str(args.container),
+                           "counter": None if sealed.nv is None else sealed.nv.bound}  # fmt: skip
+    if sealed.nv is None:
+        text = ("resealed to this boot only; this container has no rollback counter (sealed "
+                "before it existed): run 'qubes-seal recover --reseal' to add one")  # fmt: skip
+    else:
+        text = (
+            f"resealed to this boot only; rollback counter 0x{sealed.nv.handle:08x} now at "
+            f"{sealed.nv.bound}: every older sealed object and other boot state is revoked"
+        )
+    emit(args, doc, text)
+    return 0
+
+
 def cmd_repair(args: argparse.Namespace) -> int:
     from .. import rotate
     from ..journal import read
@@ -182,9 +216,18 @@ def cmd_repair(args: argparse.Namespace) -> int:
         raise UsageError(
             f"the interrupted operation is on {pending['container']}, not {args.container}"
         )
-    result = rotate.repair(args.state_dir)
+    result = rotate.repair(args.state_dir, tcti=args.tpm)
     if result is None:
-        emit(args, {"repaired": None}, "no interrupted operation: nothing to repair")
+        counted = False
+        if given is not None:  # an interrupted reseal: its increment may be missing
+            from ..chain import read_token, settle_counter
+            from ..luks.container import Container
+
+            counted = settle_counter(args.tpm, read_token(Container(given))[1].sealed)
+        text = "no interrupted operation: nothing to repair"
+        if counted:
+            text += "\nthe rollback counter was incremented: older sealed objects are revoked"
+        emit(args, {"repaired": None, "counter_incremented": counted}, text)
         return 0
     doc = {"repaired": result.op, "step": result.step, "action": result.action,
            "notes": result.notes}  # fmt: skip
