@@ -195,24 +195,29 @@ class Tpm:
             )
         )
 
-    def find_srk(self) -> SrkInfo | None:
-        """The persistent SRK at 0x81000001, or None when the handle is empty."""
+    def handle_defined(self, handle: int) -> bool:
+        """Whether a persistent object or NV index exists at ``handle`` (TPM2_GetCapability)."""
         from tpm2_pytss import TPM2_CAP
 
         with self._tss("TPM2_GetCapability"):
-            _, data = self.esys.get_capability(TPM2_CAP.HANDLES, SRK_HANDLE, 1)
-        if SRK_HANDLE not in list(data.data.handles):
+            _, data = self.esys.get_capability(TPM2_CAP.HANDLES, handle, 1)
+        return handle in list(data.data.handles)
+
+    def find_srk(self) -> SrkInfo | None:
+        """The persistent SRK at 0x81000001, or None when the handle is empty."""
+        if not self.handle_defined(SRK_HANDLE):
             return None
-        with self._tss("TPM2_ReadPublic of the SRK"):
-            tr = self.esys.tr_from_tpmpublic(SRK_HANDLE)
+        name, esys_tr = self.pin(SRK_HANDLE, action="TPM2_ReadPublic of the SRK")
+        return SrkInfo(handle=SRK_HANDLE, name=name, esys_tr=esys_tr, created=False)
+
+    def pin(self, handle: int, *, action: str) -> tuple[bytes, bytes]:
+        """(name, serialized ESYS_TR) of the object or NV index at ``handle``: what a sealed
+        state records so that the unseal never has to read the TPM's public area again."""
+        with self._tss(action):
+            tr = self.esys.tr_from_tpmpublic(handle)
         try:
             with self._tss("Esys_TR_Serialize"):
-                return SrkInfo(
-                    handle=SRK_HANDLE,
-                    name=bytes(self.esys.tr_get_name(tr)),
-                    esys_tr=bytes(self.esys.tr_serialize(tr)),
-                    created=False,
-                )
+                return bytes(self.esys.tr_get_name(tr)), bytes(self.esys.tr_serialize(tr))
         finally:
             self.esys.tr_close(tr)
 
@@ -368,11 +373,7 @@ class Tpm:
 
     def _nv_attributes(self, handle: int) -> tuple[int, int, bytes] | None:
         """(attributes, dataSize, authPolicy) of the NV index at ``handle``; None if undefined."""
-        from tpm2_pytss import TPM2_CAP
-
-        with self._tss("TPM2_GetCapability"):
-            _, data = self.esys.get_capability(TPM2_CAP.HANDLES, handle, 1)
-        if handle not in list(data.data.handles):
+        if not self.handle_defined(handle):
             return None
         with self._tss("TPM2_NV_ReadPublic"):
             tr = self.esys.tr_from_tpmpublic(handle)
@@ -386,17 +387,8 @@ class Tpm:
 
     def nv_counter(self, handle: int) -> NvBinding:
         """The (written) counter at ``handle``: its name and serialized ESYS_TR, bound 0."""
-        with self._tss("TPM2_NV_ReadPublic"):
-            tr = self.esys.tr_from_tpmpublic(handle)
-        try:
-            with self._tss("Esys_TR_Serialize"):
-                return NvBinding(
-                    handle=handle,
-                    name=bytes(self.esys.tr_get_name(tr)),
-                    esys_tr=bytes(self.esys.tr_serialize(tr)),
-                )
-        finally:
-            self.esys.tr_close(tr)
+        name, esys_tr = self.pin(handle, action="TPM2_NV_ReadPublic")
+        return NvBinding(handle=handle, name=name, esys_tr=esys_tr)
 
     def nv_define_counter(self, preferred: int = 0) -> NvBinding:
         """Define a new rollback counter in the first free owner index from ``preferred`` on.
