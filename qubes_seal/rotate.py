@@ -228,6 +228,41 @@ class RotateResult:
     token: Token
 
 
+def _retire_old_slot(
+    container: Any,
+    token: Token,
+    token_id: int,
+    journal: Any,
+    *,
+    tcti: str,
+    slot: int,
+    existing: Secret,
+    final_digest: bytes,
+    master: Secret,
+    auth: Secret,
+    proof: Secret | None,
+    old_sealed: Any,
+    progress: Callable[[str], None],
+    what: str,
+) -> None:
+    """The common end of a rotation, after the new token is in place: revoke the old object,
+    kill the old keyslot, then reseal to the final header alone and revoke the transitional
+    objects.  Each step is journalled, so `repair` can finish it."""
+    from .luks.header import header_digest
+
+    settle_counter(tcti, token.sealed)  # the old object (and its header) is revoked
+    progress(f"removing the old {what} {slot}")
+    container.kill_slot(slot, existing=existing)
+    journal.mark("old-keyslot-killed")
+    if header_digest(container.path) != final_digest:
+        raise CorruptState("the header changed unexpectedly during the rotation")
+    _seal_token(token, tcti=tcti, master=master, auth=auth, proof=proof,
+                states=_states(old_sealed, [final_digest]))  # fmt: skip
+    container.import_token(token.to_json(), token_id=token_id, replace=True)
+    journal.mark("resealed")
+    settle_counter(tcti, token.sealed)  # the transitional objects are revoked
+
+
 def rotate_tpm_key(
     path: Path,
     *,
@@ -302,17 +337,11 @@ def rotate_tpm_key(
                     states=_states(old.sealed, [d1, d2]))  # fmt: skip
         container.import_token(new.to_json(), token_id=token_id, replace=True)
         journal.mark("token-replaced")
-        settle_counter(tcti, new.sealed)  # the old object (and its header) is revoked
-        progress(f"removing the old keyslot {old.tpm_keyslot}")
-        container.kill_slot(old.tpm_keyslot, existing=new_key)
-        journal.mark("old-keyslot-killed")
-        if header_digest(path) != d2:
-            raise CorruptState("the header changed unexpectedly during the rotation")
-        _seal_token(new, tcti=tcti, master=master1, auth=auth1, proof=proof,
-                    states=_states(old.sealed, [d2]))  # fmt: skip
-        container.import_token(new.to_json(), token_id=token_id, replace=True)
-        journal.mark("resealed")
-        settle_counter(tcti, new.sealed)  # the transitional objects are revoked
+        _retire_old_slot(
+            container, new, token_id, journal, tcti=tcti, slot=old.tpm_keyslot,
+            existing=new_key, final_digest=d2, master=master1, auth=auth1, proof=proof,
+            old_sealed=old.sealed, progress=progress, what="keyslot",
+        )  # fmt: skip
         proof_copy = None if proof is None else _copy(proof)
         with make_bundle(_copy(master1), auth1, proof_copy) as bundle:
             handover.put(container.uuid, bundle, keyring=keyring, kind="rs")
@@ -381,17 +410,11 @@ def rotate_recovery(
         token.recovery_keyslot = new_slot
         container.import_token(token.to_json(), token_id=token_id, replace=True)
         journal.mark("token-updated")
-        settle_counter(tcti, token.sealed)  # the old object (and its header) is revoked
-        progress(f"removing the old recovery keyslot {old.recovery_keyslot}")
-        container.kill_slot(old.recovery_keyslot, existing=rkey)
-        journal.mark("old-keyslot-killed")
-        if header_digest(path) != d2:
-            raise CorruptState("the header changed unexpectedly during the rotation")
-        _seal_token(token, tcti=tcti, master=master, auth=auth, proof=proof,
-                    states=_states(old.sealed, [d2]))  # fmt: skip
-        container.import_token(token.to_json(), token_id=token_id, replace=True)
-        journal.mark("resealed")
-        settle_counter(tcti, token.sealed)  # the transitional objects are revoked
+        _retire_old_slot(
+            container, token, token_id, journal, tcti=tcti, slot=old.recovery_keyslot,
+            existing=rkey, final_digest=d2, master=master, auth=auth, proof=proof,
+            old_sealed=old.sealed, progress=progress, what="recovery keyslot",
+        )  # fmt: skip
         journal.finish()
         _cleanup(state_dir)
         return RotateResult("rotate-recovery", new_slot, old.recovery_keyslot, token)
