@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 # TPM 2.0 Part 2, 6.5.2 (TPM_CC).
 TPM_CC_POLICY_NV = 0x00000149
+TPM_CC_POLICY_AUTHORIZE = 0x0000016A
 TPM_CC_POLICY_AUTH_VALUE = 0x0000016B
 TPM_CC_POLICY_OR = 0x00000171
 TPM_CC_POLICY_PCR = 0x0000017F
@@ -183,3 +184,48 @@ def sealing_policy(
     if with_auth:
         digest = policy_auth_value(digest)
     return digest, branches if len(branches) > 1 else []
+
+
+def policy_authorize(key_name: bytes, policy_ref: bytes, *, name_alg: str = "sha256") -> bytes:
+    """The policy digest after TPM2_PolicyAuthorize (Part 3, 23.16): the digest is *reset*,
+    then ``PolicyUpdate(TPM_CC_PolicyAuthorize, keySign's name, policyRef)``::
+
+        policyDigest' = H(0...0 || TPM_CC_PolicyAuthorize || keyName)
+        policyDigest'' = H(policyDigest' || policyRef)
+
+    An object whose authPolicy starts this way accepts any policy that the key signed.
+    """
+    zero = bytes(hashlib.new(name_alg).digest_size)
+    first = hashlib.new(
+        name_alg, zero + TPM_CC_POLICY_AUTHORIZE.to_bytes(4, "big") + key_name
+    ).digest()
+    return hashlib.new(name_alg, first + policy_ref).digest()
+
+
+def approved_policy(
+    values: Mapping[int, bytes],
+    pcrs: Sequence[int],
+    *,
+    bank: str = "sha256",
+    nv: tuple[bytes, int] | None = None,
+) -> bytes:
+    """One accepted boot state as the policy-signing key approves it: ``PolicyPCR`` of the
+    expected values, then (with ``nv``: the counter's name and the bound) ``PolicyNV``
+    (counter <= bound), so incrementing the counter past the bound voids the signature."""
+    digest = policy_pcr(values, pcrs, bank=bank)
+    if nv is not None:
+        digest = policy_nv(digest, nv[0], counter_bound(nv[1]))
+    return digest
+
+
+def authorization_digest(approved: bytes, policy_ref: bytes, *, name_alg: str = "sha256") -> bytes:
+    """``aHash`` of TPM2_PolicyAuthorize: what the key signs, ``H(approvedPolicy || policyRef)``
+    (hashed with the key's nameAlg)."""
+    return hashlib.new(name_alg, approved + policy_ref).digest()
+
+
+def signed_object_policy(key_name: bytes, policy_ref: bytes, *, with_auth: bool) -> bytes:
+    """The authPolicy of an object under signed policies: ``PolicyAuthorize`` (key, ref), then
+    ``PolicyAuthValue`` when the passphrase-derived authValue is required."""
+    digest = policy_authorize(key_name, policy_ref)
+    return policy_auth_value(digest) if with_auth else digest

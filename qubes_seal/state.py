@@ -22,6 +22,14 @@ Format (JSON, UTF-8, one object; documented in docs/STATE.md)::
 TPM NV counter of the rollback protection.  The policy then requires ``counter <= bound``
 (TPM2_PolicyNV); every reseal increments the counter past the older objects' bounds.
 
+``signed`` (optional; the container's tokens since signed policies): the object's policy is
+PolicyAuthorize over a dom0 policy-signing key (then PolicyAuthValue), and each accepted PCR
+state carries that key's signature of its approved policy (PolicyPCR, then PolicyNV with the
+``nv`` bound)::
+
+      "signed": {"signer_public": "<base64 TPM2B_PUBLIC>", "signer_name": "<hex>",
+                 "policy_ref": "<hex>", "signatures": ["<hex r||s>", ...]}
+
 The private blob is encrypted by the TPM under the SRK: it is useless without that TPM.  The
 file is still written with mode 0600 in a 0700 directory, atomically.
 """
@@ -83,6 +91,45 @@ class NvBinding:
         )
 
 
+@dataclass(frozen=True)
+class SignedPolicy:
+    """Signed policies: the object accepts any boot state the dom0 policy-signing key signed.
+
+    ``public`` is the key's marshalled TPM2B_PUBLIC (loaded with TPM2_LoadExternal at unseal),
+    ``name`` its TPM name, ``policy_ref`` the random value that binds the signatures to this
+    generation of sealed objects, ``signatures`` one ECDSA ``r || s`` per accepted PCR state,
+    over ``H(approvedPolicy || policyRef)``; the approved policy is PolicyPCR of the state,
+    then PolicyNV (counter <= the ``nv`` bound).
+    """
+
+    public: bytes
+    name: bytes
+    policy_ref: bytes
+    signatures: tuple[bytes, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "signer_public": base64.b64encode(self.public).decode(),
+            "signer_name": self.name.hex(),
+            "policy_ref": self.policy_ref.hex(),
+            "signatures": [s.hex() for s in self.signatures],
+        }
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> SignedPolicy:
+        signed = cls(
+            public=base64.b64decode(doc["signer_public"], validate=True),
+            name=bytes.fromhex(doc["signer_name"]),
+            policy_ref=bytes.fromhex(doc["policy_ref"]),
+            signatures=tuple(bytes.fromhex(s) for s in doc["signatures"]),
+        )
+        from .tpm.marshal import name_from_public
+
+        if name_from_public(signed.public) != signed.name:
+            raise ValueError("the signer's name does not match its public key")
+        return signed
+
+
 @dataclass
 class SealedState:
     """Everything needed to unseal, and to explain a refusal."""
@@ -99,6 +146,7 @@ class SealedState:
     require_launch: bool = True
     auth_value: bool = False
     nv: NvBinding | None = None
+    signed: SignedPolicy | None = None
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     tool_version: str = __version__
 
@@ -127,6 +175,7 @@ class SealedState:
             "require_launch": self.require_launch,
             "auth_value": self.auth_value,
             **({"nv": self.nv.to_dict()} if self.nv is not None else {}),
+            **({"signed": self.signed.to_dict()} if self.signed is not None else {}),
         }
         return (json.dumps(doc, indent=2) + "\n").encode()
 
@@ -182,6 +231,9 @@ class SealedState:
                 require_launch=bool(doc["require_launch"]),
                 auth_value=bool(doc.get("auth_value", False)),
                 nv=NvBinding.from_dict(doc["nv"]) if doc.get("nv") is not None else None,
+                signed=(
+                    SignedPolicy.from_dict(doc["signed"]) if doc.get("signed") is not None else None
+                ),
                 created=str(doc["created"]),
                 tool_version=str(doc["tool_version"]),
             )
@@ -192,6 +244,8 @@ class SealedState:
         for s in state.pcr_states:
             if sorted(s.values) != sorted(state.pcrs):
                 raise bad(f"PCR state '{s.label}' does not cover the selected PCRs")
+        if state.signed is not None and len(state.signed.signatures) != len(state.pcr_states):
+            raise bad("not one signature per accepted PCR state")
         if state.pcr_bank not in ("sha1", "sha256", "sha384", "sha512"):
             raise bad(f"unknown PCR bank {state.pcr_bank!r}")
         return state

@@ -7,7 +7,7 @@ and ``import tpm2_pytss`` pulls in ``cryptography.x509``.  So the boot path call
 libraries directly::
 
     libtss2-esys.so.0     Esys_* (links libtss2-sys, libtss2-mu and libcrypto only)
-    libtss2-mu.so.0       Tss2_MU_TPM2B_PUBLIC/PRIVATE_Unmarshal
+    libtss2-mu.so.0       Tss2_MU_TPM2B_PUBLIC/PRIVATE_Unmarshal, Tss2_MU_TPMT_SIGNATURE_Unmarshal
     libtss2-tctildr.so.0  Tss2_TctiLdr_*: dlopen()s libtss2-tcti-<name>.so.0 at run time
 
 The structures below mirror ``/usr/include/tss2/tss2_tpm2_types.h`` (the test suite compares
@@ -36,6 +36,7 @@ from ._lib import quiet_tss_log
 ESYS_TR_NONE = 0xFFF
 ESYS_TR_PASSWORD = 0x0FF
 ESYS_TR_PCR0 = 0x000  # ESYS_TR_PCRn == n
+ESYS_TR_RH_OWNER = 0x101
 
 TPM2_ALG_SHA1 = 0x0004
 TPM2_ALG_AES = 0x0006
@@ -152,6 +153,17 @@ class TPM2B_PRIVATE(ctypes.Structure):
     _fields_ = [("size", u16), ("buffer", u8 * 1550)]  # sizeof(_PRIVATE)
 
 
+class TPMT_SIGNATURE(ctypes.Structure):
+    """Opaque: ``TPMI_ALG_SIG_SCHEME sigAlg; TPMU_SIGNATURE signature`` (518 bytes, 2-aligned);
+    only the MU library fills it."""
+
+    _fields_ = [("_opaque", u16 * 259)]
+
+
+class TPMT_TK_VERIFIED(ctypes.Structure):
+    _fields_ = [("tag", u16), ("hierarchy", u32), ("digest", TPM2B_DIGEST)]
+
+
 class TPML_HANDLE(ctypes.Structure):
     _fields_ = [("count", u32), ("handle", u32 * TPM2_MAX_CAP_HANDLES)]
 
@@ -184,6 +196,8 @@ STRUCTS: dict[str, type[ctypes.Structure] | type[ctypes.Union]] = {
     "TPM2B_NAME": TPM2B_NAME,
     "TPM2B_PUBLIC": TPM2B_PUBLIC,
     "TPM2B_PRIVATE": TPM2B_PRIVATE,
+    "TPMT_SIGNATURE": TPMT_SIGNATURE,
+    "TPMT_TK_VERIFIED": TPMT_TK_VERIFIED,
     "TPML_HANDLE": TPML_HANDLE,
     "TPMU_CAPABILITIES": TPMU_CAPABILITIES,
     "TPMS_CAPABILITY_DATA": TPMS_CAPABILITY_DATA,
@@ -206,6 +220,9 @@ _PROTOTYPES: dict[str, tuple[int, Any, tuple[Any, ...]]] = {
     "Tss2_MU_TPM2B_PRIVATE_Unmarshal": (
         1, TSS2_RC, (ctypes.c_char_p, size_t, P(size_t), P(TPM2B_PRIVATE)),
     ),
+    "Tss2_MU_TPMT_SIGNATURE_Unmarshal": (
+        1, TSS2_RC, (ctypes.c_char_p, size_t, P(size_t), P(TPMT_SIGNATURE)),
+    ),
     "Esys_Initialize": (0, TSS2_RC, (P(vp), vp, vp)),
     "Esys_Finalize": (0, None, (P(vp),)),
     "Esys_Free": (0, None, (vp,)),
@@ -217,6 +234,17 @@ _PROTOTYPES: dict[str, tuple[int, Any, tuple[Any, ...]]] = {
     "Esys_TRSess_SetAttributes": (0, TSS2_RC, (vp, ESYS_TR, u8, u8)),
     "Esys_Load": (
         0, TSS2_RC, (vp, ESYS_TR, *TR3, P(TPM2B_PRIVATE), P(TPM2B_PUBLIC), P(ESYS_TR)),
+    ),
+    "Esys_LoadExternal": (
+        0, TSS2_RC, (vp, *TR3, vp, P(TPM2B_PUBLIC), ESYS_TR, P(ESYS_TR)),
+    ),
+    "Esys_VerifySignature": (
+        0, TSS2_RC,
+        (vp, ESYS_TR, *TR3, P(TPM2B_DIGEST), P(TPMT_SIGNATURE), P(P(TPMT_TK_VERIFIED))),
+    ),
+    "Esys_PolicyAuthorize": (
+        0, TSS2_RC,
+        (vp, ESYS_TR, *TR3, P(TPM2B_DIGEST), P(TPM2B_NONCE), P(TPM2B_NAME), P(TPMT_TK_VERIFIED)),
     ),
     "Esys_StartAuthSession": (
         0, TSS2_RC,
@@ -482,18 +510,22 @@ class Esys:
                 "TPM2_ReadPublic of the SRK",
             )
         try:
-            name = P(TPM2B_NAME)()
             with self._tss("Esys_TR_GetName"):
-                self.check(
-                    self.lib.Esys_TR_GetName(self._ctx, tr, ctypes.byref(name)), "Esys_TR_GetName"
-                )
-            try:
-                n = name.contents
-                return bytes(n.name[: min(n.size, len(n.name))])
-            finally:
-                self.lib.Esys_Free(name)
+                return self.tr_name(int(tr.value))
         finally:
             self.lib.Esys_TR_Close(self._ctx, ctypes.byref(tr))
+
+    def tr_name(self, handle: int) -> bytes:
+        """The TPM name ESYS holds for ``handle`` (no TPM command); raises TssError."""
+        name = P(TPM2B_NAME)()
+        self.check(
+            self.lib.Esys_TR_GetName(self._ctx, handle, ctypes.byref(name)), "Esys_TR_GetName"
+        )
+        try:
+            n = name.contents
+            return bytes(n.name[: min(n.size, len(n.name))])
+        finally:
+            self.lib.Esys_Free(name)
 
     # -- unseal primitives (raise TssError) -----------------------------------------------------
 
@@ -622,6 +654,62 @@ class Esys:
             "TPM2_PolicyNV",
         )  # fmt: skip
 
+    def load_external(self, public: TPM2B_PUBLIC) -> int:
+        """TPM2_LoadExternal of a public key alone, in the owner hierarchy (so that the
+        tickets of TPM2_VerifySignature are not NULL tickets, which PolicyAuthorize refuses)."""
+        obj = ESYS_TR(ESYS_TR_NONE)
+        self.check(
+            self.lib.Esys_LoadExternal(
+                self._ctx, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, None, ctypes.byref(public),
+                ESYS_TR_RH_OWNER, ctypes.byref(obj),
+            ),
+            "TPM2_LoadExternal",
+        )  # fmt: skip
+        return int(obj.value)
+
+    def verify_signature(
+        self, key: int, digest: bytes, signature: TPMT_SIGNATURE
+    ) -> TPMT_TK_VERIFIED:
+        """TPM2_VerifySignature of ``signature`` over ``digest``: the validation ticket."""
+        d = _digest(digest)
+        out = P(TPMT_TK_VERIFIED)()
+        self.check(
+            self.lib.Esys_VerifySignature(
+                self._ctx, key, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
+                ctypes.byref(d), ctypes.byref(signature), ctypes.byref(out),
+            ),
+            "TPM2_VerifySignature",
+        )  # fmt: skip
+        try:
+            ticket = TPMT_TK_VERIFIED()
+            ctypes.memmove(ctypes.addressof(ticket), out, ctypes.sizeof(ticket))
+            return ticket
+        finally:
+            self.lib.Esys_Free(out)
+
+    def policy_authorize(
+        self,
+        session: int,
+        approved: bytes,
+        policy_ref: bytes,
+        key_name: bytes,
+        ticket: TPMT_TK_VERIFIED,
+    ) -> None:
+        """TPM2_PolicyAuthorize: the session's digest (``approved``) was signed by the key."""
+        name = TPM2B_NAME()
+        if len(key_name) > len(name.name):
+            raise ValueError("a TPM name has at most 68 bytes")
+        name.size = len(key_name)
+        ctypes.memmove(ctypes.addressof(name.name), key_name, len(key_name))
+        a, ref = _digest(approved), _digest(policy_ref)
+        self.check(
+            self.lib.Esys_PolicyAuthorize(
+                self._ctx, session, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
+                ctypes.byref(a), ctypes.byref(ref), ctypes.byref(name), ctypes.byref(ticket),
+            ),
+            "TPM2_PolicyAuthorize",
+        )  # fmt: skip
+
     def unseal(self, item: int, session: int) -> Secret:
         """TPM2_Unseal of ``item`` through ``session``; libtss2's copy is zeroed, then freed."""
         out = P(TPM2B_SENSITIVE_DATA)()
@@ -643,6 +731,23 @@ class Esys:
     def flush_context(self, handle: int) -> int:
         """TPM2_FlushContext; returns the TSS2_RC (callers flush on error paths too)."""
         return int(self.lib.Esys_FlushContext(self._ctx, handle))
+
+
+def _digest(data: bytes) -> TPM2B_DIGEST:
+    out = TPM2B_DIGEST()
+    if len(data) > len(out.buffer):
+        raise ValueError("a digest has at most 64 bytes")
+    out.size = len(data)
+    ctypes.memmove(ctypes.addressof(out.buffer), data, len(data))
+    return out
+
+
+def unmarshal_signature(data: bytes) -> TPMT_SIGNATURE:
+    """A marshalled TPMT_SIGNATURE, parsed by libtss2-mu; ValueError when malformed."""
+    lib = load()
+    dest = TPMT_SIGNATURE()
+    _unmarshal(lib.Tss2_MU_TPMT_SIGNATURE_Unmarshal, data, dest)
+    return dest
 
 
 def unmarshal_public(data: bytes) -> TPM2B_PUBLIC:

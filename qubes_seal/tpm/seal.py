@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+import secrets
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from ..errors import NoMeasuredLaunch, UsageError
-from ..policy import launch_happened, sealing_policy, validate_pcrs
+from ..errors import CorruptState, NoMeasuredLaunch, UsageError
+from ..policy import (
+    approved_policy,
+    authorization_digest,
+    launch_happened,
+    sealing_policy,
+    signed_object_policy,
+    validate_pcrs,
+)
 from ..secret import Secret
-from ..state import NvBinding, PcrState, SealedState
+from ..state import NvBinding, PcrState, SealedState, SignedPolicy
 from .device import Tpm
+
+if TYPE_CHECKING:
+    from ..signer import PolicySigner
 
 #: tboot with a TPM 2.0 uses the details/authorities mapping: PCR 17 (details) and 18
 #: (authorities) hold SINIT's and tboot's measurements, Xen and dom0 included (TBOOT-TXT.md).
@@ -39,6 +52,7 @@ def seal_to_states(
     require_launch: bool = True,
     auth: Secret | None = None,
     nv: NvBinding | None = None,
+    signer: PolicySigner | None = None,
 ) -> SealedState:
     """Seal ``secret`` so that any one of ``states`` (1 to 8 sets of PCR values) unseals it.
 
@@ -46,19 +60,33 @@ def seal_to_states(
     (a rollback counter), it also needs the counter at most its current value + 1
     (PolicyNV): the object works before and after the increment that follows its sealing,
     and no more after the next one.
+
+    With ``signer`` (signed policies; ``nv`` required), the object's policy is
+    PolicyAuthorize over the signer's key with a new random policyRef (then PolicyAuthValue),
+    and each state is signed (:func:`sign_states`): later states need a signature only.
     """
     pcrs = validate_pcrs(pcrs)
     if not 1 <= len(states) <= 8:
         raise UsageError(f"{len(states)} accepted PCR states: between 1 and 8 are possible")
     if nv is not None:
         nv = NvBinding(nv.handle, nv.name, nv.esys_tr, bound=tpm.nv_read_counter(nv) + 1)
-    digest, _ = sealing_policy(
-        [s.values for s in states],
-        pcrs,
-        bank=bank,
-        with_auth=auth is not None,
-        nv=None if nv is None else (nv.name, nv.bound),
-    )
+    signed: SignedPolicy | None = None
+    if signer is not None:
+        if nv is None:
+            raise UsageError("signed policies need the rollback counter")
+        from ..signer import POLICY_REF_SIZE  # not on the boot path
+
+        ref = secrets.token_bytes(POLICY_REF_SIZE)
+        signed = sign_states(signer, ref, pcrs=pcrs, states=states, bank=bank, nv=nv)
+        digest = signed_object_policy(signer.name(), ref, with_auth=auth is not None)
+    else:
+        digest, _ = sealing_policy(
+            [s.values for s in states],
+            pcrs,
+            bank=bank,
+            with_auth=auth is not None,
+            nv=None if nv is None else (nv.name, nv.bound),
+        )
     srk = tpm.ensure_srk()
     public, private = tpm.seal(secret, srk=srk, policy_digest=digest, auth=auth)
     return SealedState(
@@ -74,7 +102,55 @@ def seal_to_states(
         require_launch=require_launch,
         auth_value=auth is not None,
         nv=nv,
+        signed=signed,
     )
+
+
+def sign_states(
+    signer: PolicySigner,
+    policy_ref: bytes,
+    *,
+    pcrs: Sequence[int],
+    states: Sequence[PcrState],
+    bank: str,
+    nv: NvBinding,
+) -> SignedPolicy:
+    """The signer's approval of each state: ECDSA over ``H(approvedPolicy || policyRef)``,
+    the approved policy being PolicyPCR of the state then PolicyNV (counter <= ``nv.bound``)."""
+    signatures = tuple(
+        signer.sign(
+            authorization_digest(
+                approved_policy(s.values, pcrs, bank=bank, nv=(nv.name, nv.bound)), policy_ref
+            )
+        )
+        for s in states
+    )
+    return SignedPolicy(signer.public(), signer.name(), policy_ref, signatures)
+
+
+def resign(
+    tpm: Tpm, state: SealedState, signer: PolicySigner, states: Sequence[PcrState]
+) -> SealedState:
+    """The same sealed object, accepting ``states`` instead: new signatures, bound to the
+    counter's next value (so the increment that follows voids every older signature).
+
+    No secret and no new object: this is how an update is approved under signed policies.
+    """
+    if state.signed is None or state.nv is None:
+        raise UsageError("this sealed object does not use signed policies: reseal it")
+    if signer.name() != state.signed.name:
+        raise CorruptState(
+            "the keystore's policy-signing key is not the one this sealed object trusts",
+            hint="Reseal with 'qubes-seal recover --reseal' (recovery key) to trust it again.",
+        )
+    if not 1 <= len(states) <= 8:
+        raise UsageError(f"{len(states)} accepted PCR states: between 1 and 8 are possible")
+    nv = dataclasses.replace(state.nv, bound=tpm.nv_read_counter(state.nv) + 1)
+    signed = sign_states(
+        signer, state.signed.policy_ref, pcrs=state.pcrs, states=states, bank=state.pcr_bank,
+        nv=nv,
+    )  # fmt: skip
+    return dataclasses.replace(state, pcr_states=list(states), nv=nv, signed=signed)
 
 
 def current_state(

@@ -13,6 +13,17 @@ Sequence (TPM 2.0 Part 3 command names)::
                          ``continueSession`` clear, so the TPM flushes the session itself
     TPM2_FlushContext    the sealed object
 
+Under signed policies (``state.signed``; the container's tokens) the PCR values are not in
+the object's policy but in signed approvals, and the sequence becomes::
+
+    TPM2_PCR_Read        which accepted state is this boot? (none: refused, with the diff)
+    TPM2_LoadExternal    the dom0 policy-signing public key (owner hierarchy)
+    TPM2_VerifySignature that state's signature -> a validation ticket
+    TPM2_FlushContext    the public key
+    TPM2_Load, TPM2_StartAuthSession, TPM2_PolicyPCR, TPM2_PolicyNV (as above)
+    TPM2_PolicyAuthorize the session's digest is the approved one, signed by the key
+    TPM2_PolicyAuthValue, TPM2_Unseal, TPM2_FlushContext (as above)
+
 The SRK is not read from the TPM: its public area travels in the sealed state as a serialized
 ESYS_TR, recorded at sealing time (the pin).  A different key at 0x81000001 cannot decrypt the
 salt nor load the object, so the unseal fails closed; the diagnosis then compares names.
@@ -33,11 +44,17 @@ from ..errors import (
     TPMUnavailable,
     UsageError,
 )
-from ..policy import counter_bound, sealing_policy
+from ..policy import (
+    approved_policy,
+    authorization_digest,
+    counter_bound,
+    sealing_policy,
+    signed_object_policy,
+)
 from ..secret import Secret
-from ..state import SealedState
+from ..state import PcrState, SealedState
 from . import esys as _esys
-from . import rc
+from . import marshal, rc
 from .esys import ESYS_TR_NONE, TPM2_SE_POLICY, TPMA_SESSION_ENCRYPT, Esys, TssError
 
 DRTM_PCR = 17
@@ -59,10 +76,66 @@ def unseal(state: SealedState, *, tcti: str, auth: Secret | None = None) -> Secr
         return _unseal(state, tcti=tcti, auth=auth)
     except TssError as failed:
         raise _diagnose(state, tcti, failed) from None
+    except _NoAcceptedState as refused:
+        raise _mismatch(state, refused.current) from None
+
+
+class _NoAcceptedState(Exception):
+    """Signed policies: the current PCRs match no signed state (diagnosed by the caller)."""
+
+    def __init__(self, current: dict[int, bytes]) -> None:
+        super().__init__("no accepted state")
+        self.current = current
+
+
+def _approve(tpm: Esys, state: SealedState) -> tuple[bytes, _esys.TPMT_TK_VERIFIED]:
+    """Signed policies: this boot's accepted state, its approved policy and the TPM's ticket
+    for its signature (the public key is loaded, used once and flushed)."""
+    signed = state.signed
+    assert signed is not None and state.nv is not None
+    expected = signed_object_policy(signed.name, signed.policy_ref, with_auth=state.auth_value)
+    if marshal.auth_policy(state.public) != expected:
+        raise CorruptState(
+            "the sealed object does not accept this signing key and policy reference: the "
+            "token was altered or mixed with another one",
+            hint="Unlock with the recovery key ('qubes-seal recover --reseal') to seal again.",
+        )
+    wanted = set(state.pcrs) | ({DRTM_PCR} if state.require_launch else set())
+    current = tpm.pcr_read(wanted, state.pcr_bank)
+    index = next(
+        (
+            i
+            for i, s in enumerate(state.pcr_states)
+            if all(current[p] == v for p, v in s.values.items())
+        ),
+        None,
+    )
+    if index is None:
+        raise _NoAcceptedState(current)
+    approved = approved_policy(
+        state.pcr_states[index].values,
+        state.pcrs,
+        bank=state.pcr_bank,
+        nv=(state.nv.name, state.nv.bound),
+    )
+    try:
+        public = _esys.unmarshal_public(signed.public)
+        signature = _esys.unmarshal_signature(marshal.marshal_signature(signed.signatures[index]))
+    except ValueError:
+        raise CorruptState("the sealed state's signing key or signature is corrupted") from None
+    key = tpm.load_external(public)
+    try:
+        ticket = tpm.verify_signature(
+            key, authorization_digest(approved, signed.policy_ref), signature
+        )
+    finally:
+        tpm.flush_context(key)
+    return approved, ticket
 
 
 def _unseal(state: SealedState, *, tcti: str, auth: Secret | None) -> Secret:
     with Esys(tcti) as tpm:
+        approval = _approve(tpm, state) if state.signed is not None else None
         try:
             pub = _esys.unmarshal_public(state.public)
         except ValueError:
@@ -90,13 +163,20 @@ def _unseal(state: SealedState, *, tcti: str, auth: Secret | None) -> Secret:
             # use.
             tpm.trsess_set_attributes(sess, TPMA_SESSION_ENCRYPT, 0xFF)
             tpm.policy_pcr(sess, _esys.pcr_selection(state.pcrs, state.pcr_bank))
-            _, branches = sealing_policy(
-                [s.values for s in state.pcr_states], state.pcrs, bank=state.pcr_bank
-            )
-            if branches:
-                tpm.policy_or(sess, list(branches))
+            if approval is None:
+                _, branches = sealing_policy(
+                    [s.values for s in state.pcr_states], state.pcrs, bank=state.pcr_bank
+                )
+                if branches:
+                    tpm.policy_or(sess, list(branches))
             if state.nv is not None:
                 tpm.policy_nv(sess, nv, counter_bound(state.nv.bound))
+            if approval is not None and state.signed is not None:
+                approved, ticket = approval
+                tpm.policy_authorize(
+                    sess, approved, state.signed.policy_ref, state.signed.name,
+                    ticket,
+                )  # fmt: skip
             if auth is not None:
                 tpm.policy_auth_value(sess)
                 tpm.tr_set_auth(obj, auth.reveal())
@@ -119,6 +199,16 @@ def _diagnose(state: SealedState, tcti: str, failed: TssError) -> QubesSealError
     error = rc.to_error(failed.code, action=failed.action, tcti=tcti)
     if isinstance(error, TPMUnavailable):
         return error
+    if failed.action in ("TPM2_LoadExternal", "TPM2_VerifySignature", "TPM2_PolicyAuthorize"):
+        what = {
+            "TPM2_LoadExternal": "the TPM refused the policy-signing key",
+            "TPM2_VerifySignature": "the signature of this boot's state does not verify",
+            "TPM2_PolicyAuthorize": "the sealed object does not accept this signed state",
+        }[failed.action]
+        return CorruptState(
+            f"{what} ({rc.describe(failed.code)}): the token was altered or mixed with another one",
+            hint="Unlock with the recovery key ('qubes-seal recover --reseal') to seal again.",
+        )
     if failed.action == "TPM2_PolicyNV":
         # TPM_RC_POLICY: the comparison failed, the counter is past the bound.
         return RevokedState() if rc.base(failed.code) == rc.TPM_RC_POLICY else error
@@ -137,10 +227,15 @@ def _diagnose(state: SealedState, tcti: str, failed: TssError) -> QubesSealError
             current = tpm.pcr_read(set(state.pcrs) | {DRTM_PCR}, state.pcr_bank)
     except QubesSealError:
         return error
+    return _mismatch(state, current)
+
+
+def _mismatch(state: SealedState, current: dict[int, bytes]) -> QubesSealError:
+    """The refusal for PCRs that match no accepted state: no launch, or the differing PCRs."""
     if state.require_launch and current[DRTM_PCR] == b"\xff" * len(current[DRTM_PCR]):
         return NoMeasuredLaunch()
     # Compare with the accepted state that differs least, so the diff names the culprit.
-    best = min(
+    best: PcrState = min(
         state.pcr_states,
         key=lambda s: sum(current[p] != v for p, v in s.values.items()),
     )
