@@ -87,8 +87,13 @@ class Proof:
         return cls(str(doc["kind"]), SealedState.from_dict(doc.get("sealed"), source=source))
 
 
-def seal_proof(tpm: Any, *, kind: str, value: Secret, master: SealedState) -> Proof:
-    """Seal ``value`` to the master secret's PCR states, with no authorization."""
+def seal_proof(
+    tpm: Any, *, kind: str, value: Secret, master: SealedState, signer: Any = None
+) -> Proof:
+    """Seal ``value`` to the master secret's PCR states, with no authorization.
+
+    With ``signer`` (the dom0 policy-signing key) and a master object bound to the rollback
+    counter, the proof uses signed policies too: an update then re-signs it, no reseal."""
     from .tpm.seal import seal_to_states  # not on the boot path
 
     if kind not in KINDS:
@@ -101,6 +106,8 @@ def seal_proof(tpm: Any, *, kind: str, value: Secret, master: SealedState) -> Pr
         states=states,
         bank=master.pcr_bank,
         require_launch=master.require_launch,
+        nv=master.nv if signer is not None else None,
+        signer=signer if master.nv is not None else None,
     )
     return Proof(kind, sealed)
 

@@ -181,6 +181,40 @@ class Unlocked:
         self.volume_key.wipe()
 
 
+def ensure_signer(unlocked: Unlocked) -> Any:
+    """The dom0 policy-signing key (:class:`~qubes_seal.signer.PolicySigner`) from the
+    keystore; a keystore written before signed policies gets one (and is saved)."""
+    from .signer import PolicySigner  # not on the boot path
+
+    ks = unlocked.keystore
+    if ks.signer is None:
+        signer = PolicySigner.generate()
+        ks.signer = Secret(bytes(signer.scalar.reveal()))
+        unlocked.save()
+        return signer
+    return PolicySigner(Secret(bytes(ks.signer.reveal())))
+
+
+def handed_over_signer(path: Path, *, keyring: str = "user") -> Any:
+    """The policy-signing key through this boot's hand-over of the volume key, or None."""
+    unlocked = open_handed_over(path, keyring=keyring)
+    return None if unlocked is None else _signer_of(unlocked)
+
+
+def signer_from_volume_key(path: Path, vk: Secret) -> Any:
+    """The policy-signing key from the keystore the volume key ``vk`` opens (``vk`` is
+    wiped)."""
+    return _signer_of(open_with_volume_key(path, vk))
+
+
+def _signer_of(unlocked: Unlocked) -> Any:
+    try:
+        return ensure_signer(unlocked)
+    finally:
+        unlocked.keystore.wipe()
+        unlocked.close()
+
+
 # -- init ------------------------------------------------------------------------------------
 
 
@@ -213,6 +247,7 @@ def init(
     from .luks.container import Container
     from .luks.header import header_digest
     from .luks.payload import UserspacePayload
+    from .signer import PolicySigner  # not on the boot path
     from .tpm.device import Tpm  # not on the boot path
     from .tpm.seal import current_state, seal_to_states  # not on the boot path
 
@@ -224,6 +259,7 @@ def init(
     progress("deriving keys from the passphrase (Argon2id)")
     auth, mix = derive(passphrase, kdf_params)
     rkey = recovery.generate()
+    signer = PolicySigner.generate()
     try:
         key = luks_key(master, mix, kdf_params, context=LUKS_KEY_CONTEXT)
         progress("formatting the LUKS2 container (cryptsetup)")
@@ -242,9 +278,11 @@ def init(
             UserspacePayload(container, vk) as payload,
         ):
             keystore = initialise(payload, hkey)
+            keystore.signer = Secret(bytes(signer.scalar.reveal()))
             if root_volume:
                 keystore.add("dom0")  # the key of dom0's root volume (never served)
-                store(payload, keystore, hkey)
+            store(payload, keystore, hkey)
+            keystore.wipe()
         tpm_slot = 0
         recovery_slot = 1
         values = dict(now.values)
@@ -262,6 +300,7 @@ def init(
                 require_launch=require_launch,
                 auth=auth,
                 nv=nv,
+                signer=signer,
             )
         token = Token(
             sealed, kdf_params.to_json(), tpm_slot, recovery_slot, root_volume=root_volume
@@ -276,6 +315,7 @@ def init(
         master.wipe()
         auth.wipe()
         mix.wipe()
+        signer.wipe()
 
 
 def settle_counter(tcti: str, sealed: SealedState | None) -> bool:
@@ -427,29 +467,36 @@ def reseal_container(
     predicted: list[dict[int, bytes]] | None = None,
     keyring: str = "user",
 ) -> Token:
-    """Seal the same master secret (and proof) again: to this boot, plus ``predicted`` ones.
+    """Accept this boot, plus ``predicted`` ones, and nothing else.
 
-    No unseal and no passphrase: the secrets come from this boot's hand-over, which exists
-    only because the TPM released them in this boot (no trust on first use).  ``predicted``
-    gives PCR 17/18 of the next boot(s); PCR 13 is the expected value for the current header.
+    Under signed policies (every token since they exist) the sealed object stays: the dom0
+    policy-signing key, read from the keystore through this boot's hand-over of the volume
+    key, signs each accepted state.  No unseal, no passphrase, no new object: an update needs a
+    signature.  An older token (PolicyPCR/PolicyOR in the object) is sealed once more, signed,
+    from this boot's reseal hand-over (so it moves to signed policies).  ``predicted`` gives PCR
+    17/18 of the next boot(s); PCR 13 is the expected value for the current header.
+    Afterwards the rollback counter is incremented: every older signature and object is void.
     """
-    from .attest import Proof
+    from .attest import Proof, seal_proof
     from .luks.container import Container
     from .luks.header import header_digest
     from .tpm.device import Tpm  # not on the boot path
-    from .tpm.seal import current_state, seal_to_states  # not on the boot path
+    from .tpm.seal import current_state, resign, seal_to_states  # not on the boot path
 
     container = Container(path)
     token_id, token = read_token(container)
-    bundle = handover.get(container.uuid, keyring=keyring, kind="rs")
-    if bundle is None:
+    signer = handed_over_signer(path, keyring=keyring)
+    if signer is None:
         raise UsageError(
             "this boot did not unlock the container: nothing can approve another boot",
             hint="Reseal in a boot that unlocked with the TPM and passphrase, or use "
             "'qubes-seal recover --reseal' with the recovery key.",
         )
-    master, auth, proof_value = unbundle(bundle)
-    bundle.wipe()
+    master = auth = proof_value = None
+    bundle = handover.get(container.uuid, keyring=keyring, kind="rs")
+    if bundle is not None:
+        master, auth, proof_value = unbundle(bundle)
+        bundle.wipe()
     old = token.sealed
     try:
         fixed: dict[int, bytes] = {}
@@ -467,23 +514,38 @@ def reseal_container(
                     raise UsageError("the prediction does not cover the sealed PCRs")
                 if state.values != states[0].values:
                     states.append(state)
-            token.sealed = seal_to_states(
-                tpm, master, pcrs=old.pcrs, states=states, bank=old.pcr_bank,
-                require_launch=old.require_launch, auth=auth, nv=old.nv,
-            )  # fmt: skip
-            if token.proof is not None and proof_value is not None:
-                token.proof = Proof(
-                    token.proof.kind,
-                    seal_to_states(
-                        tpm, proof_value, pcrs=old.pcrs, states=states, bank=old.pcr_bank,
-                        require_launch=old.require_launch,
-                    ),
+            if old.signed is not None and old.nv is not None:
+                token.sealed = resign(tpm, old, signer, states)
+            elif master is None or auth is None:
+                raise UsageError(
+                    "this token predates signed policies and this boot has no reseal "
+                    "hand-over: it cannot be moved to signed policies now",
+                    hint="Unlock with the TPM and passphrase ('qubes-seal unlock'), then reseal.",
+                )
+            else:
+                nv = old.nv if old.nv is not None else tpm.nv_define_counter(
+                    int(container.uuid.replace("-", "")[:8], 16)
                 )  # fmt: skip
+                token.sealed = seal_to_states(
+                    tpm, master, pcrs=old.pcrs, states=states, bank=old.pcr_bank,
+                    require_launch=old.require_launch, auth=auth, nv=nv, signer=signer,
+                )  # fmt: skip
+            if token.proof is not None:
+                if token.proof.sealed.signed is not None:
+                    token.proof = Proof(
+                        token.proof.kind, resign(tpm, token.proof.sealed, signer, states)
+                    )
+                elif proof_value is not None:
+                    token.proof = seal_proof(
+                        tpm, kind=token.proof.kind, value=proof_value, master=token.sealed,
+                        signer=signer,
+                    )  # fmt: skip
         container.import_token(token.to_json(), token_id=token_id, replace=True)
         crash_point("token-written")
         settle_counter(tcti, token.sealed)  # after the token: every older object is revoked
         return token
     finally:
+        signer.wipe()
         for s in (master, auth, proof_value):
             if s is not None:
                 s.wipe()
@@ -561,6 +623,7 @@ def reseal_with_recovery(
     token_id, old = read_token(container)
     pcrs = pcrs or old.sealed.pcrs
     rkey = recovery.normalise(recovery_key)
+    signer = signer_from_volume_key(path, container.volume_key(rkey))
     master = Secret.random(32)
     auth, mix = derive(passphrase, kdf_params)
     try:
@@ -579,7 +642,7 @@ def reseal_with_recovery(
                 nv = tpm.nv_define_counter(int(container.uuid.replace("-", "")[:8], 16))
             sealed = seal_to_states(
                 tpm, master, pcrs=pcrs, states=[PcrState("current", values)],
-                require_launch=require_launch, auth=auth, nv=nv,
+                require_launch=require_launch, auth=auth, nv=nv, signer=signer,
             )  # fmt: skip
         # The proof of a clean boot was sealed to the old header's PCR 13 and cannot be
         # unsealed any more: 'qubes-seal attest setup' must be run again.
@@ -592,6 +655,7 @@ def reseal_with_recovery(
         settle_counter(tcti, sealed)
         return token
     finally:
+        signer.wipe()
         for s in (rkey, master, auth, mix):
             s.wipe()
 

@@ -42,6 +42,7 @@ from .chain import (
     pcr13_after_extend,
     read_token,
     settle_counter,
+    signer_from_volume_key,
     unbundle,
 )
 from .errors import AuthorizationError, CorruptState, UsageError
@@ -114,10 +115,12 @@ def _seal_token(
     auth: Secret,
     proof: Secret | None,
     states: list[PcrState],
+    signer: Any,
 ) -> None:
-    """Seal ``master`` (and the proof) to ``states`` in ``token``; a proof without its value
-    (none handed over) is dropped: 'attest setup' must be run again."""
-    from .attest import Proof
+    """Seal ``master`` (and the proof) to ``states`` in ``token``, signed by ``signer`` (a new
+    object, policyRef and signatures); a proof without its value (none handed over) is
+    dropped: 'attest setup' must be run again."""
+    from .attest import seal_proof
     from .tpm.device import Tpm
     from .tpm.seal import seal_to_states
 
@@ -126,18 +129,15 @@ def _seal_token(
         token.sealed = seal_to_states(
             tpm, master, pcrs=old.pcrs, states=states, bank=old.pcr_bank,
             require_launch=old.require_launch, auth=auth, nv=old.nv,
+            signer=signer if old.nv is not None else None,
         )  # fmt: skip
         if token.proof is not None:
             if proof is None:
                 token.proof = None
             else:
-                token.proof = Proof(
-                    token.proof.kind,
-                    seal_to_states(
-                        tpm, proof, pcrs=old.pcrs, states=states, bank=old.pcr_bank,
-                        require_launch=old.require_launch,
-                    ),
-                )  # fmt: skip
+                token.proof = seal_proof(
+                    tpm, kind=token.proof.kind, value=proof, master=token.sealed, signer=signer
+                )
 
 
 def _backup_header(path: Path, dest: Path) -> None:
@@ -244,6 +244,7 @@ def _retire_old_slot(
     old_sealed: Any,
     progress: Callable[[str], None],
     what: str,
+    signer: Any,
 ) -> None:
     """The common end of a rotation, after the new token is in place: revoke the old object,
     kill the old keyslot, then reseal to the final header alone and revoke the transitional
@@ -257,7 +258,7 @@ def _retire_old_slot(
     if header_digest(container.path) != final_digest:
         raise CorruptState("the header changed unexpectedly during the rotation")
     _seal_token(token, tcti=tcti, master=master, auth=auth, proof=proof,
-                states=_states(old_sealed, [final_digest]))  # fmt: skip
+                states=_states(old_sealed, [final_digest]), signer=signer)  # fmt: skip
     container.import_token(token.to_json(), token_id=token_id, replace=True)
     journal.mark("resealed")
     settle_counter(tcti, token.sealed)  # the transitional objects are revoked
@@ -289,7 +290,7 @@ def rotate_tpm_key(
     container = Container(path)
     token_id, old = read_token(container)
     vk, master0, auth0, proof = _handed_over(container.uuid, keyring)
-    vk.wipe()
+    signer = signer_from_volume_key(path, vk)  # wipes vk
     params0 = KdfParams.from_json(old.kdf)
     params1 = kdf_params or dataclasses.replace(params0, salt=new_salt())
     secrets: list[Secret | None] = [master0, auth0, proof]
@@ -323,7 +324,7 @@ def rotate_tpm_key(
         progress("resealing the current master secret to the transitional header")
         keep = Token.from_json(old.to_json(), source="token")
         _seal_token(keep, tcti=tcti, master=master0, auth=auth0, proof=proof,
-                    states=_states(old.sealed, [d0, d1]))  # fmt: skip
+                    states=_states(old.sealed, [d0, d1]), signer=signer)  # fmt: skip
         Container(copy).import_token(keep.to_json(), token_id=token_id, replace=True)
         journal.mark("staged", new_slot=new_slot)
         _restore_header(path, copy)
@@ -334,13 +335,13 @@ def rotate_tpm_key(
             proof=keep.proof, root_volume=old.root_volume,
         )  # fmt: skip
         _seal_token(new, tcti=tcti, master=master1, auth=auth1, proof=proof,
-                    states=_states(old.sealed, [d1, d2]))  # fmt: skip
+                    states=_states(old.sealed, [d1, d2]), signer=signer)  # fmt: skip
         container.import_token(new.to_json(), token_id=token_id, replace=True)
         journal.mark("token-replaced")
         _retire_old_slot(
             container, new, token_id, journal, tcti=tcti, slot=old.tpm_keyslot,
             existing=new_key, final_digest=d2, master=master1, auth=auth1, proof=proof,
-            old_sealed=old.sealed, progress=progress, what="keyslot",
+            old_sealed=old.sealed, progress=progress, what="keyslot", signer=signer,
         )  # fmt: skip
         proof_copy = None if proof is None else _copy(proof)
         with make_bundle(_copy(master1), auth1, proof_copy) as bundle:
@@ -349,6 +350,7 @@ def rotate_tpm_key(
         _cleanup(state_dir)
         return RotateResult(op, new_slot, old.tpm_keyslot, new)
     finally:
+        signer.wipe()
         for s in secrets:
             if s is not None:
                 s.wipe()
@@ -377,6 +379,7 @@ def rotate_recovery(
     container = Container(path)
     token_id, old = read_token(container)
     vk, master, auth, proof = _handed_over(container.uuid, keyring)
+    signer = signer_from_volume_key(path, _copy(vk))
     params = KdfParams.from_json(old.kdf)
     pbkdf = PbkdfCost(
         algorithm="argon2id",
@@ -400,7 +403,7 @@ def rotate_recovery(
         )  # fmt: skip
         token = Token.from_json(old.to_json(), source="token")
         _seal_token(token, tcti=tcti, master=master, auth=auth, proof=proof,
-                    states=_states(old.sealed, [d0, d1, d2]))  # fmt: skip
+                    states=_states(old.sealed, [d0, d1, d2]), signer=signer)  # fmt: skip
         Container(copy).import_token(token.to_json(), token_id=token_id, replace=True)
         journal.mark("staged", new_slot=new_slot)
         _restore_header(path, copy)
@@ -413,12 +416,13 @@ def rotate_recovery(
         _retire_old_slot(
             container, token, token_id, journal, tcti=tcti, slot=old.recovery_keyslot,
             existing=rkey, final_digest=d2, master=master, auth=auth, proof=proof,
-            old_sealed=old.sealed, progress=progress, what="recovery keyslot",
+            old_sealed=old.sealed, progress=progress, what="recovery keyslot", signer=signer,
         )  # fmt: skip
         journal.finish()
         _cleanup(state_dir)
         return RotateResult("rotate-recovery", new_slot, old.recovery_keyslot, token)
     finally:
+        signer.wipe()
         for s in (vk, master, auth, proof, rkey):
             if s is not None:
                 s.wipe()

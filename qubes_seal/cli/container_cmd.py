@@ -426,8 +426,18 @@ def cmd_attest(args: argparse.Namespace) -> int:
         kind, value = "text", attest.new_value("text", text)
     else:
         kind, value = "text", attest.new_value("text", args.text)
+    keyring = getattr(args, "keyring", "user")
+    signer = (
+        None if keyring == "none" else chain.handed_over_signer(args.container, keyring=keyring)
+    )
     with value, Tpm(args.tpm) as tpm:
-        token.proof = attest.seal_proof(tpm, kind=kind, value=value, master=token.sealed)
+        try:
+            token.proof = attest.seal_proof(
+                tpm, kind=kind, value=value, master=token.sealed, signer=signer
+            )
+        finally:
+            if signer is not None:
+                signer.wipe()
         container.import_token(token.to_json(), token_id=token_id, replace=True)
         doc: dict[str, Any] = {"kind": kind}
         lines = [f"sealed a {kind} proof of a clean boot to PCR "

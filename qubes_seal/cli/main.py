@@ -215,8 +215,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         "status",
         "the TPM, the SRK, and the sealed PCRs: expected against current",
         "Show whether the TPM answers, whether the SRK is the one pinned at sealing,\n"
-        "whether a measured launch happened, and each sealed PCR: expected, current, match.",
+        "whether a measured launch happened, and each sealed PCR: expected, current, match.\n"
+        "With a container (--container, or the default one when it exists): its policy\n"
+        "(signed or not), its accepted boot states and which one this boot matches, and the\n"
+        "rollback counter against the token's bound (settled, increment pending, revoked).",
     )
+    add_container_option(p, optional=True, help_="also describe this container's token")
     p.set_defaults(func=cmd_status)
 
     p = command("pcrs", "print the TPM's PCR values", "Print PCR values of one bank.")
@@ -364,6 +368,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         bank = sealed.pcr_bank if sealed else "sha256"
         current = tpm.read_pcrs(pcrs | {DRTM_PCR}, bank=bank)
         da = tpm.da_status()
+        container = args.container
+        if container is None and Path(DEFAULT_CONTAINER).exists():
+            container = Path(DEFAULT_CONTAINER)
+        container_doc: dict[str, Any] | None = None
+        container_lines: list[str] = []
+        if container is not None:
+            from .status_container import summary
+
+            container_doc, container_lines = summary(container, tpm)
     launched = launch_happened(current[DRTM_PCR])
     doc: dict[str, Any] = {
         "tpm": {"tcti": args.tpm, "reachable": True, "dictionary_attack": da},
@@ -443,6 +456,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         lines.append(
             "unseal:          " + ("expected to succeed" if will_unseal else "would be REFUSED")
         )
+    doc["container"] = container_doc
+    lines += container_lines
     from .. import journal
 
     doc["journal"], journal_line = journal.summary(args.state_dir)

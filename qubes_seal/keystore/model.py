@@ -88,8 +88,12 @@ class Keystore:
         *,
         generation: int = 0,
         extra: dict[str, Any] | None = None,
+        signer: Secret | None = None,
     ) -> None:
         self.generation = generation
+        #: The 32-byte scalar of the dom0 policy-signing key (ECC P-256), which approves boot
+        #: states (:mod:`qubes_seal.signer`); None in keystores written before signed policies.
+        self.signer = signer
         self.domains: dict[str, DomainKey] = dict(domains or {})
         self.extra: dict[str, Any] = dict(extra or {})
         # Set by remove(): the next store() then also overwrites the previous generation.
@@ -110,6 +114,8 @@ class Keystore:
         """Zero every key held in memory."""
         for entry in self.domains.values():
             entry.wipe()
+        if self.signer is not None:
+            self.signer.wipe()
 
     def add(self, name: str, *, qube_uuid: str | None = None) -> DomainKey:
         """Create and return a new key for ``name``; refuse a name or UUID already present."""
