@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, handover
-from .errors import CorruptState, MeasurementMismatch, QubesSealError, UsageError
+from .errors import CorruptState, MeasurementMismatch, QubesSealError, RevokedState, UsageError
 from .journal import crash_point
 from .secret import Secret
 from .state import PcrState, SealedState
@@ -72,6 +72,10 @@ class Token:
     recovery_keyslot: int
     proof: Any = None  # attest.Proof: the sealed proof of a clean boot, if set up
     root_volume: str | None = None  # dom0's root volume, opened with the keystore's "dom0" key
+    #: The oldest keystore generation the unlock accepts: an older copy of the container's
+    #: data (a removed or rotated domain key still in it) is refused.  Raised with every token
+    #: write that follows a keystore change; the counter increment after it voids older tokens.
+    keystore_generation: int | None = None
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     tool_version: str = __version__
 
@@ -88,6 +92,11 @@ class Token:
             "sealed": self.sealed.to_dict(),
             **({"proof": self.proof.to_json()} if self.proof is not None else {}),
             **({"root_volume": self.root_volume} if self.root_volume else {}),
+            **(
+                {"keystore_generation": self.keystore_generation}
+                if self.keystore_generation is not None
+                else {}
+            ),
         }
 
     @classmethod
@@ -107,6 +116,11 @@ class Token:
             return cls(
                 proof=None if proof is None else Proof.from_json(proof, source=f"{source} proof"),
                 root_volume=str(doc["root_volume"]) if doc.get("root_volume") else None,
+                keystore_generation=(
+                    int(doc["keystore_generation"])
+                    if doc.get("keystore_generation") is not None
+                    else None
+                ),
                 sealed=SealedState.from_dict(doc["sealed"], source=f"{source} (sealed object)"),
                 kdf=dict(doc["kdf"]),
                 tpm_keyslot=int(doc["tpm_keyslot"]),
@@ -197,19 +211,28 @@ def ensure_signer(unlocked: Unlocked) -> Any:
 
 def handed_over_signer(path: Path, *, keyring: str = "user") -> Any:
     """The policy-signing key through this boot's hand-over of the volume key, or None."""
+    found = handed_over_signer_and_generation(path, keyring=keyring)
+    return None if found is None else found[0]
+
+
+def handed_over_signer_and_generation(
+    path: Path, *, keyring: str = "user"
+) -> tuple[Any, int] | None:
+    """The policy-signing key and the keystore's generation, through this boot's hand-over."""
     unlocked = open_handed_over(path, keyring=keyring)
     return None if unlocked is None else _signer_of(unlocked)
 
 
-def signer_from_volume_key(path: Path, vk: Secret) -> Any:
-    """The policy-signing key from the keystore the volume key ``vk`` opens (``vk`` is
-    wiped)."""
+def signer_from_volume_key(path: Path, vk: Secret) -> tuple[Any, int]:
+    """The policy-signing key and the keystore's generation, from the keystore the volume
+    key ``vk`` opens (``vk`` is wiped)."""
     return _signer_of(open_with_volume_key(path, vk))
 
 
-def _signer_of(unlocked: Unlocked) -> Any:
+def _signer_of(unlocked: Unlocked) -> tuple[Any, int]:
     try:
-        return ensure_signer(unlocked)
+        signer = ensure_signer(unlocked)  # may write the keystore (a new generation)
+        return signer, unlocked.keystore.generation
     finally:
         unlocked.keystore.wipe()
         unlocked.close()
@@ -283,6 +306,7 @@ def init(
                 keystore.add("dom0")  # the key of dom0's root volume (never served)
             store(payload, keystore, hkey)
             keystore.wipe()
+            generation = keystore.generation
         tpm_slot = 0
         recovery_slot = 1
         values = dict(now.values)
@@ -303,8 +327,9 @@ def init(
                 signer=signer,
             )
         token = Token(
-            sealed, kdf_params.to_json(), tpm_slot, recovery_slot, root_volume=root_volume
-        )
+            sealed, kdf_params.to_json(), tpm_slot, recovery_slot, root_volume=root_volume,
+            keystore_generation=generation,
+        )  # fmt: skip
         container.import_token(token.to_json())
         settle_counter(tcti, sealed)
         return InitResult(container.uuid, rkey, sealed.pcrs, states)
@@ -416,6 +441,7 @@ def unlock(
                 with open_payload(container, key=key, prefer="dm-crypt", writable=False) as pl:
                     ks = load(pl, hkey)
         key.wipe()
+        check_keystore_generation(token, ks)
         proof_value = None
         if keyring is not None and token.proof is not None:
             with t.part("tpm"):
@@ -434,6 +460,18 @@ def unlock(
         mix.wipe()
         if master is not None:
             master.wipe()
+
+
+def check_keystore_generation(token: Token, keystore: Any) -> None:
+    """Refuse a keystore older than the token accepts (a restored copy of the data area)."""
+    wanted = token.keystore_generation
+    if wanted is not None and keystore.generation < wanted:
+        keystore.wipe()
+        raise RevokedState(
+            f"the keystore is older than this container's token accepts (generation "
+            f"{keystore.generation} < {wanted}): an old copy of the container's data was "
+            "restored; rollback refused"
+        )
 
 
 BUNDLE_VERSION = 1
@@ -485,13 +523,15 @@ def reseal_container(
 
     container = Container(path)
     token_id, token = read_token(container)
-    signer = handed_over_signer(path, keyring=keyring)
-    if signer is None:
+    found = handed_over_signer_and_generation(path, keyring=keyring)
+    if found is None:
         raise UsageError(
             "this boot did not unlock the container: nothing can approve another boot",
             hint="Reseal in a boot that unlocked with the TPM and passphrase, or use "
             "'qubes-seal recover --reseal' with the recovery key.",
         )
+    signer, generation = found
+    token.keystore_generation = generation
     master = auth = proof_value = None
     bundle = handover.get(container.uuid, keyring=keyring, kind="rs")
     if bundle is not None:
@@ -549,6 +589,45 @@ def reseal_container(
         for s in (master, auth, proof_value):
             if s is not None:
                 s.wipe()
+
+
+def refresh_token(path: Path, *, tcti: str, keyring: str = "user") -> Token | None:
+    """After a keystore change that destroyed key material (``domain remove``, ``domain rotate
+    --commit``): the same boot states signed again with the counter's next value, the
+    keystore's new generation recorded in the token, then the increment.  Every older copy of
+    the container (its token, its keystore with the destroyed key) stops unlocking.
+
+    None when it cannot run: no hand-over in this boot, or a token from before signed
+    policies (``qubes-seal reseal`` moves it, then ``revoke`` does the same).
+    """
+    from .attest import Proof
+    from .luks.container import Container
+    from .tpm.device import Tpm  # not on the boot path
+    from .tpm.seal import resign  # not on the boot path
+
+    container = Container(path)
+    token_id, token = read_token(container)
+    if token.sealed.signed is None or token.sealed.nv is None:
+        return None
+    found = handed_over_signer_and_generation(path, keyring=keyring)
+    if found is None:
+        return None
+    signer, generation = found
+    try:
+        with Tpm(tcti) as tpm:
+            token.sealed = resign(tpm, token.sealed, signer, token.sealed.pcr_states)
+            if token.proof is not None and token.proof.sealed.signed is not None:
+                token.proof = Proof(
+                    token.proof.kind,
+                    resign(tpm, token.proof.sealed, signer, token.sealed.pcr_states),
+                )
+        token.keystore_generation = generation
+        container.import_token(token.to_json(), token_id=token_id, replace=True)
+        crash_point("token-written")
+        settle_counter(tcti, token.sealed)
+        return token
+    finally:
+        signer.wipe()
 
 
 def _load_keystore(container: Any, vk: Secret, hkey: Secret, load: Any) -> Any:
@@ -623,7 +702,7 @@ def reseal_with_recovery(
     token_id, old = read_token(container)
     pcrs = pcrs or old.sealed.pcrs
     rkey = recovery.normalise(recovery_key)
-    signer = signer_from_volume_key(path, container.volume_key(rkey))
+    signer, generation = signer_from_volume_key(path, container.volume_key(rkey))
     master = Secret.random(32)
     auth, mix = derive(passphrase, kdf_params)
     try:
@@ -648,7 +727,7 @@ def reseal_with_recovery(
         # unsealed any more: 'qubes-seal attest setup' must be run again.
         token = Token(
             sealed, kdf_params.to_json(), new_slot, old.recovery_keyslot,
-            root_volume=old.root_volume,
+            root_volume=old.root_volume, keystore_generation=generation,
         )  # fmt: skip
         container.import_token(token.to_json(), token_id=token_id, replace=True)
         crash_point("token-written")

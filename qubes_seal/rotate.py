@@ -290,7 +290,7 @@ def rotate_tpm_key(
     container = Container(path)
     token_id, old = read_token(container)
     vk, master0, auth0, proof = _handed_over(container.uuid, keyring)
-    signer = signer_from_volume_key(path, vk)  # wipes vk
+    signer, _ = signer_from_volume_key(path, vk)  # wipes vk
     params0 = KdfParams.from_json(old.kdf)
     params1 = kdf_params or dataclasses.replace(params0, salt=new_salt())
     secrets: list[Secret | None] = [master0, auth0, proof]
@@ -333,6 +333,7 @@ def rotate_tpm_key(
         new = Token(
             old.sealed, params1.to_json(), new_slot, old.recovery_keyslot,
             proof=keep.proof, root_volume=old.root_volume,
+            keystore_generation=old.keystore_generation,
         )  # fmt: skip
         _seal_token(new, tcti=tcti, master=master1, auth=auth1, proof=proof,
                     states=_states(old.sealed, [d1, d2]), signer=signer)  # fmt: skip
@@ -379,7 +380,7 @@ def rotate_recovery(
     container = Container(path)
     token_id, old = read_token(container)
     vk, master, auth, proof = _handed_over(container.uuid, keyring)
-    signer = signer_from_volume_key(path, _copy(vk))
+    signer, _ = signer_from_volume_key(path, _copy(vk))
     params = KdfParams.from_json(old.kdf)
     pbkdf = PbkdfCost(
         algorithm="argon2id",

@@ -527,18 +527,36 @@ def cmd_domain(args: argparse.Namespace) -> int:
                     doc["key"] = d.key.reveal().hex()
         finally:
             unlocked.close()
+    revoke_note = ""
+    if action == "remove" or (action == "rotate" and args.commit):
+        # The destroyed key is still in older copies of the container: void them.
+        keyring = _keyring(args)
+        token = chain.refresh_token(args.container, tcti=args.tpm, keyring=keyring) if (
+            keyring is not None
+        ) else None  # fmt: skip
+        doc["older_copies_revoked"] = token is not None
+        if token is not None and token.sealed.nv is not None:
+            revoke_note = (
+                f"; older copies of the container are revoked (rollback counter "
+                f"0x{token.sealed.nv.handle:08x} now at {token.sealed.nv.bound})"
+            )
+        else:
+            revoke_note = (
+                "; older copies of the container still hold it until the next 'qubes-seal "
+                "revoke' (no hand-over in this boot, or a token before signed policies)"
+            )
     if action == "list":
         text = "\n".join(f"{r['name']:<32} key {r['key_id']}  generation {r['generation']}"
                          for r in doc["domains"]) or "no domain keys"  # fmt: skip
     elif action == "add":
         text = f"added a key for {doc['added']['name']} (key id {doc['added']['key_id']})"
     elif action == "remove":
-        text = f"removed the key of {name}: it is destroyed"
+        text = f"removed the key of {name}: it is destroyed" + revoke_note
     elif action == "rotate":
         r = doc["rotated"]
         text = (
             f"committed the rotation of {name}: the previous key is destroyed; key id "
-            f"{r['key_id']} (generation {r['generation']}) remains"
+            f"{r['key_id']} (generation {r['generation']}) remains" + revoke_note
             if r["committed"]
             else f"new key for {name}: key id {r['key_id']} (generation {r['generation']}); "
             "the previous key is kept until the volume is re-encrypted, then run "

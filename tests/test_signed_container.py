@@ -1,0 +1,216 @@
+"""Signed policies in the container flows: updates are signatures, not reseals.
+
+A machine on swtpm: init, an update predicted and *signed* (the sealed object unchanged),
+a reboot into it, the old state dropped; the signing key only reachable through an unlocked
+container; older copies of the container (token, keystore) refused once the counter moved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_chain import CHEAP_KDF, PASSPHRASE, Box
+from test_predict import write_components
+
+from qubes_seal import chain
+from qubes_seal.keystore import hmac_key_from_volume_key, load
+from qubes_seal.luks.container import Container
+from qubes_seal.luks.payload import UserspacePayload
+from qubes_seal.sim.swtpm import Swtpm
+from qubes_seal.sim.txt_launch import sample_modules, txt_launch
+from qubes_seal.tpm.marshal import auth_policy
+
+REVOKED = "rollback refused"
+
+
+@pytest.fixture
+def box(swtpm: Swtpm, tmp_path: Path) -> Iterator[Box]:
+    b = Box(swtpm, tmp_path)
+    b.pw.write_text(PASSPHRASE + "\n")
+    txt_launch(swtpm, sample_modules())
+    res = b.cli("init", *CHEAP_KDF, "--recovery-key-file", str(b.rk), pw=b.pw)
+    assert res.code == 0, res.err
+    yield b
+    if b.container.exists():
+        chain.lock(b.container)
+
+
+def token(b: Box) -> chain.Token:
+    return chain.read_token(Container(b.container))[1]
+
+
+def whole(b: Box) -> bytes:
+    return b.container.read_bytes()
+
+
+def restore(b: Box, data: bytes) -> None:
+    chain.lock(b.container)
+    b.container.write_bytes(data)
+
+
+def boot_with_log(b: Box, **changes: str) -> Path:
+    log = b.dir / "txt.log"
+    b.swtpm.reboot()
+    txt_launch(b.swtpm, sample_modules(**changes), log_path=log)
+    return log
+
+
+def test_init_seals_a_signed_object_and_keeps_the_key_in_the_keystore(box: Box) -> None:
+    t = token(box)
+    signed = t.sealed.signed
+    assert signed is not None and len(signed.signatures) == 1
+    assert t.keystore_generation is not None
+    box.boot()
+    assert box.unlock().code == 0
+    unlocked = chain.open_handed_over(box.container)
+    assert unlocked is not None
+    try:
+        assert unlocked.keystore.signer is not None
+        assert unlocked.keystore.generation >= t.keystore_generation
+    finally:
+        unlocked.keystore.wipe()
+        unlocked.close()
+    res = box.cli("status", "--json")
+    assert res.code == 0, res.err
+    c = res.json()["container"]
+    assert c["signed"]["signer_name"] == signed.name.hex()
+    assert c["counter"]["value"] == c["counter"]["bound"]
+    assert c["counter"]["revoked"] is False
+    assert "policy:        signed" in box.cli("status").out
+
+
+def test_kernel_update_is_a_signature_on_the_same_object(box: Box) -> None:
+    log = boot_with_log(box)
+    assert box.unlock().code == 0
+    before = token(box)
+    new = sample_modules(kernel_version="6.6.99")
+    res = box.cli("reseal", "--predict", "--txt-log", str(log),
+                  *write_components(new, box.dir / "new"))  # fmt: skip
+    assert res.code == 0, res.err
+    after = token(box)
+    # The same sealed object: only the signatures (and the states) changed.
+    assert (after.sealed.public, after.sealed.private) == (before.sealed.public,
+                                                           before.sealed.private)  # fmt: skip
+    assert after.sealed.signed is not None and before.sealed.signed is not None
+    assert after.sealed.signed.policy_ref == before.sealed.signed.policy_ref
+    assert [s.label for s in after.sealed.pcr_states] == ["current", "predicted"]
+    assert len(after.sealed.signed.signatures) == 2
+    assert after.sealed.nv is not None and before.sealed.nv is not None
+    assert after.sealed.nv.bound == before.sealed.nv.bound + 1
+    chain.lock(box.container)
+    box.boot(kernel_version="6.6.99")
+    assert box.unlock().code == 0, "the signed prediction unlocks"
+    assert box.cli("reseal").code == 0  # drop the old state
+    assert [s.label for s in token(box).sealed.pcr_states] == ["current"]
+    chain.lock(box.container)
+    box.boot()  # the old kernel: no longer signed
+    res = box.unlock()
+    assert res.code == 3, res.err
+    assert "PCR 17 differs" in res.err
+
+
+def test_signing_needs_an_unlocked_container(box: Box) -> None:
+    box.boot()
+    res = box.cli("reseal")  # this boot has no hand-over
+    assert res.code == 2, res.err
+    assert "did not unlock" in res.err
+    assert "Traceback" not in res.err
+
+
+def test_old_signature_is_refused_after_reseal(box: Box) -> None:
+    box.boot()
+    assert box.unlock().code == 0
+    old = whole(box)
+    assert box.cli("reseal").code == 0
+    restore(box, old)  # the old token: the same object, older signatures
+    box.boot()
+    res = box.unlock()
+    assert res.code == 3, res.err
+    assert REVOKED in res.err
+
+
+def test_old_keystore_copy_is_refused_after_a_domain_removal(box: Box) -> None:
+    """The removed key is still in a copy of the data area taken before: a current header
+    with that old data area is refused (keystore generation), and the old container as a
+    whole is refused (the counter)."""
+    box.boot()
+    assert box.unlock().code == 0
+    assert box.cli("domain", "add", "work").code == 0
+    before = whole(box)
+    res = box.cli("domain", "remove", "work", "--json")
+    assert res.code == 0, res.err
+    assert res.json()["older_copies_revoked"] is True
+    offset = Container(box.container).data_offset
+    now = whole(box)
+    # 1. The current header and token with the old data area (the keystore with "work").
+    restore(box, now[:offset] + before[offset:])
+    box.boot()
+    res = box.unlock()
+    assert res.code == 3, res.err
+    assert "the keystore is older than this container's token accepts" in res.err
+    # 2. The whole old container: its token's signatures carry an older bound.
+    restore(box, before)
+    box.boot()
+    res = box.unlock()
+    assert res.code == 3, res.err
+    assert REVOKED in res.err
+    # 3. The current container still unlocks, without the removed key.
+    restore(box, now)
+    box.boot()
+    assert box.unlock().code == 0
+    assert box.cli("domain", "show", "work").code != 0
+
+
+def test_domain_rotate_commit_revokes_copies_with_the_previous_key(box: Box) -> None:
+    box.boot()
+    assert box.unlock().code == 0
+    assert box.cli("domain", "add", "work").code == 0
+    assert box.cli("domain", "rotate", "work").code == 0
+    before = whole(box)  # holds the previous key
+    res = box.cli("domain", "rotate", "work", "--commit")
+    assert res.code == 0, res.err
+    assert "older copies of the container are revoked" in res.out
+    restore(box, before)
+    box.boot()
+    assert box.unlock().code == 3
+
+
+def test_a_token_mixed_from_two_containers_is_named(box: Box, tmp_path: Path) -> None:
+    """Signatures copied from another container's token do not open this object."""
+    other = Box(box.swtpm, tmp_path / "other")
+    other.dir.mkdir()
+    other.pw.write_text(PASSPHRASE + "\n")
+    res = other.cli("init", *CHEAP_KDF, "--recovery-key-file", str(other.rk), pw=other.pw)
+    assert res.code == 0, res.err
+    mine_id, mine = chain.read_token(Container(box.container))
+    theirs = token(other)
+    assert auth_policy(mine.sealed.public) != auth_policy(theirs.sealed.public)
+    assert theirs.sealed.signed is not None
+    mine.sealed.signed = theirs.sealed.signed
+    mine.sealed.nv = theirs.sealed.nv
+    Container(box.container).import_token(mine.to_json(), token_id=mine_id, replace=True)
+    box.boot()
+    res = box.unlock()
+    assert res.code == 7, res.err
+    assert "mixed with another one" in res.err
+
+
+def test_keystore_signer_survives_a_round_trip(box: Box) -> None:
+    box.boot()
+    assert box.unlock().code == 0
+    vk = chain.open_handed_over(box.container)
+    assert vk is not None
+    try:
+        scalar = bytes(vk.keystore.signer.reveal())  # type: ignore[union-attr]
+        with (
+            hmac_key_from_volume_key(vk.volume_key) as hkey,
+            UserspacePayload(Container(box.container), vk.volume_key) as payload,
+        ):
+            again = load(payload, hkey)
+        assert again.signer is not None and bytes(again.signer.reveal()) == scalar
+        again.wipe()
+    finally:
+        vk.keystore.wipe()
+        vk.close()
