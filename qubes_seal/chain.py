@@ -591,6 +591,52 @@ def reseal_container(
                 s.wipe()
 
 
+def approval(
+    path: Path, *, tcti: str, values: dict[int, bytes], keyring: str = "user"
+) -> dict[str, Any] | None:
+    """The signed approval of one predicted boot state (``values``: PCR 17/18; PCR 13 is the
+    current header's), as ``reseal --predict`` stores it: the approved policy, the counter
+    bound it carries (the counter's next value), and the signature.  Nothing is written.
+    None without this boot's hand-over or for a token before signed policies."""
+    from .luks.container import Container
+    from .luks.header import header_digest
+    from .policy import approved_policy, authorization_digest
+    from .tpm.device import Tpm  # not on the boot path
+
+    token = read_token(Container(path))[1]
+    sealed = token.sealed
+    if sealed.signed is None or sealed.nv is None:
+        return None
+    state = dict(values)
+    if PCR13 in sealed.pcrs:
+        state[PCR13] = pcr13_after_extend(header_digest(path))
+    missing = [p for p in sealed.pcrs if p not in state]
+    if missing:
+        raise UsageError(f"the prediction does not cover the sealed PCR(s) {missing}")
+    found = handed_over_signer_and_generation(path, keyring=keyring)
+    if found is None:
+        return None
+    signer = found[0]
+    try:
+        with Tpm(tcti) as tpm:
+            bound = tpm.nv_read_counter(sealed.nv) + 1
+        approved = approved_policy(
+            {p: state[p] for p in sealed.pcrs}, sealed.pcrs, bank=sealed.pcr_bank,
+            nv=(sealed.nv.name, bound),
+        )  # fmt: skip
+        digest = authorization_digest(approved, sealed.signed.policy_ref)
+        return {
+            "pcrs": {str(p): state[p].hex() for p in sealed.pcrs},
+            "approved_policy": approved.hex(),
+            "policy_ref": sealed.signed.policy_ref.hex(),
+            "counter_bound": bound,
+            "signer_name": sealed.signed.name.hex(),
+            "signature": signer.sign(digest).hex(),
+        }
+    finally:
+        signer.wipe()
+
+
 def refresh_token(path: Path, *, tcti: str, keyring: str = "user") -> Token | None:
     """After a keystore change that destroyed key material (``domain remove``, ``domain rotate
     --commit``): the same boot states signed again with the counter's next value, the

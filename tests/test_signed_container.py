@@ -111,6 +111,35 @@ def test_kernel_update_is_a_signature_on_the_same_object(box: Box) -> None:
     assert "PCR 17 differs" in res.err
 
 
+def test_predict_with_a_container_shows_the_signed_approval(box: Box) -> None:
+    log = boot_with_log(box)
+    comps = write_components(sample_modules(kernel_version="6.6.99"), box.dir / "new")
+    res = box.cli("predict", "--txt-log", str(log), *comps, "--json")
+    assert res.code == 0, res.err
+    assert res.json()["approval"] is None  # not unlocked in this boot: nothing signs
+    assert box.unlock().code == 0
+    res = box.cli("predict", "--txt-log", str(log), *comps, "--json")
+    assert res.code == 0, res.err
+    approval = res.json()["approval"]
+    t = token(box)
+    assert t.sealed.nv is not None and t.sealed.signed is not None
+    assert approval["counter_bound"] == t.sealed.nv.bound + 1
+    assert approval["pcrs"]["17"] == res.json()["pcrs"]["sha256"]["17"]
+    assert approval["signer_name"] == t.sealed.signed.name.hex()
+    # reseal --predict stores an approval of the same state (ECDSA is randomised: compare
+    # the approved policy, not the signature bytes).
+    from qubes_seal.policy import approved_policy
+
+    assert box.cli("reseal", "--predict", "--txt-log", str(log), *comps).code == 0
+    after = token(box).sealed
+    assert after.nv is not None
+    predicted = after.pcr_states[1]
+    assert (
+        approved_policy(predicted.values, after.pcrs, nv=(after.nv.name, after.nv.bound)).hex()
+        == approval["approved_policy"]
+    )
+
+
 def test_signing_needs_an_unlocked_container(box: Box) -> None:
     box.boot()
     res = box.cli("reseal")  # this boot has no hand-over

@@ -246,18 +246,33 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         "      --kernel-cmdline 'root=/dev/mapper/dom0-root ro' \\\n"
         "      --initramfs /boot/initramfs-6.6.img\n"
         "  qubes-seal predict --txt-log txt.log --grub-cfg /boot/grub2/grub.cfg \\\n"
-        "      --entry 'Qubes, with Xen 4.19 and Linux 6.6 (tboot)'",
+        "      --entry 'Qubes, with Xen 4.19 and Linux 6.6 (tboot)'\n\n"
+        "With --container (in a boot that unlocked it), also the signed approval of the\n"
+        "predicted state: PolicyPCR of PCR 13 (this header), 17, 18, then PolicyNV (counter <=\n"
+        "its next value), signed (ECDSA P-256) by the dom0 key kept in the keystore.",
     )
     add_component_options(p)
+    add_container_option(
+        p, optional=True, help_="also sign the predicted state with this container's dom0 "
+        "policy-signing key (needs this boot's unlock): the approval 'reseal --predict' "
+        "stores, shown and not written",
+    )  # fmt: skip
     p.set_defaults(func=cmd_predict)
 
     p = command(
         "reseal",
-        "seal the same secret again: to this boot, and with --predict to the next one",
-        "Seal the master secret again without changing it. The TPM must release it in this\n"
-        "boot first (no trust on first use: only an accepted boot approves another).\n\n"
+        "accept this boot, and with --predict the next one (signed, for a container)",
+        "Accept this boot (and with --predict the predicted next one), nothing else.\n\n"
+        "A container (--container) uses signed policies: the sealed object stays as it is\n"
+        "and the dom0 policy-signing key, read from the keystore through this boot's\n"
+        "unlock, signs each accepted state; then the TPM's rollback counter moves on, so\n"
+        "every older signature and token is void. No unseal, no passphrase. A token from\n"
+        "before signed policies is sealed once more, signed (needs this boot's TPM unlock).\n"
+        "The state directory's sealed.json (no container) is sealed again: the TPM must\n"
+        "release the secret in this boot first (PolicyOR of the states).\n"
+        "No trust on first use either way: only an accepted boot approves another.\n\n"
         "  qubes-seal reseal --predict COMPONENTS   before an update: accept this boot and\n"
-        "                                           the predicted one (PolicyOR)\n"
+        "                                           the predicted one\n"
         "  qubes-seal reseal                        after the first good boot on the new\n"
         "                                           components: accept this boot only",
     )
@@ -578,10 +593,27 @@ def predicted_pcrs(args: argparse.Namespace) -> dict[int, bytes]:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     values = predicted_pcrs(args)
-    doc = {"pcrs": {"sha256": {str(p): v.hex() for p, v in sorted(values.items())}}}
+    doc: dict[str, Any] = {"pcrs": {"sha256": {str(p): v.hex() for p, v in sorted(values.items())}}}
     text = "predicted next boot (sha256):\n" + "\n".join(
         f"  PCR {p}: {v.hex()}" for p, v in sorted(values.items())
     )
+    if args.container is not None:
+        from .. import chain
+
+        approval = chain.approval(args.container, tcti=args.tpm, values=values)
+        doc["approval"] = approval
+        if approval is None:
+            text += (
+                "\nnot signed: this boot did not unlock the container (or its token predates "
+                "signed policies)"
+            )
+        else:
+            text += (
+                f"\nsigned approval (counter bound {approval['counter_bound']}):\n"
+                f"  approved policy {approval['approved_policy']}\n"
+                f"  signature       {approval['signature']}\n"
+                "'qubes-seal reseal --predict' with the same components stores it in the token"
+            )
     emit(args, doc, text)
     return 0
 
@@ -598,15 +630,26 @@ def reseal_container(args: argparse.Namespace) -> int:
         raise UsageError("component options given without --predict")
     token = chain.reseal_container(args.container, tcti=args.tpm, predicted=predicted)
     new = token.sealed
-    lines = [f"resealed the container's master secret (unchanged) to {len(new.pcr_states)} "
-             "accepted state(s):"]  # fmt: skip
+    if new.signed is not None:
+        lines = [f"signed {len(new.pcr_states)} accepted boot state(s) with the dom0 "
+                 "policy-signing key (the sealed object is unchanged):"]  # fmt: skip
+    else:
+        lines = [f"resealed the container's master secret (unchanged) to "
+                 f"{len(new.pcr_states)} accepted state(s):"]  # fmt: skip
     for s in new.pcr_states:
         lines.append(f"  {s.label}:")
         lines += [f"    PCR {p:>2}: {v.hex()}" for p, v in sorted(s.values.items())]
     if token.proof is not None:
         lines.append("  the proof of a clean boot follows the same states")
+    if new.nv is not None:
+        lines.append(
+            f"  rollback counter 0x{new.nv.handle:08x} now at {new.nv.bound}: older "
+            "signatures and tokens are void"
+        )
     doc = {
         "resealed": True,
+        "signed": new.signed is not None,
+        "counter": None if new.nv is None else new.nv.bound,
         "container": str(args.container),
         "states": [
             {"label": s.label, "pcrs": {str(p): v.hex() for p, v in sorted(s.values.items())}}

@@ -170,13 +170,16 @@ def run(workdir: Path) -> int:
         expect(cli("domain", "list"), 0, "domain keys listed (the keys are never printed)")
         failures += key_service_step(cli, container, workdir)
 
-        title(5, "an update, predicted: the next boot unlocks with no trust on first use")
+        title(5, "a dom0 kernel update: predicted, signed, rebooted into, unlocked")
         say(
             """
-            A new Xen and a new dom0 kernel are installed. Before the reboot, qubes-seal
-            predicts the PCR values tboot will measure, from this boot's TXT event log and the
-            new files, and reseals the same secret to 'this boot OR the predicted one'. Only a
-            boot that the TPM already accepted (this one: it unlocked) can approve the next.
+            A new Xen and a new dom0 kernel are installed. The sealed object in the TPM does not
+            name PCR values: it accepts any boot state signed by the dom0 policy-signing key,
+            which lives in the keystore inside the container (only an unlocked dom0 can use
+            it). Before the reboot, qubes-seal predicts the PCR values tboot will measure,
+            from this boot's TXT event log and the new files, and signs 'this boot' and 'the
+            predicted one'. Nothing is unsealed or resealed; the TPM's rollback counter then
+            moves on, so every older signature is void.
             """
         )
         new = sample_modules(xen_version="4.19.1", kernel_version="6.12.9-1.qubes")
@@ -185,13 +188,17 @@ def run(workdir: Path) -> int:
             path = workdir / f"new-{m.name}"
             path.write_bytes(m.image)
             args += [f"--{m.name}", str(path), f"--{m.name}-cmdline", m.cmdline.decode()]
+        expect(cli("predict", "--txt-log", str(log), *args, container=False), 0,
+               "predicted PCR 17/18 of the next boot")  # fmt: skip
         expect(cli("reseal", "--predict", "--txt-log", str(log), *args), 0,
-               "resealed to the current and the predicted boot")  # fmt: skip
+               "signed the current and the predicted boot (same sealed object)")  # fmt: skip
+        expect(cli("status"), 0, "status: the signed states and the rollback counter")
         cli("lock")
         swtpm.reboot()
         show_launch(swtpm, new, log)
-        expect(boot(swtpm, container, pw, rk, workdir), 0, "the updated boot unlocks")
-        expect(cli("reseal"), 0, "first good boot on the update: accept it alone from now on")
+        expect(boot(swtpm, container, pw, rk, workdir), 0,
+               "rebooted into the update: the signed prediction unlocks")  # fmt: skip
+        expect(cli("reseal"), 0, "first good boot on the update: only it stays signed")
         say(
             """
             The passphrase was typed in a café: change it. The current one is checked against
