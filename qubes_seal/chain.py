@@ -247,6 +247,9 @@ class InitResult:
     recovery_key: Secret
     pcrs: list[int]
     states: list[PcrState]
+    #: The init's journal (with ``state_dir``): the caller finishes it once the recovery key
+    #: is delivered; until then ``repair`` rolls the init back.
+    journal: Any = None
 
 
 def init(
@@ -262,8 +265,18 @@ def init(
     force: bool = False,
     root_volume: str | None = None,
     progress: Progress = _quiet,
+    state_dir: Path | None = None,
+    key_file: Path | None = None,
 ) -> InitResult:
-    """Create the container, its keyslots, its keystore and token, and seal the master secret."""
+    """Create the container, its keyslots, its keystore and token, and seal the master secret.
+
+    With ``state_dir`` the init is journalled (steps ``begun``, ``formatted``,
+    ``counter-defined``, ``token-written``, ``settled``) and the journal is returned open in
+    :attr:`InitResult.journal`: the caller finishes it once the recovery key is delivered
+    (shown, or written to ``key_file``).  Until then ``qubes-seal repair`` rolls the init back
+    (removes the container file it created, the rollback counter it defined, ``key_file``):
+    a container whose recovery key nobody received is not kept.
+    """
     from . import recovery
     from .kdf import derive, luks_key
     from .keystore import hmac_key_from_volume_key, initialise, store
@@ -278,6 +291,16 @@ def init(
         progress("warning: PCR 13 is not selected: a rolled-back header would not be refused")
     with Tpm(tcti) as tpm:  # fail early: no TPM, no launch -> nothing created
         now = current_state(tpm, [p for p in pcrs if p != PCR13], require_launch=require_launch)
+    stale = _old_counter(path) if force else None
+    journal = None
+    if state_dir is not None:
+        from .journal import Journal
+
+        journal = Journal.begin(
+            state_dir, "init", path, existed=path.exists(), uuid=None,
+            key_file=None if key_file is None else str(key_file),
+        )  # fmt: skip
+        crash_point("begun")
     master = Secret.random(32)
     progress("deriving keys from the passphrase (Argon2id)")
     auth, mix = derive(passphrase, kdf_params)
@@ -294,6 +317,8 @@ def init(
             recovery_pbkdf=recovery_pbkdf,
             force=force,
         )
+        if journal is not None:
+            journal.mark("formatted", uuid=container.uuid)
         progress("writing an empty keystore")
         with (
             container.volume_key(key) as vk,
@@ -316,6 +341,8 @@ def init(
         progress("sealing the master secret in the TPM")
         with Tpm(tcti) as tpm:
             nv = tpm.nv_define_counter(int(container.uuid.replace("-", "")[:8], 16))
+            if journal is not None:
+                journal.mark("counter-defined", nv_handle=nv.handle)
             sealed = seal_to_states(
                 tpm,
                 master,
@@ -331,16 +358,75 @@ def init(
             keystore_generation=generation,
         )  # fmt: skip
         container.import_token(token.to_json())
+        if journal is not None:
+            journal.mark("token-written")
         settle_counter(tcti, sealed)
-        return InitResult(container.uuid, rkey, sealed.pcrs, states)
-    except BaseException:
+        if journal is not None:
+            journal.mark("settled")
+        if stale is not None and stale != nv.handle:
+            with Tpm(tcti) as tpm:  # the counter of the container this init replaced
+                tpm.nv_undefine_counter(stale)
+        return InitResult(container.uuid, rkey, sealed.pcrs, states, journal=journal)
+    except BaseException as exc:
         rkey.wipe()
+        if journal is not None and isinstance(exc, Exception):
+            repair_init(journal, tcti=tcti)  # a clean failure: undo now, leave no journal
+            journal.finish()
         raise
     finally:
         master.wipe()
         auth.wipe()
         mix.wipe()
         signer.wipe()
+
+
+def _old_counter(path: Path) -> int | None:
+    """The rollback counter of the qubes-seal container at ``path`` (replaced by ``init
+    --force``), or None."""
+    from .luks.container import Container
+
+    try:
+        sealed = read_token(Container(path))[1].sealed
+    except (QubesSealError, OSError):
+        return None
+    return None if sealed.nv is None else sealed.nv.handle
+
+
+def repair_init(journal: Any, *, tcti: str | None) -> tuple[str, list[str]]:
+    """Roll back an init whose recovery key was never delivered: remove the container file it
+    created, the counter it defined and the key file it may have begun.  (action, notes)"""
+    from .luks.container import Container
+
+    data = journal.data
+    path = Path(journal.doc["container"])
+    notes: list[str] = []
+    ours = False
+    if path.exists():
+        try:
+            ours = data.get("uuid") is None or Container(path).uuid == data["uuid"]
+        except (QubesSealError, OSError):
+            ours = data.get("uuid") is None
+    if ours and path.is_file() and not data.get("existed"):
+        path.unlink()
+        notes.append(f"removed the unfinished container {path}")
+    elif path.exists() and ours:
+        notes.append(
+            f"{path} holds an unfinished container (it existed before, so it is not removed): "
+            "run 'qubes-seal init --force' again"
+        )
+    handle = data.get("nv_handle")
+    if handle is not None and tcti is not None:
+        from .tpm.device import Tpm  # not on the boot path
+
+        with Tpm(tcti) as tpm:
+            if tpm.nv_undefine_counter(int(handle)):
+                notes.append(f"removed its rollback counter 0x{int(handle):08x}")
+    key_file = data.get("key_file")
+    if key_file and Path(key_file).exists():
+        Path(key_file).unlink()
+        notes.append(f"removed {key_file}: its recovery key belonged to the removed container")
+    notes.append("nothing was kept: run 'qubes-seal init' again")
+    return "rolled back", notes
 
 
 def settle_counter(tcti: str, sealed: SealedState | None) -> bool:

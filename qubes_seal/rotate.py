@@ -466,6 +466,13 @@ def repair(state_dir: Path, *, tcti: str | None = None) -> RepairResult | None:
     journal = Journal.resume(state_dir)
     if journal is None:
         return None
+    if journal.op == "init":
+        from .chain import repair_init
+
+        init_action, init_notes = repair_init(journal, tcti=tcti)
+        init_step = journal.step
+        journal.finish()
+        return RepairResult(journal.op, init_step, init_action, init_notes)
     if journal.op not in OPS:
         raise CorruptState(f"the journal names an unknown operation {journal.op!r}")
     data = journal.data

@@ -294,6 +294,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         force=args.force,
         root_volume=args.dom0_root_volume,
         progress=_progress(args),
+        state_dir=args.state_dir,
+        key_file=args.recovery_key_file,
     )
     passphrase.wipe()
     doc: dict[str, Any] = {
@@ -322,7 +324,13 @@ def cmd_init(args: argparse.Namespace) -> int:
                 "",
                 "  It opens the container with 'qubes-seal recover', or with stock cryptsetup.",
             ]
-    emit(args, doc, "\n".join(lines))
+        emit(args, doc, "\n".join(lines))
+        sys.stdout.flush()
+    from ..journal import crash_point
+
+    crash_point("key-delivered")
+    if result.journal is not None:
+        result.journal.finish()  # the recovery key is delivered: the init is complete
     return 0
 
 

@@ -434,6 +434,20 @@ class Tpm:
         attributes, size, policy = found
         return attributes & ~TPMA_NV_WRITTEN == NV_COUNTER_ATTRIBUTES and size == 8 and not policy
 
+    def nv_undefine_counter(self, handle: int) -> bool:
+        """Remove our rollback counter at ``handle`` (TPM2_NV_UndefineSpace, owner hierarchy
+        with the empty owner authorization).  False when ``handle`` holds no counter of ours:
+        an index someone else defined is never removed."""
+        from tpm2_pytss import ESYS_TR
+
+        if not self.is_our_counter(handle):
+            return False
+        with self._tss(f"TPM2_NV_ReadPublic of 0x{handle:08x}"):
+            tr = self.esys.tr_from_tpmpublic(handle)
+        with self._tss(f"TPM2_NV_UndefineSpace of the rollback counter 0x{handle:08x}"):
+            self.esys.nv_undefine_space(tr, ESYS_TR.OWNER)
+        return True
+
     def nv_read_counter(self, nv: NvBinding) -> int:
         """The counter's value (TPM2_NV_Read with its empty authValue)."""
         with self._tss("Esys_TR_Deserialize"):
