@@ -370,8 +370,11 @@ def init(
     except BaseException as exc:
         rkey.wipe()
         if journal is not None and isinstance(exc, Exception):
-            repair_init(journal, tcti=tcti)  # a clean failure: undo now, leave no journal
-            journal.finish()
+            try:  # a clean failure: undo now, leave no journal
+                repair_init(journal, tcti=tcti)
+                journal.finish()
+            except (QubesSealError, OSError):
+                pass  # (the TPM is gone, say) the journal stays: 'repair' finishes the undo
         raise
     finally:
         master.wipe()

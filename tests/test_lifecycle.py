@@ -15,8 +15,10 @@ kernel keyring's hand-over is dropped (RAM is lost too), the old or the new cred
 unlock (never neither), no domain key is lost, ``repair`` leaves a clean container, and the
 credentials it kept unlock.
 
-Not tested here: revoked boot states and rollback attempts (an old sealed blob, signature or
-keystore copy refused): they belong to the NV-counter work of issue 7, not built yet.
+Updates are signatures (signed policies): the sealed object stays the same through both
+updates.  At the end, a revoked boot state (a signed prediction withdrawn with ``revoke``) and
+rollback attempts (a copy of the whole container taken before the master rotation: its old
+token, old sealed blob, old signatures and old keystore) are refused.
 """
 
 from __future__ import annotations
@@ -93,14 +95,22 @@ def boot(b: Box, log: Path, **changes: str) -> None:
     txt_launch(b.swtpm, sample_modules(**changes), log_path=log)
 
 
+def sealed_object(b: Box) -> tuple[bytes, bytes]:
+    sealed = chain.read_token(Container(b.container))[1].sealed
+    assert sealed.signed is not None
+    return sealed.public, sealed.private
+
+
 def update(b: Box, log: Path, before: dict[str, str], after: dict[str, str],
            expect: dict[str, str]) -> None:  # fmt: skip
     """Predict, reseal --predict, reboot into the update, unlock, reseal (this boot only)."""
     comps = write_components(sample_modules(**after), b.dir / "update")
     res = run(b.swtpm.tcti, b.dir / "state", "predict", "--txt-log", str(log), *comps, "--json")
     assert res.code == 0, res.err
+    obj = sealed_object(b)
     res = b.cli("reseal", "--predict", "--txt-log", str(log), *comps)
     assert res.code == 0, res.err
+    assert sealed_object(b) == obj  # a signature, not a new sealed object
     boot(b, log, **after)
     assert b.unlock().code == 0
     assert keys(b) == expect
@@ -130,6 +140,7 @@ def test_life_of_a_machine(machine: Box) -> None:
     update(b, log, {}, xen, expect)
     both = {**xen, "kernel_version": "6.12.9-1.qubes"}
     update(b, log, xen, both, expect)
+    before_rotations = b.container.read_bytes()
 
     # A passphrase change: the old one is refused from the next boot on.
     res = b.cli("rotate", "passphrase", "--passphrase-file", str(b.pw),
@@ -170,6 +181,32 @@ def test_life_of_a_machine(machine: Box) -> None:
         boot(b, log, **both)
         assert b.unlock().code == 0
         assert keys(b) == expect
+
+    # A revoked boot state: an update signed, then withdrawn before the reboot.
+    bad = {**both, "kernel_version": "6.12.10-withdrawn"}
+    comps = write_components(sample_modules(**bad), b.dir / "withdrawn")
+    assert b.cli("reseal", "--predict", "--txt-log", str(log), *comps).code == 0
+    withdrawn_copy = b.container.read_bytes()
+    assert b.cli("revoke").code == 0
+    boot(b, log, **bad)
+    assert b.unlock().code == 3  # no longer signed
+    # Rollback attempts: the copy that still signed it, and a copy from before the rotations
+    # (old token, old sealed blob, old signatures, old keystore): the counter refuses both.
+    current = b.container.read_bytes()
+    first_pw = b.dir / "first-passphrase"
+    first_pw.write_text(PASSPHRASE + "\n")  # the passphrase of the copy before the rotations
+    for old_copy, kwargs, pw in ((withdrawn_copy, bad, b.pw), (before_rotations, both, first_pw)):
+        chain.lock(b.container)
+        b.container.write_bytes(old_copy)
+        boot(b, log, **kwargs)
+        res = b.unlock(pw=pw)
+        assert res.code == 3, res.err
+        assert "rollback refused" in res.err
+    chain.lock(b.container)
+    b.container.write_bytes(current)
+    boot(b, log, **both)
+    assert b.unlock().code == 0
+    assert keys(b) == expect
     assert status_of(b)["journal"] is None
 
 

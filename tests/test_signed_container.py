@@ -243,3 +243,26 @@ def test_keystore_signer_survives_a_round_trip(box: Box) -> None:
     finally:
         vk.keystore.wipe()
         vk.close()
+
+
+def test_crash_after_a_domain_removal_keeps_the_unlock_and_repair_settles(box: Box) -> None:
+    from test_rotate import cli
+
+    box.boot()
+    assert box.unlock().code == 0
+    assert box.cli("domain", "add", "work").code == 0
+    before = whole(box)
+    res = cli(box, "domain", "remove", "work", crash_at="token-written")
+    assert res.code != 0  # killed between the new token and the increment
+    t = token(box)
+    assert t.sealed.nv is not None
+    chain.lock(box.container)
+    box.boot()
+    assert box.unlock().code == 0  # the new signatures accept the counter's old value
+    assert box.cli("domain", "show", "work").code != 0  # the key is gone
+    res = box.cli("repair", "--json")
+    assert res.code == 0, res.err
+    assert res.json()["counter_incremented"] is True
+    restore(box, before)
+    box.boot()
+    assert box.unlock().code == 3  # the copy with the removed key: refused
