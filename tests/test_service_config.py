@@ -14,12 +14,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from qubes_seal import rotate
 from qubes_seal.keystore import Keystore, name_problem
-from qubes_seal.service import config, protocol
+from qubes_seal.service import config, daemon, protocol
 from qubes_seal.service.daemon import KeyService, Peer, Server
 from qubes_seal.service.ratelimit import RateLimiter
 
 SERVICE = Path(__file__).resolve().parent.parent / "qrexec" / "qubes.SealGetDiskKey"
+PREVIOUS_SERVICE = SERVICE.parent / "qubes.SealGetPreviousDiskKey"
 U1 = "6f1b0b3a-1111-4c4c-9d9d-000000000001"
 
 
@@ -138,6 +140,58 @@ def test_admin_requests_only_for_root(tmp_path: Path) -> None:
     assert unlocked.saved == 2 and unlocked.keystore.list() == []
 
 
+def test_previous_key_requests(tmp_path: Path) -> None:
+    svc, unlocked = service_with(tmp_path)
+    svc.limiter = RateLimiter(rate=0.001, burst=4)
+    user, root = Peer(1, 1000, 1000), Peer(1, 0, 0)
+    ks = unlocked.keystore
+    old = ks.add("work").key.reveal()
+
+    def ask(which: object, caller: str = "sys-storage") -> dict[str, Any]:
+        request = {"op": "get-key", "caller": caller, "domain": "work", "which": which}
+        return svc.handle(request, user, admin=False)
+
+    # No rotation pending: a clear refusal; "current" is the default.
+    answer = ask("previous")
+    assert answer["error"] == "no-key" and "no rotation is pending" in answer["message"]
+    assert answer["exit"] == protocol.EXIT_NO_KEY
+    default = {"op": "get-key", "caller": "sys-storage", "domain": "work"}
+    assert svc.handle(default, user, admin=False)["which"] == "current"
+    assert (
+        svc.handle({"op": "show", "name": "work"}, root, admin=True)["domain"]["rotation_pending"]
+        is None
+    )
+    for bad in ("older", None, 1, ["previous"]):
+        assert ask(bad)["error"] == "bad-request"
+    # Pending: the previous key, to the storage domain only; show/list say so.
+    entry = rotate.rotate_domain(ks, "work")
+    answer = ask("previous")
+    assert answer["ok"] and answer["which"] == "previous"
+    assert bytes.fromhex(answer["key"]) == old and answer["key_id"] != entry.key_id
+    assert bytes.fromhex(ask("current")["key"]) == entry.key.reveal() != old
+    assert ask("previous", caller="sys-other")["error"] == "refused"
+    view = svc.handle({"op": "list"}, root, admin=True)["domains"][0]
+    assert view["generation"] == 2
+    assert view["rotation_pending"]["previous_key_id"] == answer["key_id"]
+    assert view["rotation_pending"]["previous_generation"] == 1
+    assert old.hex() not in str(view)
+    # One rate limit for both keys of a caller: its 4 requests so far (bad ones not counted).
+    assert ask("previous")["error"] == "rate-limited"
+    svc.limiter = RateLimiter(rate=1000.0, burst=1000)
+    # A malformed previous key: an internal error, without the value or a traceback.
+    entry.extra["previous"]["key"] = "zz" * 64
+    answer = ask("previous")
+    assert answer["error"] == "internal" and "zz" not in answer["message"]
+    entry.extra["previous"]["key"] = old.hex()
+    # Committed: refused again.
+    rotate.commit_domain(ks, "work")
+    assert ask("previous")["error"] == "no-key"
+    assert (
+        svc.handle({"op": "show", "name": "work"}, root, admin=True)["domain"]["rotation_pending"]
+        is None
+    )
+
+
 def test_group_members_are_admitted_but_not_admins(tmp_path: Path) -> None:
     svc, _ = service_with(tmp_path)
     server = Server(svc, tmp_path / "run" / "s.sock")
@@ -159,6 +213,15 @@ def test_executable_agrees_with_the_protocol() -> None:
     assert os.access(SERVICE, os.X_OK)
     assert SERVICE.read_text().startswith("#!/usr/bin/python3 -IS\n")
     assert "import qubes_seal" not in SERVICE.read_text()
+    # One executable, two service names: the second is a symlink to the first.
+    assert exe.SERVICES == protocol.SERVICES
+    assert set(exe.SERVICES.values()) == set(protocol.WHICH_KEYS)
+    assert protocol.SERVICES[protocol.SERVICE_NAME] == protocol.CURRENT
+    assert PREVIOUS_SERVICE.name == protocol.PREVIOUS_SERVICE_NAME
+    assert PREVIOUS_SERVICE.is_symlink() and os.readlink(PREVIOUS_SERVICE) == SERVICE.name
+    assert os.access(PREVIOUS_SERVICE, os.X_OK)
+    # The daemon reads the previous key where 'domain rotate' keeps it.
+    assert daemon.PREVIOUS_KEY == rotate.PREVIOUS
 
 
 QREXEC_ARG = st.text(alphabet="abcXYZ019._-+_", max_size=40)

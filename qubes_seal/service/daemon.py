@@ -6,11 +6,14 @@
 * ``get-key``: the caller (``QREXEC_REMOTE_DOMAIN``, set by dom0's qrexec daemon) receives the
   key of the requested domain only if the configuration names it as the storage domain that
   serves that domain, within its rate limit, and only for the qube UUID the configuration
-  binds that domain to (when it does).  Every answer is logged: caller, domain, result;
-  never key material.
+  binds that domain to (when it does).  ``"which": "previous"`` asks for the key the domain
+  had before ``qubes-seal domain rotate``, while that rotation is pending (the storage domain
+  re-keys the volume with both), under the same checks; without a pending rotation the answer
+  is ``no-key``.  Every answer is logged: which key, caller, domain, result; never key
+  material.
 * admin requests (``status``, ``list``, ``show``, ``add``, ``remove``, ``reload``, ``lock``):
-  from root only; ``add`` and ``remove`` are written to the container at once
-  (:meth:`qubes_seal.chain.Unlocked.save`).
+  from root only (``list`` and ``show`` say whether a rotation is pending); ``add`` and
+  ``remove`` are written to the container at once (:meth:`qubes_seal.chain.Unlocked.save`).
 
 Without a hand-over (the daemon started before ``qubes-seal unlock``, or after
 ``qubes-seal lock``) the service is *locked*: every key request gets the ``locked`` error.
@@ -34,6 +37,7 @@ import grp
 import logging
 import os
 import pwd
+import re
 import selectors
 import signal
 import socket
@@ -49,20 +53,26 @@ from types import FrameType
 from typing import Any
 
 from .. import handover
-from ..errors import QubesSealError, UsageError
+from ..errors import CorruptState, QubesSealError, UsageError
 from ..keystore.errors import QubeUuidMismatch, UnknownDomain
 from ..keystore.names import name_problem
 from . import config as config_mod
 from .protocol import (
     ADMIN_OPS,
+    CURRENT,
     DEFAULT_SOCKET,
     MAX_REQUEST,
+    WHICH_KEYS,
     ProtocolError,
     decode,
     encode,
     error,
 )
 from .ratelimit import RateLimiter
+
+#: the keystore entry's field that holds the previous key during a rotation
+#: (:data:`qubes_seal.rotate.PREVIOUS`; a test checks they agree)
+PREVIOUS_KEY = "previous"
 
 log = logging.getLogger("qubes_seal.service")
 
@@ -77,6 +87,43 @@ def _shown(value: object) -> str:
     """A value from a request, safe for a log line: repr'd and cut short."""
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+_KEY_HEX = re.compile(r"\A[0-9a-f]{128}\Z")
+
+
+def _pending(entry: Any) -> dict[str, Any] | None:
+    """The previous key of ``entry`` while a rotation is pending (``domain rotate`` keeps it
+    in ``extra["previous"]``, :mod:`qubes_seal.rotate`), else None; a malformed one raises
+    :class:`CorruptState` (never showing the value)."""
+    prev = entry.extra.get(PREVIOUS_KEY)
+    if prev is None:
+        return None
+    if not (
+        isinstance(prev, dict)
+        and isinstance(prev.get("key"), str)
+        and _KEY_HEX.match(prev["key"])
+        and isinstance(prev.get("key_id"), str)
+    ):
+        raise CorruptState(f"the previous key kept for {entry.name} is malformed")
+    return prev
+
+
+def domain_view(entry: Any) -> dict[str, Any]:
+    """The public view of a keystore entry, and whether a rotation is pending:
+    ``rotation_pending`` is None, or the previous key's id, generation and rotation time."""
+    view: dict[str, Any] = entry.public_view()
+    prev = entry.extra.get(PREVIOUS_KEY)
+    view["rotation_pending"] = (
+        None
+        if not isinstance(prev, dict)
+        else {
+            "previous_key_id": prev.get("key_id"),
+            "previous_generation": prev.get("generation"),
+            "rotated": prev.get("rotated"),
+        }
+    )
+    return view
 
 
 @dataclass(frozen=True)
@@ -262,17 +309,25 @@ class KeyService:
                 log.warning("key request from %s: invalid %s %s: refused", peer, role,
                             _shown(value))  # fmt: skip
                 return error("bad-request", f"invalid {role} name: {problem}")
+        which = request.get("which", CURRENT)
+        if which not in WHICH_KEYS:
+            log.warning("key request from %s: invalid which %s: refused", peer, _shown(which))
+            return error("bad-request", "invalid which: 'current' or 'previous'")
         assert isinstance(caller, str) and isinstance(domain, str)
+        # Every line names the key asked for ("current key request ..." or "previous key
+        # request ..."), never the key itself.
         if not self.limiter.allow(caller):
-            log.warning("key request caller=%s domain=%s result=rate-limited", caller, domain)
+            log.warning("%s key request caller=%s domain=%s result=rate-limited", which, caller,
+                        domain)  # fmt: skip
             return error("rate-limited", f"too many requests from {caller}: try again later")
         if self.config.served_by(domain) != caller:
-            log.warning("key request caller=%s domain=%s result=refused (not its storage "
-                        "domain)", caller, domain)  # fmt: skip
+            log.warning("%s key request caller=%s domain=%s result=refused (not its storage "
+                        "domain)", which, caller, domain)  # fmt: skip
             return error("refused", f"{caller} is not the storage domain of {domain}: refused")
         with self._lock:
             if not self.refresh():
-                log.warning("key request caller=%s domain=%s result=locked", caller, domain)
+                log.warning("%s key request caller=%s domain=%s result=locked", which, caller,
+                            domain)  # fmt: skip
                 return error(
                     "locked",
                     "the key service is locked: the container was not unlocked in this boot "
@@ -283,16 +338,35 @@ class KeyService:
                     domain, qube_uuid=self.config.domain_uuids.get(domain)
                 )
             except UnknownDomain:
-                log.warning("key request caller=%s domain=%s result=no-key", caller, domain)
+                log.warning("%s key request caller=%s domain=%s result=no-key", which, caller,
+                            domain)  # fmt: skip
                 return error("no-key", f"no key is stored for {domain}")
             except QubeUuidMismatch:
-                log.warning("key request caller=%s domain=%s result=refused (qube UUID differs)",
-                            caller, domain)  # fmt: skip
+                log.warning("%s key request caller=%s domain=%s result=refused (qube UUID "
+                            "differs)", which, caller, domain)  # fmt: skip
                 return error("refused", f"the stored key of {domain} belongs to another qube")
-            key_hex = entry.key.reveal().hex()
-            key_id = entry.key_id
-        log.info("key request caller=%s domain=%s result=ok key_id=%s", caller, domain, key_id)
-        return {"ok": True, "domain": domain, "key_id": key_id, "key": key_hex}
+            if which == CURRENT:
+                key_hex = entry.key.reveal().hex()
+                key_id = entry.key_id
+            else:
+                try:
+                    pending = _pending(entry)
+                except CorruptState as exc:
+                    log.error("previous key request caller=%s domain=%s result=internal (%s)",
+                              caller, domain, exc)  # fmt: skip
+                    return error("internal", "the previous key kept in dom0 is unusable")
+                if pending is None:
+                    log.warning("previous key request caller=%s domain=%s result=no-key (no "
+                                "rotation pending)", caller, domain)  # fmt: skip
+                    return error(
+                        "no-key",
+                        f"no previous key for {domain}: no rotation is pending (none was "
+                        f"started with 'qubes-seal domain rotate {domain}', or it was committed)",
+                    )
+                key_hex, key_id = pending["key"], pending["key_id"]
+        log.info("%s key request caller=%s domain=%s result=ok key_id=%s", which, caller, domain,
+                 key_id)  # fmt: skip
+        return {"ok": True, "domain": domain, "which": which, "key_id": key_id, "key": key_hex}
 
     def _admin(self, op: str, request: dict[str, Any], peer: Peer) -> dict[str, Any]:
         if op == "status":
@@ -317,13 +391,13 @@ class KeyService:
             name = request.get("name")
             qube_uuid = request.get("qube_uuid")
             if op == "list":
-                return {"ok": True, "domains": [d.public_view() for d in ks.list()]}
+                return {"ok": True, "domains": [domain_view(d) for d in ks.list()]}
             if name_problem(name) or not (qube_uuid is None or isinstance(qube_uuid, str)):
                 return error("bad-request", f"invalid qube name {_shown(name)} or UUID")
             try:
                 if op == "show":
                     entry = ks.get(name, qube_uuid=qube_uuid)
-                    answer = {"ok": True, "domain": entry.public_view()}
+                    answer = {"ok": True, "domain": domain_view(entry)}
                     if request.get("show_key") is True:
                         answer["key"] = entry.key.reveal().hex()
                         log.warning("admin %s: key of %s shown to %s", op, name, peer)
@@ -332,7 +406,7 @@ class KeyService:
                     entry = ks.add(name, qube_uuid=qube_uuid)
                     self._save(op, name)
                     log.info("admin add %s by %s: key id %s", name, peer, entry.key_id)
-                    return {"ok": True, "added": entry.public_view()}
+                    return {"ok": True, "added": domain_view(entry)}
                 ks.remove(name)
                 self._save(op, name)
                 log.info("admin remove %s by %s: key destroyed", name, peer)

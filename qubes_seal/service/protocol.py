@@ -6,19 +6,25 @@ closes the connection.
 
 Requests::
 
-    {"op": "get-key", "caller": "sys-storage", "domain": "work"}
+    {"op": "get-key", "caller": "sys-storage", "domain": "work", "which": "current"}
     {"op": "status"} | {"op": "list"} | {"op": "reload"} | {"op": "lock"}      (admin: uid 0)
     {"op": "add", "name": "work", "qube_uuid": "..." | null}                  (admin: uid 0)
     {"op": "remove", "name": "work"}                                         (admin: uid 0)
     {"op": "show", "name": "work", "qube_uuid": ... , "show_key": false}      (admin: uid 0)
 
-Answers: ``{"ok": true, ...}`` (``"key"``: 128 hex digits for ``get-key``), or
+``which`` is optional: ``"current"`` (the default) asks for the domain's key,
+``"previous"`` for the key it had before ``qubes-seal domain rotate`` while that rotation is
+pending (not yet ``--commit``-ed), so that the storage domain can re-key the volume.
+
+Answers: ``{"ok": true, ...}`` (``"key"``: 128 hex digits for ``get-key``, ``"which"``: the
+key it is), or
 ``{"ok": false, "error": NAME, "message": TEXT, "exit": CODE}`` with ``NAME`` one of
 :data:`ERRORS` and ``CODE`` the exit status of ``qubes.SealGetDiskKey`` for that refusal.
 
-The qrexec service executable (``qrexec/qubes.SealGetDiskKey``) cannot import this module
-(it must start fast and stand alone): it repeats the few constants it needs; a test checks
-that the two agree.
+The qrexec service executable (``qrexec/qubes.SealGetDiskKey``, also installed as
+``qubes.SealGetPreviousDiskKey``: its name says which key it asks for) cannot import this
+module (it must start fast and stand alone): it repeats the few constants it needs; a test
+checks that the two agree.
 """
 
 from __future__ import annotations
@@ -29,16 +35,23 @@ from typing import Any
 DEFAULT_SOCKET = "/run/qubes-seal/keyd.sock"
 DEFAULT_CONFIG = "/etc/qubes-seal/config.toml"
 SERVICE_NAME = "qubes.SealGetDiskKey"
+PREVIOUS_SERVICE_NAME = "qubes.SealGetPreviousDiskKey"
+
+#: the ``which`` of a ``get-key`` request: the domain's key, or the one before a pending rotation
+CURRENT, PREVIOUS = "current", "previous"
+WHICH_KEYS = (CURRENT, PREVIOUS)
+#: qrexec service name -> the key it serves
+SERVICES = {SERVICE_NAME: CURRENT, PREVIOUS_SERVICE_NAME: PREVIOUS}
 
 MAX_REQUEST = 4096  # bytes, newline included: a request is a few names
 MAX_RESPONSE = 65536  # a client reads at most this much (a list of many domains)
 KEY_HEX_CHARS = 128  # 64 key bytes
 
-# Exit codes of qubes.SealGetDiskKey and of qubes-seal-storage-agent.
+# Exit codes of qubes.SealGet[Previous]DiskKey and of qubes-seal-storage-agent.
 EXIT_OK = 0
 EXIT_ERROR = 1  # internal error of the daemon, or a malformed answer
 EXIT_BAD_ARGUMENT = 2  # the requested domain is not a valid qube name
-EXIT_NO_KEY = 3  # the keystore holds no key for that domain
+EXIT_NO_KEY = 3  # no key for that domain ("previous": no rotation is pending)
 EXIT_REFUSED = 4  # the caller does not serve that domain (or the qube UUID differs)
 EXIT_RATE_LIMITED = 5  # too many requests from this caller: try again later
 EXIT_UNREACHABLE = 6  # the daemon does not answer on its socket
