@@ -36,6 +36,7 @@ from qubes_seal.sim.txt_launch import sample_modules, txt_launch
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICE = ROOT / "qrexec" / "qubes.SealGetDiskKey"
+PREVIOUS = ROOT / "qrexec" / "qubes.SealGetPreviousDiskKey"  # a symlink to SERVICE
 
 CONFIG = f"""\
 [storage-domains]
@@ -93,17 +94,20 @@ class Daemon:
         return client.request(self.socket, doc)
 
 
-def get_key(sock: Path, caller: str, argument: str | None) -> subprocess.CompletedProcess[bytes]:
-    """Run the service executable as qrexec runs it for ``caller`` asking ``argument``."""
+def get_key(
+    sock: Path, caller: str, argument: str | None, *, service: Path = SERVICE
+) -> subprocess.CompletedProcess[bytes]:
+    """Run the service executable as qrexec runs it for ``caller`` asking ``argument``:
+    ``service`` is the file qrexec found (``qubes.SealGetPreviousDiskKey``: the symlink)."""
     env = {
         "PATH": "/usr/bin:/bin",
         "QREXEC_REMOTE_DOMAIN": caller,
-        "QREXEC_SERVICE_FULL_NAME": "qubes.SealGetDiskKey" + (f"+{argument}" if argument else ""),
+        "QREXEC_SERVICE_FULL_NAME": service.name + (f"+{argument}" if argument else ""),
         "QREXEC_REQUESTED_TARGET_TYPE": "keyword",
         "QREXEC_REQUESTED_TARGET_KEYWORD": "adminvm",
         "QUBES_SEAL_SOCKET": str(sock),
     }
-    argv = [str(SERVICE)]
+    argv = [str(service)]
     if argument:
         env["QREXEC_SERVICE_ARGUMENT"] = argument
         argv.append(argument)
@@ -253,6 +257,95 @@ def test_refusals_are_clear_logged_and_harmless(keybox: Box, daemon: Daemon) -> 
     assert "not a JSON line" in log and f"larger than {MAX_REQUEST} bytes" in log
     assert get_key(daemon.socket, "sys-storage", "personal").stdout == keys["personal"]
     assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+def rotate(box: Box, d: Daemon, name: str, *args: str) -> None:
+    """``qubes-seal domain rotate NAME ARGS`` in dom0: refused while the key service runs, so
+    stopped for it and started again."""
+    d.stop()
+    res = cli(box, d, "domain", "rotate", name, *args)
+    assert res.code == 0, res.err
+    d.start()
+
+
+def test_previous_key_while_a_rotation_is_pending(keybox: Box, daemon: Daemon) -> None:
+    daemon.start()
+    keys = unlocked_with_keys(keybox, daemon)
+    # No rotation pending: qubes.SealGetPreviousDiskKey refuses clearly (exit 3).
+    res = get_key(daemon.socket, "sys-storage", "work", service=PREVIOUS)
+    assert res.returncode == 3 and res.stdout == b"", res.stderr
+    assert b"qubes.SealGetPreviousDiskKey: " in res.stderr
+    assert b"no rotation is pending" in res.stderr
+    res = cli(keybox, daemon, "domain", "show", "work", "--uuid", U1, "--json")
+    assert res.json()["domain"]["rotation_pending"] is None
+    # domain rotate refuses while the key service runs; stopped, it rotates.
+    res = cli(keybox, daemon, "domain", "rotate", "work", "--uuid", U1)
+    assert res.code == 2 and "key service is running" in res.err
+    rotate(keybox, daemon, "work", "--uuid", U1)
+    res = get_key(daemon.socket, "sys-storage", "work")
+    new = res.stdout
+    assert res.returncode == 0 and len(new) == 64 and new != keys["work"]
+    res = get_key(daemon.socket, "sys-storage", "work", service=PREVIOUS)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == keys["work"]
+    # Run by hand (no QREXEC_SERVICE_FULL_NAME): the name it was run under decides.
+    env = {"QREXEC_REMOTE_DOMAIN": "sys-storage", "QUBES_SEAL_SOCKET": str(daemon.socket)}
+    for exe, want in ((PREVIOUS, keys["work"]), (SERVICE, new)):
+        res = subprocess.run([str(exe), "work"], capture_output=True, env=env, timeout=30)
+        assert res.returncode == 0 and res.stdout == want, res.stderr
+    # The same caller checks as for the current key.
+    cases = [
+        ("red", "work", 4, b"not the storage domain"),
+        ("sys-backup", "work", 4, b"not the storage domain"),
+        ("sys-storage", "personal", 3, b"no rotation is pending"),  # not rotated
+        ("sys-storage", "vault", 3, b"no key is stored"),
+        ("sys-storage", "_work", 2, b"invalid"),
+    ]
+    for caller, domain, code, message in cases:
+        res = get_key(daemon.socket, caller, domain, service=PREVIOUS)
+        assert res.returncode == code, (caller, domain, res.stderr)
+        assert res.stdout == b"" and message in res.stderr, res.stderr
+    # An unknown service name: refused before asking anything.
+    odd = keybox.dir / "qubes.SealGetOtherDiskKey"
+    odd.symlink_to(SERVICE)
+    res = get_key(daemon.socket, "sys-storage", "work", service=odd)
+    assert res.returncode == 2 and b"unknown service name" in res.stderr
+    # list and show say a rotation is pending (ids and generations, never a key).
+    listed = cli(keybox, daemon, "domain", "list", "--json").json()["domains"]
+    by_name = {d["name"]: d for d in listed}
+    pending = by_name["work"]["rotation_pending"]
+    assert pending["previous_generation"] == 1 and by_name["work"]["generation"] == 2
+    assert by_name["personal"]["rotation_pending"] is None
+    text = cli(keybox, daemon, "domain", "list").out
+    assert f"rotation pending: previous key {pending['previous_key_id']}" in text
+    text = cli(keybox, daemon, "domain", "show", "work", "--uuid", U1).out
+    assert "rotation pending" in text and "--commit" in text
+    # The UUID rule holds for the previous key too.
+    daemon.config.write_text(daemon.config.read_text().replace(U1, U2))
+    assert daemon.request({"op": "reload"})["ok"] is True
+    res = get_key(daemon.socket, "sys-storage", "work", service=PREVIOUS)
+    assert res.returncode == 4 and b"another qube" in res.stderr
+    daemon.config.write_text(daemon.config.read_text().replace(U2, U1))
+    assert daemon.request({"op": "reload"})["ok"] is True
+    # The log names the key asked for, never a key.
+    log = daemon.log()
+    assert "previous key request caller=sys-storage domain=work result=ok" in log
+    assert "current key request caller=sys-storage domain=work result=ok" in log
+    assert "previous key request caller=red domain=work result=refused" in log
+    assert "previous key request caller=sys-storage domain=personal result=no-key (no " in log
+    for key in (*keys.values(), new):
+        assert key.hex() not in log and key.hex().upper() not in log
+    # Committed: the previous key is gone, refused again; the current one stays.
+    rotate(keybox, daemon, "work", "--uuid", U1, "--commit")
+    res = get_key(daemon.socket, "sys-storage", "work", service=PREVIOUS)
+    assert res.returncode == 3 and b"no rotation is pending" in res.stderr
+    assert get_key(daemon.socket, "sys-storage", "work").stdout == new
+    res = cli(keybox, daemon, "domain", "show", "work", "--uuid", U1, "--json")
+    assert res.json()["domain"]["rotation_pending"] is None
+    # Locked: exit 7, as for the current key.
+    chain.lock(keybox.container)
+    time.sleep(RECHECK_UNLOCKED + 0.1)
+    assert get_key(daemon.socket, "sys-storage", "work", service=PREVIOUS).returncode == 7
 
 
 def test_200_concurrent_requests_all_correct(keybox: Box, daemon: Daemon) -> None:

@@ -206,8 +206,9 @@ def register(sub: Any) -> None:
         "Work on the keystore: through this boot's hand-over when the container was\n"
         "unlocked, else by unlocking it (passphrase).\n\n"
         "examples:\n  qubes-seal domain add work --uuid 6f1b...\n  qubes-seal domain list --json\n"
-        "  qubes-seal domain rotate work --uuid 6f1b...   (new key; the previous one is kept)\n"
-        "  qubes-seal domain rotate work --uuid 6f1b... --commit   (after re-encryption: the\n"
+        "  qubes-seal domain rotate work --uuid 6f1b...   (new key; the previous one is kept\n"
+        "         and served to the storage domain, for 'qubes-seal-storage-agent rekey work')\n"
+        "  qubes-seal domain rotate work --uuid 6f1b... --commit   (after the rekey: the\n"
         "                                                 previous key is destroyed)",
     )
     dsub = p.add_subparsers(dest="domain_command", metavar="ACTION", required=True)
@@ -216,7 +217,7 @@ def register(sub: Any) -> None:
         ("list", "list the domains (never their keys)"),
         ("show", "one domain's details (its key only with --show-key)"),
         ("remove", "destroy a domain's key"),
-        ("rotate", "a new key for a domain, the previous one kept until --commit"),
+        ("rotate", "a new key; the previous one kept, and served for the rekey, until --commit"),
     ):
         dp = add_command(dsub, name, help_, help_)
         container_opt(dp)
@@ -233,7 +234,8 @@ def register(sub: Any) -> None:
         if name == "rotate":
             dp.add_argument(
                 "--commit", action="store_true",
-                help="the volume now uses the new key: destroy the previous one",
+                help="the volume now uses the new key (qubes-seal-storage-agent rekey): "
+                "destroy the previous one",
             )  # fmt: skip
         dp.set_defaults(func=cmd_domain)
 
@@ -471,9 +473,18 @@ def cmd_lock(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pending_text(view: dict[str, Any]) -> str:
+    pending = view.get("rotation_pending")
+    if not pending:
+        return ""
+    return (f"  (rotation pending: previous key {pending['previous_key_id']}, generation "
+            f"{pending['previous_generation']})")  # fmt: skip
+
+
 def cmd_domain(args: argparse.Namespace) -> int:
     from .. import chain
     from ..service import client
+    from ..service.daemon import domain_view
     from .main import emit
     from .prompt import ask
 
@@ -509,9 +520,9 @@ def cmd_domain(args: argparse.Namespace) -> int:
         try:
             ks = unlocked.keystore
             if action == "list":
-                doc = {"domains": [d.public_view() for d in ks.list()]}
+                doc = {"domains": [domain_view(d) for d in ks.list()]}
             elif action == "add":
-                doc = {"added": ks.add(name, qube_uuid=qube_uuid).public_view()}
+                doc = {"added": domain_view(ks.add(name, qube_uuid=qube_uuid))}
                 unlocked.save()
             elif action == "remove":
                 ks.remove(name)
@@ -530,7 +541,7 @@ def cmd_domain(args: argparse.Namespace) -> int:
                                    "committed": bool(args.commit)}}  # fmt: skip
             else:
                 d = ks.get(name, qube_uuid=qube_uuid)
-                doc = {"domain": d.public_view()}
+                doc = {"domain": domain_view(d)}
                 if show_key:
                     doc["key"] = d.key.reveal().hex()
         finally:
@@ -554,8 +565,9 @@ def cmd_domain(args: argparse.Namespace) -> int:
                 "revoke' (no hand-over in this boot, or a token before signed policies)"
             )
     if action == "list":
-        text = "\n".join(f"{r['name']:<32} key {r['key_id']}  generation {r['generation']}"
-                         for r in doc["domains"]) or "no domain keys"  # fmt: skip
+        rows = [f"{r['name']:<32} key {r['key_id']}  generation {r['generation']}"
+                + _pending_text(r) for r in doc["domains"]]  # fmt: skip
+        text = "\n".join(rows) or "no domain keys"
     elif action == "add":
         text = f"added a key for {doc['added']['name']} (key id {doc['added']['key_id']})"
     elif action == "remove":
@@ -567,11 +579,22 @@ def cmd_domain(args: argparse.Namespace) -> int:
             f"{r['key_id']} (generation {r['generation']}) remains" + revoke_note
             if r["committed"]
             else f"new key for {name}: key id {r['key_id']} (generation {r['generation']}); "
-            "the previous key is kept until the volume is re-encrypted, then run "
-            f"'qubes-seal domain rotate {name} --commit'"
+            "the previous key is kept, and served to the storage domain, until the volume is "
+            f"re-keyed: start the key service, run 'qubes-seal-storage-agent rekey {name} "
+            f"--volume PATH' in the storage domain, then 'qubes-seal domain rotate {name} "
+            "--commit' here"
         )
     else:
-        text = "\n".join(f"{k}: {v}" for k, v in doc["domain"].items())
+        shown = {k: v for k, v in doc["domain"].items() if k != "rotation_pending"}
+        text = "\n".join(f"{k}: {v}" for k, v in shown.items())
+        pending = doc["domain"].get("rotation_pending")
+        text += "\nrotation pending: " + (
+            "no"
+            if not pending
+            else f"previous key {pending['previous_key_id']} (generation "
+            f"{pending['previous_generation']}, rotated {pending['rotated']}): re-key the "
+            f"volume in the storage domain, then 'qubes-seal domain rotate {name} --commit'"
+        )
         if show_key:
             text += f"\nkey: {doc['key']}"
     emit(args, doc, text)
