@@ -17,6 +17,10 @@
       64 raw key bytes ◄── stdout ◄── qrexec ◄──┘
       └─ cryptsetup open --key-file=- --keyfile-size=64 VOLUME NAME
 
+During a domain key rotation (``qubes-seal domain rotate``, until ``--commit``) the same
+executable answers ``qubes.SealGetPreviousDiskKey+work`` with the previous key, and
+``qubes-seal-storage-agent rekey work`` moves a LUKS volume from that key to the new one.
+
 Modules: :mod:`.protocol` (wire format, limits, exit codes; stdlib only), :mod:`.config`
 (``/etc/qubes-seal/config.toml``), :mod:`.ratelimit`, :mod:`.daemon` (the authorisation
 logic and the socket server), :mod:`.client` (admin requests from the CLI), :mod:`.agent`
