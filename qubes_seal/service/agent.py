@@ -181,8 +181,10 @@ def _with_keys(
     Each key comes from its own ``qrexec-client-vm`` through a pipe; ``command`` gets the
     pipes' read ends as ``/dev/fd/N`` paths (handed to cryptsetup with ``pass_fds``) and
     returns cryptsetup's arguments.  This process never reads a key byte.  A failed key
-    request raises :class:`AgentError` whatever cryptsetup did; cryptsetup's own result is
-    returned (its stdout and stderr; never a key).
+    request raises :class:`AgentError` whatever cryptsetup did (a refusal with its own exit
+    code; another failure, when cryptsetup failed too, as a cryptsetup error), so that an
+    empty pipe is never taken for "this key does not open the volume".  Otherwise
+    cryptsetup's own result is returned (its exit status, stdout and stderr; never a key).
     """
     sources: list[subprocess.Popen[bytes]] = []
     try:
@@ -213,8 +215,8 @@ def _with_keys(
         errors = [p.communicate(timeout=timeout)[1] for p in sources]
     except subprocess.TimeoutExpired:
         _kill_all([*sources, sink])
-        raise AgentError(f"cryptsetup {argv[1]} did not finish within {timeout:.0f} s: gave up",
-                         EXIT_UNREACHABLE) from None  # fmt: skip
+        raise AgentError(f"cryptsetup {argv[1]} did not finish within {timeout:.0f} s (no key "
+                         "from dom0?): gave up", EXIT_UNREACHABLE) from None  # fmt: skip
     for w, p, e in zip(which, sources, errors, strict=True):
         if p.returncode == 0:
             continue
