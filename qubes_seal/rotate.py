@@ -543,7 +543,8 @@ def rotate_domain(keystore: Any, name: str, *, qube_uuid: str | None = None) -> 
     if PREVIOUS in entry.extra:
         raise UsageError(
             f"{name} has a rotation pending (previous key {entry.extra[PREVIOUS]['key_id']})",
-            hint=f"Re-encrypt the volume, then 'qubes-seal domain rotate {name} --commit'.",
+            hint=f"In the storage domain run 'qubes-seal-storage-agent rekey {name} --volume "
+            f"PATH', then 'qubes-seal domain rotate {name} --commit'.",
         )
     entry.extra[PREVIOUS] = {
         "key": entry.key.reveal().hex(),
