@@ -454,6 +454,37 @@ class RepairResult:
     notes: list[str]
 
 
+def _repair_simple(journal: Journal, *, tcti: str | None) -> list[str]:
+    """Complete a reseal or a domain operation: its one container write is atomic, so only
+    the counter increment (and, after a destroyed key, the token's re-signing) can be
+    missing."""
+    from .chain import refresh_token
+    from .luks.container import Container
+
+    path = Path(journal.doc["container"])
+    notes: list[str] = []
+    if tcti is None:
+        return ["no TPM given: the rollback counter was not checked"]
+    destroyed = journal.op in ("domain-remove", "domain-rotate-commit")
+    if destroyed and journal.did("keystore-written") and not journal.did("refreshed"):
+        if refresh_token(path, tcti=tcti) is not None:
+            notes.append(
+                "the token was re-signed and the rollback counter incremented: older "
+                "copies of the container (with the destroyed key) are revoked"
+            )
+        else:
+            notes.append(
+                "older copies of the container still hold the destroyed key: run "
+                "'qubes-seal revoke' in a boot that unlocked the container"
+            )
+        return notes
+    if settle_counter(tcti, read_token(Container(path))[1].sealed):
+        notes.append("the rollback counter was incremented: older sealed objects are revoked")
+    else:
+        notes.append("nothing was missing")
+    return notes
+
+
 def repair(state_dir: Path, *, tcti: str | None = None) -> RepairResult | None:
     """Complete or roll back the interrupted operation; None when there is none.
 
@@ -473,6 +504,11 @@ def repair(state_dir: Path, *, tcti: str | None = None) -> RepairResult | None:
         init_step = journal.step
         journal.finish()
         return RepairResult(journal.op, init_step, init_action, init_notes)
+    if journal.op == "reseal" or journal.op.startswith("domain-"):
+        simple_notes = _repair_simple(journal, tcti=tcti)
+        simple_step = journal.step
+        journal.finish()
+        return RepairResult(journal.op, simple_step, "completed", simple_notes)
     if journal.op not in OPS:
         raise CorruptState(f"the journal names an unknown operation {journal.op!r}")
     data = journal.data

@@ -150,9 +150,14 @@ def test_crash_between_token_write_and_increment_still_unlocks(box: Box) -> None
     chain.lock(box.container)
     box.boot()
     assert box.unlock().code == 0  # the new object accepts the old value
+    from test_rotate import status_of
+
+    assert status_of(box)["journal"]["op"] == "reseal"  # the interruption is shown
     res = box.cli("repair", "--json")
     assert res.code == 0, res.err
-    assert res.json()["counter_incremented"] is True
+    doc = res.json()
+    assert (doc["repaired"], doc["action"]) == ("reseal", "completed")
+    assert "the rollback counter was incremented" in doc["notes"][0]
     value, bound = counter(box)
     assert value == bound
     restore(box, old)
@@ -160,3 +165,25 @@ def test_crash_between_token_write_and_increment_still_unlocks(box: Box) -> None
     res = box.unlock()
     assert res.code == 3, res.err
     assert REVOKED in res.err
+
+
+@pytest.mark.parametrize("action", [("add", "personal"), ("rotate", "work")])
+def test_a_crash_after_a_domain_write_is_shown_and_repaired(
+    box: Box, action: tuple[str, str]
+) -> None:
+    from test_rotate import status_of
+
+    box.boot()
+    assert box.unlock().code == 0
+    assert box.cli("domain", "add", "work").code == 0
+    res = cli(box, "domain", *action, crash_at="keystore-written")
+    assert res.code != 0
+    assert status_of(box)["journal"]["op"] == f"domain-{action[0]}"
+    res = box.cli("domain", "add", "other")  # one operation at a time
+    assert res.code == 2 and "repair" in res.err
+    res = box.cli("repair", "--json")
+    assert res.code == 0, res.err
+    assert res.json()["action"] == "completed"
+    assert status_of(box)["journal"] is None
+    listed = box.cli("domain", "list", "--json").json()["domains"]
+    assert action[1] in [d["name"] for d in listed]  # the write itself was complete

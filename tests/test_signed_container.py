@@ -245,7 +245,7 @@ def test_keystore_signer_survives_a_round_trip(box: Box) -> None:
         vk.close()
 
 
-def test_crash_after_a_domain_removal_keeps_the_unlock_and_repair_settles(box: Box) -> None:
+def test_crash_after_a_domain_removal_keeps_the_unlock_and_repair_completes(box: Box) -> None:
     from test_rotate import cli
 
     box.boot()
@@ -260,9 +260,17 @@ def test_crash_after_a_domain_removal_keeps_the_unlock_and_repair_settles(box: B
     box.boot()
     assert box.unlock().code == 0  # the new signatures accept the counter's old value
     assert box.cli("domain", "show", "work").code != 0  # the key is gone
+    from test_rotate import status_of
+
+    assert status_of(box)["journal"]["op"] == "domain-remove"
     res = box.cli("repair", "--json")
     assert res.code == 0, res.err
-    assert res.json()["counter_incremented"] is True
+    doc = res.json()
+    assert (doc["repaired"], doc["step"], doc["action"]) == (
+        "domain-remove", "keystore-written", "completed",
+    )  # fmt: skip
+    assert "older copies of the container (with the destroyed key) are revoked" in doc["notes"][0]
+    assert status_of(box)["journal"] is None
     restore(box, before)
     box.boot()
     assert box.unlock().code == 3  # the copy with the removed key: refused

@@ -482,6 +482,27 @@ def _pending_text(view: dict[str, Any]) -> str:
 
 
 def cmd_domain(args: argparse.Namespace) -> int:
+    """``domain``: the writing actions (add, remove, rotate) are journalled: a crash after the
+    keystore write leaves a record that ``repair`` completes (re-signs the token and
+    increments the counter when a key was destroyed)."""
+    action = args.domain_command
+    if action not in ("add", "remove", "rotate"):
+        return _cmd_domain(args, None)
+    from ..journal import Journal
+
+    op = f"domain-{action}" + ("-commit" if action == "rotate" and args.commit else "")
+    journal = Journal.begin(args.state_dir, op, args.container, name=args.name)
+    try:
+        code = _cmd_domain(args, journal)
+    except BaseException:
+        if not journal.did("keystore-written"):
+            journal.finish()  # nothing changed: no record to repair
+        raise
+    journal.finish()
+    return code
+
+
+def _cmd_domain(args: argparse.Namespace, journal: Any) -> int:
     from .. import chain
     from ..service import client
     from ..service.daemon import domain_view
@@ -504,6 +525,8 @@ def cmd_domain(args: argparse.Namespace) -> int:
     if service is not None:
         request = {"op": action, "name": name, "qube_uuid": qube_uuid, "show_key": show_key}
         answer = client.admin(service, request)
+        if journal is not None:
+            journal.mark("keystore-written")
         doc = {k: v for k, v in answer.items() if k in ("domains", "added", "removed",
                                                          "domain", "key")}  # fmt: skip
     else:
@@ -524,9 +547,11 @@ def cmd_domain(args: argparse.Namespace) -> int:
             elif action == "add":
                 doc = {"added": domain_view(ks.add(name, qube_uuid=qube_uuid))}
                 unlocked.save()
+                journal.mark("keystore-written")
             elif action == "remove":
                 ks.remove(name)
                 unlocked.save()
+                journal.mark("keystore-written")
                 doc = {"removed": name}
             elif action == "rotate":
                 from .. import rotate
@@ -536,6 +561,7 @@ def cmd_domain(args: argparse.Namespace) -> int:
                 else:
                     entry = rotate.rotate_domain(ks, str(name), qube_uuid=qube_uuid)
                 unlocked.save()
+                journal.mark("keystore-written")
                 doc = {"rotated": {**entry.public_view(),
                                    "previous_kept": rotate.PREVIOUS in entry.extra,
                                    "committed": bool(args.commit)}}  # fmt: skip
@@ -554,6 +580,8 @@ def cmd_domain(args: argparse.Namespace) -> int:
             keyring is not None
         ) else None  # fmt: skip
         doc["older_copies_revoked"] = token is not None
+        if token is not None:
+            journal.mark("refreshed")
         if token is not None and token.sealed.nv is not None:
             revoke_note = (
                 f"; older copies of the container are revoked (rollback counter "

@@ -618,8 +618,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def reseal_container(args: argparse.Namespace) -> int:
+def journalled_reseal(args: argparse.Namespace, predicted: list[dict[int, bytes]]) -> Any:
+    """``chain.reseal_container`` under a journal record (op ``reseal``): killed after the
+    token was written, ``repair`` makes the counter increment that did not happen."""
     from .. import chain
+    from ..journal import Journal
+
+    journal = Journal.begin(args.state_dir, "reseal", args.container)
+    try:
+        token = chain.reseal_container(
+            args.container, tcti=args.tpm, predicted=predicted,
+            keyring=getattr(args, "keyring", "user") or "user",
+        )  # fmt: skip
+    finally:  # a clean failure leaves the container consistent (one atomic token import)
+        journal.finish()
+    return token
+
+
+def reseal_container(args: argparse.Namespace) -> int:
 
     predicted: list[dict[int, bytes]] = []
     if args.predict:
@@ -628,7 +644,7 @@ def reseal_container(args: argparse.Namespace) -> int:
         predicted.append(values)
     elif any(getattr(args, o) is not None for o in ("xen", "kernel", "initramfs", "grub_cfg")):
         raise UsageError("component options given without --predict")
-    token = chain.reseal_container(args.container, tcti=args.tpm, predicted=predicted)
+    token = journalled_reseal(args, predicted)
     new = token.sealed
     if new.signed is not None:
         lines = [f"signed {len(new.pcr_states)} accepted boot state(s) with the dom0 "

@@ -181,11 +181,12 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
-    from .. import chain
     from .main import emit
 
     _ensure_unlocked(args)
-    token = chain.reseal_container(args.container, tcti=args.tpm, keyring=args.keyring)
+    from .main import journalled_reseal
+
+    token = journalled_reseal(args, [])
     sealed = token.sealed
     doc: dict[str, Any] = {"revoked": True, "container": str(args.container),
                            "counter": None if sealed.nv is None else sealed.nv.bound}  # fmt: skip
