@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from machine import Box, initialised
 
 from qubes_seal.sim.proxy import CountingProxy
 from qubes_seal.sim.swtpm import Swtpm, leaked_handles
@@ -56,6 +57,18 @@ def swtpm(tmp_path: Path) -> Iterator[Swtpm]:
         tpm.stop()
     if leaked:
         pytest.fail(f"the test left TPM handles loaded: {', '.join(leaked)}", pytrace=False)
+
+
+@pytest.fixture
+def box(swtpm: Swtpm, tmp_path: Path) -> Iterator[Box]:
+    """A machine with an initialised container (a launch, ``init`` with a cheap KDF); this
+    boot's hand-over is dropped afterwards, so no key stays in root's keyring."""
+    from qubes_seal import chain
+
+    b = initialised(swtpm, tmp_path)
+    yield b
+    if b.container.exists():
+        chain.lock(b.container)
 
 
 @pytest.fixture

@@ -6,68 +6,16 @@ import json
 import os
 import subprocess
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cli_util import Result, run
+from machine import CHEAP_KDF, PASSPHRASE, U1, U2, Box
 
 from qubes_seal import chain
 from qubes_seal.luks.container import Container
-from qubes_seal.sim.swtpm import Swtpm, configure_da
+from qubes_seal.sim.swtpm import configure_da
 from qubes_seal.sim.txt_launch import sample_modules, txt_launch
 from qubes_seal.tpm.device import Tpm
-
-PASSPHRASE = "correct horse battery staple"
-U1 = "6f1b0b3a-1111-4c4c-9d9d-000000000001"
-U2 = "6f1b0b3a-2222-4c4c-9d9d-000000000002"
-CHEAP_KDF = ["--kdf-memory", "8192", "--kdf-time", "20"]
-
-
-@dataclass
-class Box:
-    """One machine: a swtpm, a state dir, a container, the passphrase and recovery key files."""
-
-    swtpm: Swtpm
-    dir: Path
-
-    @property
-    def container(self) -> Path:
-        return self.dir / "keys.luks"
-
-    @property
-    def pw(self) -> Path:
-        return self.dir / "passphrase"
-
-    @property
-    def rk(self) -> Path:
-        return self.dir / "recovery-key"
-
-    def cli(self, *args: str, pw: Path | None = None) -> Result:
-        extra = ["--container", str(self.container)]
-        if pw is not None:
-            extra += ["--passphrase-file", str(pw)]
-        return run(self.swtpm.tcti, self.dir / "state", *args, *extra)
-
-    def boot(self, **changes: str) -> None:
-        self.swtpm.reboot()
-        txt_launch(self.swtpm, sample_modules(**changes))
-
-    def unlock(self, pw: Path | None = None) -> Result:
-        return self.cli("unlock", "--json", pw=pw or self.pw)
-
-
-@pytest.fixture
-def box(swtpm: Swtpm, tmp_path: Path) -> Iterator[Box]:
-    b = Box(swtpm, tmp_path)
-    b.pw.write_text(PASSPHRASE + "\n")
-    txt_launch(swtpm, sample_modules())
-    res = b.cli("init", *CHEAP_KDF, "--recovery-key-file", str(b.rk), pw=b.pw)
-    assert res.code == 0, res.err
-    yield b
-    if b.container.exists():
-        chain.lock(b.container)  # leave no hand-over in root's keyring
 
 
 def test_init_reboot_unlock_and_domain_keys(box: Box) -> None:

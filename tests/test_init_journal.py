@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_chain import CHEAP_KDF, PASSPHRASE, Box
+from machine import CHEAP_KDF, PASSPHRASE, Box
 from test_rotate import cli, status_of
 
 from qubes_seal import chain

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 from cli_util import run
-from test_chain import CHEAP_KDF, PASSPHRASE, U1, U2, Box
+from machine import CHEAP_KDF, PASSPHRASE, U1, U2, Box
 from test_predict import write_components
 from test_rotate import (
     NEW_PASSPHRASE,

@@ -9,11 +9,8 @@ fails, and the unlock reports the rollback (exit 3).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
-from test_chain import CHEAP_KDF, PASSPHRASE, Box
+from machine import CHEAP_KDF, Box
 from test_rotate import cli, new_pw
 
 from qubes_seal import chain
@@ -24,18 +21,6 @@ from qubes_seal.sim.txt_launch import sample_modules, txt_launch
 from qubes_seal.tpm.device import NV_COUNTER_ATTRIBUTES, TPMA_NV_WRITTEN, Tpm
 
 REVOKED = "this sealed object was revoked (a newer one exists): rollback refused"
-
-
-@pytest.fixture
-def box(swtpm: Swtpm, tmp_path: Path) -> Iterator[Box]:
-    b = Box(swtpm, tmp_path)
-    b.pw.write_text(PASSPHRASE + "\n")
-    txt_launch(swtpm, sample_modules())
-    res = b.cli("init", *CHEAP_KDF, "--recovery-key-file", str(b.rk), pw=b.pw)
-    assert res.code == 0, res.err
-    yield b
-    if b.container.exists():
-        chain.lock(b.container)
 
 
 def header_region(b: Box) -> bytes:

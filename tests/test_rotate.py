@@ -9,18 +9,15 @@ credentials (never neither), no domain key is lost, and ``repair`` leaves a clea
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cli_util import Result, run
-from test_chain import CHEAP_KDF, PASSPHRASE, U1, Box
+from machine import U1, Box
 
 from qubes_seal import chain, journal
 from qubes_seal.luks.container import Container
-from qubes_seal.sim.swtpm import Swtpm
-from qubes_seal.sim.txt_launch import sample_modules, txt_launch
 
 NEW_PASSPHRASE = "a brand new passphrase for the test"
 TPM_STEPS = ["begun", "staged", "keyslot-added", "token-replaced", "old-keyslot-killed",
@@ -29,19 +26,6 @@ RECOVERY_STEPS = ["begun", "staged", "keyslot-added", "key-delivered", "token-up
                   "old-keyslot-killed", "resealed"]  # fmt: skip
 #: Reported: every crash point the parametrised tests below exercise.
 CRASH_POINTS = 2 * len(TPM_STEPS) + len(RECOVERY_STEPS)
-
-
-@pytest.fixture
-def box(swtpm: Swtpm, tmp_path: Path) -> Iterator[Box]:
-    """As test_chain's: a machine initialised on swtpm with a cheap KDF."""
-    b = Box(swtpm, tmp_path)
-    b.pw.write_text(PASSPHRASE + "\n")
-    txt_launch(swtpm, sample_modules())
-    res = b.cli("init", *CHEAP_KDF, "--recovery-key-file", str(b.rk), pw=b.pw)
-    assert res.code == 0, res.err
-    yield b
-    if b.container.exists():
-        chain.lock(b.container)  # leave no hand-over in root's keyring
 
 
 def cli(b: Box, *args: str, crash_at: str | None = None) -> Result:

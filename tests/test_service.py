@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 from cli_util import Result, run
-from test_chain import CHEAP_KDF, PASSPHRASE, U1, U2, Box
+from machine import CHEAP_KDF, PASSPHRASE, U1, U2, Box
 
 from qubes_seal import chain
 from qubes_seal.service import client

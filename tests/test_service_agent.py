@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from luks_util import cli_volume_key
-from test_chain import U1, Box
+from machine import U1, Box
 from test_service import (
     SERVICE,
     Daemon,

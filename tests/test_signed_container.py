@@ -7,34 +7,19 @@ container; older copies of the container (token, keystore) refused once the coun
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-from test_chain import CHEAP_KDF, PASSPHRASE, Box
+from machine import CHEAP_KDF, PASSPHRASE, Box
 from test_predict import write_components
 
 from qubes_seal import chain
 from qubes_seal.keystore import hmac_key_from_volume_key, load
 from qubes_seal.luks.container import Container
 from qubes_seal.luks.payload import UserspacePayload
-from qubes_seal.sim.swtpm import Swtpm
 from qubes_seal.sim.txt_launch import sample_modules, txt_launch
 from qubes_seal.tpm.marshal import auth_policy
 
 REVOKED = "rollback refused"
-
-
-@pytest.fixture
-def box(swtpm: Swtpm, tmp_path: Path) -> Iterator[Box]:
-    b = Box(swtpm, tmp_path)
-    b.pw.write_text(PASSPHRASE + "\n")
-    txt_launch(swtpm, sample_modules())
-    res = b.cli("init", *CHEAP_KDF, "--recovery-key-file", str(b.rk), pw=b.pw)
-    assert res.code == 0, res.err
-    yield b
-    if b.container.exists():
-        chain.lock(b.container)
 
 
 def token(b: Box) -> chain.Token:
