@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 from cli_util import run
-from machine import CHEAP_KDF, PASSPHRASE, U1, U2, Box
+from machine import PASSPHRASE, U1, U2, Box, initialised
 from test_predict import write_components
 from test_rotate import (
     NEW_PASSPHRASE,
@@ -69,11 +69,7 @@ def machine(swtpm: Swtpm, tmp_path: Path) -> Iterator[Box]:
     that a lockout never hides what a power cut did.
     """
     configure_da(swtpm.tcti, max_tries=1000, recovery_time=1000, lockout_recovery=1000)
-    b = Box(swtpm, tmp_path)
-    b.pw.write_text(PASSPHRASE + "\n")
-    txt_launch(swtpm, sample_modules())
-    res = b.cli("init", *CHEAP_KDF, "--recovery-key-file", str(b.rk), pw=b.pw)
-    assert res.code == 0, res.err
+    b = initialised(swtpm, tmp_path)
     yield b
     if b.container.exists():
         chain.lock(b.container)  # leave no hand-over in root's keyring
