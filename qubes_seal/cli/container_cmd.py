@@ -102,7 +102,11 @@ def register(sub: Any) -> None:
         "keyslots: one for the key derived from the TPM's master secret and your passphrase,\n"
         "one for a recovery key (shown once). Seal the master secret to PCR 13 (the\n"
         "container's header), 17 and 18 (tboot's measurements), with the passphrase's\n"
-        "Argon2id half as the TPM object's authorization.\n\n"
+        "Argon2id half as the TPM object's authorization. The accepted boot is signed by a\n"
+        "new dom0 policy-signing key kept in the keystore (signed policies: later updates\n"
+        "are signatures, see 'reseal'), and bound to a new TPM NV rollback counter.\n"
+        "Journalled: interrupted before the recovery key was delivered, 'qubes-seal repair'\n"
+        "removes what it made.\n\n"
         "example:  qubes-seal init --container /var/lib/qubes-seal/keys.luks",
     )
     container_opt(p)

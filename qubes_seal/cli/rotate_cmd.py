@@ -77,11 +77,12 @@ def register(sub: Any) -> None:
 
     p = add_command(
         sub, "revoke", "accept this boot only and revoke every older sealed object",
-        "Reseal the master secret (unchanged) to this boot only, then increment the TPM's\n"
+        "Sign this boot only (the sealed object is unchanged), then increment the TPM's\n"
         "rollback counter (NV index): every other accepted state (a predicted boot that\n"
-        "should not happen) and every older sealed object (a restored copy of the header and\n"
-        "its token, with an old passphrase) stops unsealing. Needs this boot's unlock (or\n"
-        "unlocks first with the passphrase).\n\n"
+        "should not happen), every older signature and sealed object, and every older copy\n"
+        "of the container (its header and token with an old passphrase, its keystore with\n"
+        "removed keys) stops unlocking. Needs this boot's unlock (or unlocks first with the\n"
+        "passphrase).\n\n"
         "example:  qubes-seal revoke --container /var/lib/qubes-seal/keys.luks",
     )  # fmt: skip
     add_container_option(p)
@@ -89,11 +90,18 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_revoke)
 
     p = add_command(
-        sub, "repair", "complete or roll back an interrupted rotation",
-        "Read the journal in the state directory and finish the operation it names: an\n"
-        "operation interrupted before its new secret took effect is rolled back (the new\n"
-        "keyslot removed, the old token put back), one interrupted after is completed (the\n"
-        "old keyslot removed). No secret is needed. 'qubes-seal status' shows a pending one.",
+        sub, "repair", "complete or roll back an interrupted operation",
+        "Read the journal in the state directory and finish the operation it names\n"
+        "('qubes-seal status' shows a pending one). No secret is needed.\n\n"
+        "  rotate passphrase|master|recovery  interrupted before the new secret took\n"
+        "        effect: rolled back (new keyslot removed, old token back); after: completed\n"
+        "        (old keyslot removed, rollback counter incremented)\n"
+        "  init  rolled back unless its recovery key was delivered: the container file it\n"
+        "        created, its NV counter and the recovery key file are removed; run init again\n"
+        "  reseal, revoke, domain add|remove|rotate  completed: the counter increment, and\n"
+        "        after a destroyed key the token re-signed (needs this boot's unlock)\n\n"
+        "With no journal and --container, the container's missing counter increment (if\n"
+        "any) is made.",
     )  # fmt: skip
     add_container_option(
         p, optional=True, help_="refuse unless the interrupted operation is on this container"
