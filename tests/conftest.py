@@ -16,12 +16,15 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from machine import Box, initialised
 
 from qubes_seal.sim.proxy import CountingProxy
 from qubes_seal.sim.swtpm import Swtpm, leaked_handles
+
+if TYPE_CHECKING:
+    from machine import Box
 
 # libtss2 prints "ERROR:esys:..." on stderr for every TPM error, refused commands included
 # (tests provoke many).  Each libtss2 module reads TSS2_LOG once, at its first log message
@@ -63,6 +66,9 @@ def swtpm(tmp_path: Path) -> Iterator[Swtpm]:
 def box(swtpm: Swtpm, tmp_path: Path) -> Iterator[Box]:
     """A machine with an initialised container (a launch, ``init`` with a cheap KDF); this
     boot's hand-over is dropped afterwards, so no key stays in root's keyring."""
+    # Imported here: this file is also copied alone into pytester runs (tests/test_sim.py).
+    from machine import initialised
+
     from qubes_seal import chain
 
     b = initialised(swtpm, tmp_path)
