@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-import secrets
+import os
 
 
 class Secret:
@@ -21,7 +21,7 @@ class Secret:
     @classmethod
     def random(cls, size: int = 32) -> Secret:
         """A new secret of ``size`` bytes from the operating system's CSPRNG."""
-        return cls(secrets.token_bytes(size))
+        return cls(os.urandom(size))  # what secrets.token_bytes does, without importing random
 
     def reveal(self) -> bytes:
         """The secret bytes. Call this only where the bytes are really consumed."""

@@ -46,7 +46,6 @@ from typing import Any
 
 from . import __version__
 from .errors import CorruptState
-from .fsutil import atomic_write
 
 FORMAT = "qubes-seal/sealed-state"
 VERSION = 1
@@ -258,6 +257,8 @@ def state_path(state_dir: Path) -> Path:
 def save(state: SealedState, state_dir: Path) -> Path:
     """Write the state atomically (mode 0600, directory 0700); return its path."""
     path = state_path(state_dir)
+    from .fsutil import atomic_write  # tempfile: only when writing, not on the unseal path
+
     atomic_write(path, state.to_json())
     return path
 

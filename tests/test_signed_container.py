@@ -140,6 +140,9 @@ def test_old_signature_is_refused_after_reseal(box: Box) -> None:
     assert box.cli("reseal").code == 0
     restore(box, old)  # the old token: the same object, older signatures
     box.boot()
+    status = box.cli("status", "--json").json()["container"]["counter"]
+    assert status["revoked"] is True and status["value"] > status["bound"]
+    assert "REVOKED" in box.cli("status").out
     res = box.unlock()
     assert res.code == 3, res.err
     assert REVOKED in res.err
@@ -241,6 +244,9 @@ def test_crash_after_a_domain_removal_keeps_the_unlock_and_repair_completes(box:
     assert res.code != 0  # killed between the new token and the increment
     t = token(box)
     assert t.sealed.nv is not None
+    counter = box.cli("status", "--json").json()["container"]["counter"]
+    assert counter["value"] == counter["bound"] - 1  # shown as an increment pending
+    assert "increment pending" in box.cli("status").out
     chain.lock(box.container)
     box.boot()
     assert box.unlock().code == 0  # the new signatures accept the counter's old value
