@@ -726,11 +726,16 @@ def approval(
         signer.wipe()
 
 
-def refresh_token(path: Path, *, tcti: str, keyring: str = "user") -> Token | None:
+def refresh_token(
+    path: Path, *, tcti: str, keyring: str = "user", drop: list[str] | None = None
+) -> Token | None:
     """After a keystore change that destroyed key material (``domain remove``, ``domain rotate
     --commit``): the same boot states signed again with the counter's next value, the
     keystore's new generation recorded in the token, then the increment.  Every older copy of
     the container (its token, its keystore with the destroyed key) stops unlocking.
+
+    ``drop`` (``revoke --state``): the labels of accepted states to leave out, so that they
+    are revoked by the same increment (refused if none would remain, or a label is unknown).
 
     None when it cannot run: no hand-over in this boot, or a token from before signed
     policies (``qubes-seal reseal`` moves it, then ``revoke`` does the same).
@@ -744,17 +749,32 @@ def refresh_token(path: Path, *, tcti: str, keyring: str = "user") -> Token | No
     token_id, token = read_token(container)
     if token.sealed.signed is None or token.sealed.nv is None:
         return None
+    keep = list(token.sealed.pcr_states)
+    if drop:
+        labels = [s.label for s in keep]
+        unknown = sorted(set(drop) - set(labels))
+        if unknown:
+            raise UsageError(
+                f"no accepted boot state is labelled {', '.join(map(repr, unknown))}",
+                hint="The accepted states: " + ", ".join(labels) + " ('qubes-seal status').",
+            )
+        keep = [s for s in keep if s.label not in drop]
+        if not keep:
+            raise UsageError(
+                "that would revoke every accepted boot state: no boot could unlock any more",
+                hint="Keep one state, or run 'qubes-seal revoke' (this boot only).",
+            )
     found = handed_over_signer_and_generation(path, keyring=keyring)
     if found is None:
         return None
     signer, generation = found
     try:
         with Tpm(tcti) as tpm:
-            token.sealed = resign(tpm, token.sealed, signer, token.sealed.pcr_states)
+            token.sealed = resign(tpm, token.sealed, signer, keep)
             if token.proof is not None and token.proof.sealed.signed is not None:
                 token.proof = Proof(
                     token.proof.kind,
-                    resign(tpm, token.proof.sealed, signer, token.sealed.pcr_states),
+                    resign(tpm, token.proof.sealed, signer, keep),
                 )
         token.keystore_generation = generation
         container.import_token(token.to_json(), token_id=token_id, replace=True)

@@ -265,3 +265,28 @@ def test_crash_after_a_domain_removal_keeps_the_unlock_and_repair_completes(box:
     restore(box, before)
     box.boot()
     assert box.unlock().code == 3  # the copy with the removed key: refused
+
+
+def test_revoke_one_boot_state_by_label(box: Box) -> None:
+    log = boot_with_log(box)
+    assert box.unlock().code == 0
+    comps = write_components(sample_modules(xen_version="4.19.1"), box.dir / "new")
+    assert box.cli("reseal", "--predict", "--txt-log", str(log), *comps).code == 0
+    res = box.cli("revoke", "--state", "nope")
+    assert res.code == 2 and "current, predicted" in res.err, res.err
+    res = box.cli("revoke", "--state", "current", "--state", "predicted")
+    assert res.code == 2 and "every accepted boot state" in res.err, res.err
+    before = token(box)
+    res = box.cli("revoke", "--state", "predicted", "--json")
+    assert res.code == 0, res.err
+    doc = res.json()
+    assert (doc["revoked"], doc["kept"]) == (["predicted"], ["current"])
+    after = token(box)
+    assert [s.label for s in after.sealed.pcr_states] == ["current"]
+    assert after.sealed.nv is not None and before.sealed.nv is not None
+    assert after.sealed.nv.bound == before.sealed.nv.bound + 1
+    chain.lock(box.container)
+    box.boot(xen_version="4.19.1")  # the withdrawn update
+    assert box.unlock().code == 3
+    box.boot()
+    assert box.unlock().code == 0

@@ -83,7 +83,15 @@ def register(sub: Any) -> None:
         "of the container (its header and token with an old passphrase, its keystore with\n"
         "removed keys) stops unlocking. Needs this boot's unlock (or unlocks first with the\n"
         "passphrase).\n\n"
-        "example:  qubes-seal revoke --container /var/lib/qubes-seal/keys.luks",
+        "With --state LABEL (repeatable; the labels 'qubes-seal status --container' lists),\n"
+        "only those boot states are revoked; the others stay accepted, signed again.\n\n"
+        "examples:\n"
+        "  qubes-seal revoke --container /var/lib/qubes-seal/keys.luks\n"
+        "  qubes-seal revoke --state predicted     (an update withdrawn before the reboot)",
+    )  # fmt: skip
+    p.add_argument(
+        "--state", metavar="LABEL", action="append", default=[],
+        help="revoke only the accepted boot state with this label (repeatable)",
     )  # fmt: skip
     add_container_option(p)
     add_unlock_options(p, kdf=False)
@@ -192,6 +200,8 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     from .main import emit
 
     _ensure_unlocked(args)
+    if args.state:
+        return _revoke_states(args)
     from .main import journalled_reseal
 
     token = journalled_reseal(args, [])
@@ -206,6 +216,42 @@ def cmd_revoke(args: argparse.Namespace) -> int:
             f"resealed to this boot only; rollback counter 0x{sealed.nv.handle:08x} now at "
             f"{sealed.nv.bound}: every older sealed object and other boot state is revoked"
         )
+    emit(args, doc, text)
+    return 0
+
+
+def _revoke_states(args: argparse.Namespace) -> int:
+    """``revoke --state LABEL``: the named states dropped, the others signed again."""
+    from .. import chain
+    from ..journal import Journal
+    from .main import emit
+
+    journal = Journal.begin(args.state_dir, "reseal", args.container)
+    try:
+        token = chain.refresh_token(
+            args.container, tcti=args.tpm, keyring=args.keyring, drop=list(args.state)
+        )
+    finally:  # one atomic token import; 'repair' makes a missing increment
+        journal.finish()
+    if token is None:
+        raise UsageError(
+            "this container's token predates signed policies: it has no states to revoke "
+            "one by one",
+            hint="Run 'qubes-seal reseal' (moves it to signed policies), then revoke.",
+        )
+    sealed = token.sealed
+    assert sealed.nv is not None
+    doc: dict[str, Any] = {
+        "revoked": sorted(set(args.state)),
+        "kept": [s.label for s in sealed.pcr_states],
+        "container": str(args.container),
+        "counter": sealed.nv.bound,
+    }
+    text = (
+        f"revoked {', '.join(sorted(set(args.state)))}; still accepted: "
+        f"{', '.join(doc['kept'])} (signed again); rollback counter 0x{sealed.nv.handle:08x} "
+        f"now at {sealed.nv.bound}: every older signature is void"
+    )
     emit(args, doc, text)
     return 0
 
