@@ -195,12 +195,30 @@ class Unlocked:
         self.volume_key.wipe()
 
 
-def ensure_signer(unlocked: Unlocked) -> Any:
+def ensure_signer(unlocked: Unlocked, *, trusted: bytes | None = None) -> Any:
     """The dom0 policy-signing key (:class:`~qubes_seal.signer.PolicySigner`) from the
-    keystore; a keystore written before signed policies gets one (and is saved)."""
+    keystore; a keystore written before signed policies gets one (and is saved).
+
+    ``trusted``: the name of the key the token trusts.  It settles an interrupted ``rotate
+    signer`` (a second key kept next to the current one): when the token trusts the new key,
+    the new key becomes the current one; when it still trusts the current key, the new one is
+    dropped.  Either way the keystore is saved and the trusted key returned.
+    """
     from .signer import PolicySigner  # not on the boot path
 
     ks = unlocked.keystore
+    if ks.signer_next is not None and trusted is not None:
+        nxt = PolicySigner(Secret(bytes(ks.signer_next.reveal())))
+        if nxt.name() == trusted:
+            if ks.signer is not None:
+                ks.signer.wipe()
+            ks.signer, ks.signer_next = ks.signer_next, None
+            unlocked.save()
+            return nxt
+        nxt.wipe()
+        ks.signer_next.wipe()
+        ks.signer_next = None
+        unlocked.save()
     if ks.signer is None:
         signer = PolicySigner.generate()
         ks.signer = Secret(bytes(signer.scalar.reveal()))
@@ -209,29 +227,36 @@ def ensure_signer(unlocked: Unlocked) -> Any:
     return PolicySigner(Secret(bytes(ks.signer.reveal())))
 
 
-def handed_over_signer(path: Path, *, keyring: str = "user") -> Any:
+def handed_over_signer(path: Path, *, keyring: str = "user", trusted: bytes | None = None) -> Any:
     """The policy-signing key through this boot's hand-over of the volume key, or None."""
-    found = handed_over_signer_and_generation(path, keyring=keyring)
+    found = handed_over_signer_and_generation(path, keyring=keyring, trusted=trusted)
     return None if found is None else found[0]
 
 
 def handed_over_signer_and_generation(
-    path: Path, *, keyring: str = "user"
+    path: Path, *, keyring: str = "user", trusted: bytes | None = None
 ) -> tuple[Any, int] | None:
     """The policy-signing key and the keystore's generation, through this boot's hand-over."""
     unlocked = open_handed_over(path, keyring=keyring)
-    return None if unlocked is None else _signer_of(unlocked)
+    return None if unlocked is None else _signer_of(unlocked, trusted)
 
 
-def signer_from_volume_key(path: Path, vk: Secret) -> tuple[Any, int]:
+def signer_from_volume_key(
+    path: Path, vk: Secret, *, trusted: bytes | None = None
+) -> tuple[Any, int]:
     """The policy-signing key and the keystore's generation, from the keystore the volume
     key ``vk`` opens (``vk`` is wiped)."""
-    return _signer_of(open_with_volume_key(path, vk))
+    return _signer_of(open_with_volume_key(path, vk), trusted)
 
 
-def _signer_of(unlocked: Unlocked) -> tuple[Any, int]:
+def trusted_signer(sealed: SealedState) -> bytes | None:
+    """The name of the key ``sealed`` trusts (None before signed policies)."""
+    return None if sealed.signed is None else sealed.signed.name
+
+
+def _signer_of(unlocked: Unlocked, trusted: bytes | None) -> tuple[Any, int]:
     try:
-        signer = ensure_signer(unlocked)  # may write the keystore (a new generation)
+        signer = ensure_signer(unlocked, trusted=trusted)  # may write the keystore
         return signer, unlocked.keystore.generation
     finally:
         unlocked.keystore.wipe()
@@ -612,7 +637,9 @@ def reseal_container(
 
     container = Container(path)
     token_id, token = read_token(container)
-    found = handed_over_signer_and_generation(path, keyring=keyring)
+    found = handed_over_signer_and_generation(
+        path, keyring=keyring, trusted=trusted_signer(token.sealed)
+    )
     if found is None:
         raise UsageError(
             "this boot did not unlock the container: nothing can approve another boot",
@@ -702,7 +729,7 @@ def approval(
     missing = [p for p in sealed.pcrs if p not in state]
     if missing:
         raise UsageError(f"the prediction does not cover the sealed PCR(s) {missing}")
-    found = handed_over_signer_and_generation(path, keyring=keyring)
+    found = handed_over_signer_and_generation(path, keyring=keyring, trusted=sealed.signed.name)
     if found is None:
         return None
     signer = found[0]
@@ -764,7 +791,9 @@ def refresh_token(
                 "that would revoke every accepted boot state: no boot could unlock any more",
                 hint="Keep one state, or run 'qubes-seal revoke' (this boot only).",
             )
-    found = handed_over_signer_and_generation(path, keyring=keyring)
+    found = handed_over_signer_and_generation(
+        path, keyring=keyring, trusted=trusted_signer(token.sealed)
+    )
     if found is None:
         return None
     signer, generation = found
@@ -857,7 +886,9 @@ def reseal_with_recovery(
     token_id, old = read_token(container)
     pcrs = pcrs or old.sealed.pcrs
     rkey = recovery.normalise(recovery_key)
-    signer, generation = signer_from_volume_key(path, container.volume_key(rkey))
+    signer, generation = signer_from_volume_key(
+        path, container.volume_key(rkey), trusted=trusted_signer(old.sealed)
+    )
     master = Secret.random(32)
     auth, mix = derive(passphrase, kdf_params)
     try:

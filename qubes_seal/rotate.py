@@ -43,6 +43,7 @@ from .chain import (
     read_token,
     settle_counter,
     signer_from_volume_key,
+    trusted_signer,
     unbundle,
 )
 from .errors import AuthorizationError, CorruptState, UsageError
@@ -290,7 +291,7 @@ def rotate_tpm_key(
     container = Container(path)
     token_id, old = read_token(container)
     vk, master0, auth0, proof = _handed_over(container.uuid, keyring)
-    signer, _ = signer_from_volume_key(path, vk)  # wipes vk
+    signer, _ = signer_from_volume_key(path, vk, trusted=trusted_signer(old.sealed))  # wipes vk
     params0 = KdfParams.from_json(old.kdf)
     params1 = kdf_params or dataclasses.replace(params0, salt=new_salt())
     secrets: list[Secret | None] = [master0, auth0, proof]
@@ -380,7 +381,7 @@ def rotate_recovery(
     container = Container(path)
     token_id, old = read_token(container)
     vk, master, auth, proof = _handed_over(container.uuid, keyring)
-    signer, _ = signer_from_volume_key(path, _copy(vk))
+    signer, _ = signer_from_volume_key(path, _copy(vk), trusted=trusted_signer(old.sealed))
     params = KdfParams.from_json(old.kdf)
     pbkdf = PbkdfCost(
         algorithm="argon2id",
@@ -429,6 +430,92 @@ def rotate_recovery(
                 s.wipe()
 
 
+# -- policy-signing key ------------------------------------------------------------------------
+
+SIGNER_STEPS = ("begun", "key-added", "token-replaced", "key-committed")
+
+
+def rotate_signer(
+    path: Path,
+    *,
+    tcti: str,
+    state_dir: Path,
+    keyring: str = "user",
+    progress: Progress = _quiet,
+) -> RotateResult:
+    """A new dom0 policy-signing key: a new sealed object that trusts it (the same master
+    secret and authValue, from this boot's hand-over), the accepted states signed with it,
+    then the old key forgotten and the counter incremented (the old object and every old
+    signature die).
+
+    Crash-safe through the keystore holding both keys meanwhile (``signer_next``): whichever
+    key the token trusts is the one kept (:func:`qubes_seal.chain.ensure_signer`), so the
+    journal's ``repair`` only has to make the counter increment.
+    """
+    from .attest import seal_proof
+    from .chain import open_with_volume_key
+    from .luks.container import Container
+    from .signer import PolicySigner
+    from .tpm.device import Tpm
+    from .tpm.seal import seal_to_states
+
+    container = Container(path)
+    token_id, token = read_token(container)
+    old_sealed = token.sealed
+    if old_sealed.nv is None:
+        raise UsageError(
+            "this container has no rollback counter (sealed before it existed)",
+            hint="Run 'qubes-seal recover --reseal' first: it adds the counter.",
+        )
+    vk, master, auth, proof = _handed_over(container.uuid, keyring)
+    unlocked = open_with_volume_key(path, vk)  # closing it wipes vk
+    new = PolicySigner.generate()
+    try:
+        old = chain_ensure_signer(unlocked, trusted_signer(old_sealed))
+        old.wipe()
+        journal = Journal.begin(
+            state_dir, "rotate-signer", path, uuid=container.uuid, token_id=token_id,
+            old_token=token.to_json(), new_signer=new.name().hex(),
+        )  # fmt: skip
+        crash_point("begun")
+        progress("keeping the new policy-signing key next to the current one (keystore)")
+        unlocked.keystore.signer_next = Secret(bytes(new.scalar.reveal()))
+        unlocked.save()
+        journal.mark("key-added")
+        progress("sealing the master secret (unchanged) to the new key's signatures")
+        with Tpm(tcti) as tpm:
+            token.sealed = seal_to_states(
+                tpm, master, pcrs=old_sealed.pcrs, states=old_sealed.pcr_states,
+                bank=old_sealed.pcr_bank, require_launch=old_sealed.require_launch, auth=auth,
+                nv=old_sealed.nv, signer=new,
+            )  # fmt: skip
+            if token.proof is not None:
+                token.proof = None if proof is None else seal_proof(
+                    tpm, kind=token.proof.kind, value=proof, master=token.sealed, signer=new
+                )  # fmt: skip
+        container.import_token(token.to_json(), token_id=token_id, replace=True)
+        journal.mark("token-replaced")
+        progress("forgetting the old policy-signing key")
+        chain_ensure_signer(unlocked, new.name()).wipe()  # the new key becomes the current one
+        journal.mark("key-committed")
+        settle_counter(tcti, token.sealed)  # the old object and its signatures die
+        journal.finish()
+        return RotateResult("rotate-signer", token.tpm_keyslot, token.tpm_keyslot, token)
+    finally:
+        new.wipe()
+        unlocked.keystore.wipe()
+        unlocked.close()
+        for s in (master, auth, proof):
+            if s is not None:
+                s.wipe()
+
+
+def chain_ensure_signer(unlocked: Any, trusted: bytes | None) -> Any:
+    from .chain import ensure_signer
+
+    return ensure_signer(unlocked, trusted=trusted)
+
+
 def write_key_file(path: Path, key: Secret) -> None:
     """Write a recovery key to a new file, mode 0600 (an existing file is never replaced)."""
     try:
@@ -452,6 +539,26 @@ class RepairResult:
     step: str
     action: str  # "rolled back", "completed" or "nothing to do"
     notes: list[str]
+
+
+def _repair_signer(journal: Journal, *, tcti: str | None) -> list[str]:
+    """An interrupted ``rotate signer``: the token decides.  Trusting the new key: completed
+    (the counter increment); the old one: rolled back (nothing to undo in the container).
+    The keystore keeps both keys until the next command that reads it settles on the one the
+    token trusts (:func:`qubes_seal.chain.ensure_signer`): no secret is needed here."""
+    from .luks.container import Container
+
+    path = Path(journal.doc["container"])
+    _, token = read_token(Container(path))
+    signed = token.sealed.signed
+    if signed is not None and signed.name.hex() == journal.data.get("new_signer"):
+        notes = ["the new policy-signing key is in use (the keystore forgets the old one at "
+                 "the next command that signs: reseal, revoke, predict --container)"]  # fmt: skip
+        if tcti is not None and settle_counter(tcti, token.sealed):
+            notes.append("the rollback counter was incremented: the old object is revoked")
+        return notes
+    return ["the old policy-signing key stays in use (the keystore drops the unused new one "
+            "at the next reseal)"]  # fmt: skip
 
 
 def _repair_simple(journal: Journal, *, tcti: str | None) -> list[str]:
@@ -504,6 +611,12 @@ def repair(state_dir: Path, *, tcti: str | None = None) -> RepairResult | None:
         init_step = journal.step
         journal.finish()
         return RepairResult(journal.op, init_step, init_action, init_notes)
+    if journal.op == "rotate-signer":
+        signer_notes = _repair_signer(journal, tcti=tcti)
+        signer_step = journal.step
+        journal.finish()
+        return RepairResult(journal.op, signer_step, "completed" if signer_notes[0].startswith(
+            "the new") else "rolled back", signer_notes)  # fmt: skip
     if journal.op == "reseal" or journal.op.startswith("domain-"):
         simple_notes = _repair_simple(journal, tcti=tcti)
         simple_step = journal.step

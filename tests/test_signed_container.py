@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from machine import CHEAP_KDF, PASSPHRASE, Box
 from test_predict import write_components
 
@@ -290,3 +291,63 @@ def test_revoke_one_boot_state_by_label(box: Box) -> None:
     assert box.unlock().code == 3
     box.boot()
     assert box.unlock().code == 0
+
+
+def test_rotate_signer(box: Box) -> None:
+    box.boot()
+    assert box.unlock().code == 0
+    before = token(box)
+    old_copy = whole(box)
+    res = box.cli("rotate", "signer", "--json")
+    assert res.code == 0, res.err
+    after = token(box)
+    assert after.sealed.signed is not None and before.sealed.signed is not None
+    assert res.json()["signer_name"] == after.sealed.signed.name.hex()
+    assert after.sealed.signed.name != before.sealed.signed.name
+    assert after.sealed.signed.policy_ref != before.sealed.signed.policy_ref
+    assert after.sealed.public != before.sealed.public  # a new object trusts the new key
+    assert after.sealed.pcr_states == before.sealed.pcr_states
+    counter = box.cli("status", "--json").json()["container"]["counter"]
+    assert counter["value"] == counter["bound"]
+    assert box.cli("reseal").code == 0  # signs with the new key, from the keystore
+    chain.lock(box.container)
+    box.boot()
+    assert box.unlock().code == 0
+    restore(box, old_copy)  # the old key's object and signatures
+    box.boot()
+    assert box.unlock().code == 3
+
+
+@pytest.mark.parametrize("step", ["begun", "key-added", "token-replaced", "key-committed"])
+def test_crash_during_rotate_signer(box: Box, step: str) -> None:
+    from test_rotate import cli, status_of
+
+    box.boot()
+    assert box.unlock().code == 0
+    before = token(box)
+    res = cli(box, "rotate", "signer", crash_at=step)
+    assert res.code != 0
+    assert status_of(box)["journal"]["op"] == "rotate-signer"
+    chain.lock(box.container)
+    box.boot()
+    assert box.unlock().code == 0  # the old or the new object: never neither
+    res = box.cli("repair", "--json")
+    assert res.code == 0, res.err
+    replaced = step in ("token-replaced", "key-committed")
+    assert res.json()["action"] == ("completed" if replaced else "rolled back")
+    assert status_of(box)["journal"] is None
+    after = token(box)
+    assert after.sealed.signed is not None and before.sealed.signed is not None
+    assert (after.sealed.signed.name != before.sealed.signed.name) == replaced
+    # The keystore settles on the key the token trusts: signing works, and the next boot.
+    assert box.cli("reseal").code == 0
+    chain.lock(box.container)
+    box.boot()
+    assert box.unlock().code == 0
+    unlocked = chain.open_handed_over(box.container)
+    assert unlocked is not None
+    try:
+        assert unlocked.keystore.signer_next is None
+    finally:
+        unlocked.keystore.wipe()
+        unlocked.close()

@@ -442,7 +442,11 @@ def cmd_attest(args: argparse.Namespace) -> int:
         kind, value = "text", attest.new_value("text", args.text)
     keyring = getattr(args, "keyring", "user")
     signer = (
-        None if keyring == "none" else chain.handed_over_signer(args.container, keyring=keyring)
+        None
+        if keyring == "none"
+        else chain.handed_over_signer(
+            args.container, keyring=keyring, trusted=chain.trusted_signer(token.sealed)
+        )
     )
     with value, Tpm(args.tpm) as tpm:
         try:

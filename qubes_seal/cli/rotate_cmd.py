@@ -19,6 +19,8 @@ directory lets 'qubes-seal repair' complete or roll back an interrupted one.
                                     new TPM authValue, new keyslot
   qubes-seal rotate master          new master secret (passphrase re-typed), new keyslot
   qubes-seal rotate recovery        new recovery key, shown once (or --recovery-key-file)
+  qubes-seal rotate signer          new dom0 policy-signing key (the key that approves
+                                    boot states), a new sealed object that trusts it
 
 The other secrets stay valid: a passphrase rotation keeps the recovery key, and so on."""
 
@@ -73,6 +75,20 @@ def register(sub: Any) -> None:
         "--recovery-key-file", metavar="FILE", type=Path,
         help="write the new recovery key to FILE (created, mode 0600; never overwritten)",
     )  # fmt: skip
+    rp.set_defaults(func=cmd_rotate)
+
+    rp = add_command(
+        rsub,
+        "signer",
+        "a new dom0 policy-signing key; the old key's signatures stop working",
+        "Replace the key that signs accepted boot states (it lives in the keystore): the\n"
+        "master secret (unchanged, from this boot's unlock) is sealed again to a new object\n"
+        "that trusts only the new key, the accepted states are signed with it, the old key\n"
+        "is forgotten and the rollback counter incremented. No keyslot changes; no\n"
+        "passphrase is asked when this boot unlocked the container.",
+    )
+    add_container_option(rp)
+    add_unlock_options(rp, kdf=False)
     rp.set_defaults(func=cmd_rotate)
 
     p = add_command(
@@ -170,6 +186,17 @@ def cmd_rotate(args: argparse.Namespace) -> int:
         )  # fmt: skip
         lines.append(f"recovery key rotated: keyslot {result.keyslot} added, keyslot "
                      f"{result.removed_keyslot} (the old recovery key) removed")  # fmt: skip
+    elif what == "signer":
+        result = rotate.rotate_signer(
+            args.container, tcti=args.tpm, state_dir=args.state_dir, keyring=args.keyring,
+            progress=progress,
+        )  # fmt: skip
+        signed = result.token.sealed.signed
+        assert signed is not None
+        doc["signer_name"] = signed.name.hex()
+        lines.append(f"policy-signing key rotated: new key {signed.name.hex()[:20]}...; "
+                     f"{len(result.token.sealed.pcr_states)} accepted state(s) signed with it; "
+                     "the old key and its signatures are revoked")  # fmt: skip
     else:
         current = ask("current passphrase" if what == "passphrase" else "passphrase",
                       path=args.passphrase_file)  # fmt: skip

@@ -26,7 +26,7 @@ HMAC_KEY_INFO = b"qubes-seal keystore hmac v1"
 HMAC_KEY_SIZE = 32
 MAX_GENERATION = 2**64 - 1
 
-_KNOWN_TOP = frozenset({"domains", "policy_signer"})
+_KNOWN_TOP = frozenset({"domains", "policy_signer", "policy_signer_next"})
 _KNOWN_ENTRY = frozenset({"name", "qube_uuid", "key_id", "created", "generation", "key"})
 _KEY_ID = re.compile(rf"\A[0-9a-f]{{{KEY_ID_HEX_CHARS}}}\Z")
 _KEY_HEX = re.compile(rf"\A[0-9a-f]{{{2 * KEY_SIZE}}}\Z")
@@ -75,6 +75,8 @@ def encode(ks: Keystore, hmac_key: Secret, *, generation: int | None = None) -> 
     doc["domains"] = [_entry_json(entry) for entry in ks.list()]
     if ks.signer is not None:
         doc["policy_signer"] = ks.signer.reveal().hex()
+    if ks.signer_next is not None:
+        doc["policy_signer_next"] = ks.signer_next.reveal().hex()
     body = bytearray(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
     record = bytearray(HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(body), gen))
     record += body
@@ -211,16 +213,23 @@ def decode(data: bytes | bytearray | memoryview, hmac_key: Secret) -> Keystore:
             entry.wipe()
         raise
     extra = {k: v for k, v in doc.items() if k not in _KNOWN_TOP}
-    signer = doc.get("policy_signer")
-    if signer is not None and (
-        not isinstance(signer, str) or not re.fullmatch(r"[0-9a-f]{64}", signer)
-    ):
-        for entry in domains.values():
-            entry.wipe()
-        raise CorruptState("keystore: the policy-signing key is malformed")
+    keys: dict[str, Secret | None] = {}
+    for field_name in ("policy_signer", "policy_signer_next"):
+        value = doc.get(field_name)
+        if value is not None and (
+            not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value)
+        ):
+            for entry in domains.values():
+                entry.wipe()
+            for parsed in keys.values():
+                if parsed is not None:
+                    parsed.wipe()
+            raise CorruptState("keystore: the policy-signing key is malformed")
+        keys[field_name] = None if value is None else Secret(bytes.fromhex(value))
     return Keystore(
         domains,
         generation=generation,
         extra=extra,
-        signer=None if signer is None else Secret(bytes.fromhex(signer)),
+        signer=keys["policy_signer"],
+        signer_next=keys["policy_signer_next"],
     )

@@ -89,11 +89,15 @@ class Keystore:
         generation: int = 0,
         extra: dict[str, Any] | None = None,
         signer: Secret | None = None,
+        signer_next: Secret | None = None,
     ) -> None:
         self.generation = generation
         #: The 32-byte scalar of the dom0 policy-signing key (ECC P-256), which approves boot
         #: states (:mod:`qubes_seal.signer`); None in keystores written before signed policies.
         self.signer = signer
+        #: During ``rotate signer`` only: the new key, kept next to the current one until the
+        #: token trusts it (then it replaces ``signer``), so no crash loses the trusted key.
+        self.signer_next = signer_next
         self.domains: dict[str, DomainKey] = dict(domains or {})
         self.extra: dict[str, Any] = dict(extra or {})
         # Set by remove(): the next store() then also overwrites the previous generation.
@@ -114,8 +118,9 @@ class Keystore:
         """Zero every key held in memory."""
         for entry in self.domains.values():
             entry.wipe()
-        if self.signer is not None:
-            self.signer.wipe()
+        for key in (self.signer, self.signer_next):
+            if key is not None:
+                key.wipe()
 
     def add(self, name: str, *, qube_uuid: str | None = None) -> DomainKey:
         """Create and return a new key for ``name``; refuse a name or UUID already present."""
