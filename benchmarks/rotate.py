@@ -11,6 +11,7 @@ imports are included; the ``domain list`` row is that baseline):
     rotate passphrase          --passphrase-file OLD --new-passphrase-file NEW (alternating)
     rotate master              --passphrase-file CURRENT
     rotate recovery            --recovery-key-file NEW-FILE
+    rotate signer              (a new policy-signing key and sealed object)
     domain rotate NAME         then
     domain rotate NAME --commit
 
@@ -54,6 +55,7 @@ ROWS = [
     "rotate passphrase",
     "rotate master",
     "rotate recovery",
+    "rotate signer",
     "domain rotate NAME",
     "domain rotate --commit",
     "rotate passphrase (calibrated KDF)",
@@ -133,6 +135,8 @@ class Machine:
             self.recovery_files += 1
             rk = self.d / f"rk-{self.recovery_files}"
             return self.cli("rotate", "recovery", "--recovery-key-file", str(rk))
+        if row == "rotate signer":
+            return self.cli("rotate", "signer", "--passphrase-file", str(self.pw[self.current]))
         if row == "domain rotate NAME":
             return self.cli("domain", "rotate", "dom-0000", "--uuid", self.uuid0)
         if row == "domain rotate --commit":
