@@ -313,6 +313,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     lines = [
         f"initialised {args.container} (LUKS2 UUID {result.uuid})",
         f"  master secret sealed to PCR {','.join(map(str, result.pcrs))} with your passphrase",
+        "  this boot is signed by the new dom0 policy-signing key (kept in the keystore):",
+        "  an update is approved with 'qubes-seal reseal --predict', not a new seal",
     ]
     with result.recovery_key as rkey:
         if args.recovery_key_file is not None:
