@@ -169,6 +169,7 @@ def run(workdir: Path) -> int:
             cli("domain", "add", name)
         expect(cli("domain", "list"), 0, "domain keys listed (the keys are never printed)")
         failures += key_service_step(cli, container, workdir)
+        failures += domain_rotation_step(cli, container, workdir)
 
         title(5, "a dom0 kernel update: predicted, signed, rebooted into, unlocked")
         say(
@@ -348,6 +349,109 @@ def key_service_step(cli: Cli, container: Path, workdir: Path) -> int:
         daemon.wait(timeout=10)
         log.close()
     return failures
+
+
+#: A stand-in for qrexec-client-vm in the storage domain: it runs the dom0 service exactly as
+#: qrexec runs it (its environment, the caller's name); qrexec's policy is not simulated.
+FAKE_QREXEC = """#!{python} -I
+import os, sys
+full = sys.argv[2]
+service, _, arg = full.partition("+")
+path = os.path.join({rpc!r}, service)
+env = {{"PATH": "/usr/bin:/bin", "QUBES_SEAL_SOCKET": {sock!r},
+       "QREXEC_REMOTE_DOMAIN": "sys-storage", "QREXEC_SERVICE_FULL_NAME": full,
+       "QREXEC_SERVICE_ARGUMENT": arg}}
+os.execve(path, [path, arg], env)
+"""
+#: A cheap PBKDF for the demo's small volume (a real one keeps cryptsetup's default).
+FAST_PBKDF = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]
+
+
+def domain_rotation_step(cli: Cli, container: Path, workdir: Path) -> int:
+    """A domain key rotation: dom0 rotates, the storage domain re-keys the volume, dom0
+    commits; the volume opens with the new key only."""
+    from .. import chain
+    from ..service import client
+
+    say(
+        """
+        A domain key is rotated in three steps. dom0 makes a new key for 'work' and keeps the
+        previous one; the storage domain, which alone holds the volume, adds the new key to
+        the volume's LUKS header (authorised by the previous key, which the key service
+        still serves while the rotation is pending) and removes the previous one; dom0 then
+        destroys the previous key, and re-signs its token so that older copies of the
+        container, which still hold it, stop unlocking. Keys travel from the key service to
+        cryptsetup through pipes: the storage agent never holds one.
+        """
+    )
+    failures = 0
+    volume = workdir / "work-volume.img"
+    unlocked = chain.open_handed_over(container)
+    if unlocked is None:
+        print("  (no hand-over in this boot: step skipped)")
+        return 1
+    try:
+        with open(volume, "wb") as f:
+            f.truncate(24 << 20)
+        old_key = unlocked.keystore.get("work").key.reveal()
+        subprocess.run(
+            ["cryptsetup", "luksFormat", "--type", "luks2", "--batch-mode", *FAST_PBKDF,
+             "--key-file=-", "--keyfile-size=64", str(volume)],
+            input=old_key, check=True, capture_output=True,
+        )  # fmt: skip
+    finally:
+        unlocked.keystore.wipe()
+        unlocked.close()
+    print(f"  (sys-storage's volume for 'work': {volume.name}, LUKS2, opened by the current key)")
+    wanted = cli("domain", "rotate", "work")
+    failures += wanted != 0
+    print(f"  -> new key, previous kept: {'as expected' if wanted == 0 else 'UNEXPECTED'}")
+    config = workdir / "config.toml"
+    sock = workdir / "run" / "keyd.sock"
+    fake = workdir / "qrexec-client-vm"
+    fake.write_text(FAKE_QREXEC.format(python=sys.executable, rpc=str(SERVICE.parent),
+                                       sock=str(sock)))  # fmt: skip
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUBES_SEAL_")}
+    log = open(workdir / "keyd.log", "ab")  # noqa: SIM115 - closed below
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "qubes_seal", "serve", "--socket", str(sock), "--config",
+         str(config), "--container", str(container)],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while client.status(sock, timeout=1) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        shown = f"qubes-seal-storage-agent rekey work --volume {volume.name}"
+        print(f"$ (in sys-storage) {shown}")
+        proc = subprocess.run(
+            [sys.executable, "-m", "qubes_seal.service.agent", "rekey", "work", "--volume",
+             str(volume), *FAST_PBKDF],
+            env={**env, "QUBES_SEAL_QREXEC_CLIENT": str(fake)}, capture_output=True,
+            text=True, timeout=120,
+        )  # fmt: skip
+        for line in (proc.stdout + proc.stderr).rstrip().splitlines():
+            print(f"  {line}")
+        print(f"  [exit code {proc.returncode}]")
+        ok = proc.returncode == 0
+        print(f"  -> volume re-keyed: {'as expected' if ok else 'UNEXPECTED'}")
+        failures += not ok
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=10)
+        log.close()
+    wanted = cli("domain", "rotate", "work", "--commit")
+    failures += wanted != 0
+    print(f"  -> previous key destroyed: {'as expected' if wanted == 0 else 'UNEXPECTED'}")
+    test = subprocess.run(
+        ["cryptsetup", "open", "--test-passphrase", "--key-file=-", "--keyfile-size=64",
+         str(volume)],
+        input=old_key, capture_output=True,
+    )  # fmt: skip
+    ok = test.returncode != 0
+    print(f"  -> the old key no longer opens the volume: {'as expected' if ok else 'UNEXPECTED'}")
+    return failures + (not ok)
 
 
 def main(argv: list[str] | None = None) -> int:
