@@ -38,9 +38,11 @@ from .chain import (
     LUKS_KEY_CONTEXT,
     PCR13,
     Token,
+    ensure_signer,
     make_bundle,
     pcr13_after_extend,
     read_token,
+    repair_init,
     settle_counter,
     signer_from_volume_key,
     trusted_signer,
@@ -471,7 +473,7 @@ def rotate_signer(
     unlocked = open_with_volume_key(path, vk)  # closing it wipes vk
     new = PolicySigner.generate()
     try:
-        old = chain_ensure_signer(unlocked, trusted_signer(old_sealed))
+        old = ensure_signer(unlocked, trusted=trusted_signer(old_sealed))
         old.wipe()
         journal = Journal.begin(
             state_dir, "rotate-signer", path, uuid=container.uuid, token_id=token_id,
@@ -496,7 +498,7 @@ def rotate_signer(
         container.import_token(token.to_json(), token_id=token_id, replace=True)
         journal.mark("token-replaced")
         progress("forgetting the old policy-signing key")
-        chain_ensure_signer(unlocked, new.name()).wipe()  # the new key becomes the current one
+        ensure_signer(unlocked, trusted=new.name()).wipe()  # the new key becomes the current one
         journal.mark("key-committed")
         settle_counter(tcti, token.sealed)  # the old object and its signatures die
         journal.finish()
@@ -508,12 +510,6 @@ def rotate_signer(
         for s in (master, auth, proof):
             if s is not None:
                 s.wipe()
-
-
-def chain_ensure_signer(unlocked: Any, trusted: bytes | None) -> Any:
-    from .chain import ensure_signer
-
-    return ensure_signer(unlocked, trusted=trusted)
 
 
 def write_key_file(path: Path, key: Secret) -> None:
@@ -541,7 +537,7 @@ class RepairResult:
     notes: list[str]
 
 
-def _repair_signer(journal: Journal, *, tcti: str | None) -> list[str]:
+def _repair_signer(journal: Journal, *, tcti: str | None) -> tuple[str, list[str]]:
     """An interrupted ``rotate signer``: the token decides.  Trusting the new key: completed
     (the counter increment); the old one: rolled back (nothing to undo in the container).
     The keystore keeps both keys until the next command that reads it settles on the one the
@@ -556,12 +552,12 @@ def _repair_signer(journal: Journal, *, tcti: str | None) -> list[str]:
                  "the next command that signs: reseal, revoke, predict --container)"]  # fmt: skip
         if tcti is not None and settle_counter(tcti, token.sealed):
             notes.append("the rollback counter was incremented: the old object is revoked")
-        return notes
-    return ["the old policy-signing key stays in use (the keystore drops the unused new one "
-            "at the next reseal)"]  # fmt: skip
+        return "completed", notes
+    return "rolled back", ["the old policy-signing key stays in use (the keystore drops the "
+                           "unused new one at the next reseal)"]  # fmt: skip
 
 
-def _repair_simple(journal: Journal, *, tcti: str | None) -> list[str]:
+def _repair_simple(journal: Journal, *, tcti: str | None) -> tuple[str, list[str]]:
     """Complete a reseal or a domain operation: its one container write is atomic, so only
     the counter increment (and, after a destroyed key, the token's re-signing) can be
     missing."""
@@ -571,7 +567,7 @@ def _repair_simple(journal: Journal, *, tcti: str | None) -> list[str]:
     path = Path(journal.doc["container"])
     notes: list[str] = []
     if tcti is None:
-        return ["no TPM given: the rollback counter was not checked"]
+        return "completed", ["no TPM given: the rollback counter was not checked"]
     destroyed = journal.op in ("domain-remove", "domain-rotate-commit")
     if destroyed and journal.did("keystore-written") and not journal.did("refreshed"):
         if refresh_token(path, tcti=tcti) is not None:
@@ -584,12 +580,12 @@ def _repair_simple(journal: Journal, *, tcti: str | None) -> list[str]:
                 "older copies of the container still hold the destroyed key: run "
                 "'qubes-seal revoke' in a boot that unlocked the container"
             )
-        return notes
+        return "completed", notes
     if settle_counter(tcti, read_token(Container(path))[1].sealed):
         notes.append("the rollback counter was incremented: older sealed objects are revoked")
     else:
         notes.append("nothing was missing")
-    return notes
+    return "completed", notes
 
 
 def repair(state_dir: Path, *, tcti: str | None = None) -> RepairResult | None:
@@ -599,31 +595,32 @@ def repair(state_dir: Path, *, tcti: str | None = None) -> RepairResult | None:
     TPM; None skips it): the increment the interrupted command did not make.  A rolled-back
     one needs none: nothing was incremented before the new token was in the container.
     """
-    from .luks.container import Container
-
     journal = Journal.resume(state_dir)
     if journal is None:
         return None
+    handler: Callable[..., tuple[str, list[str]]]
     if journal.op == "init":
-        from .chain import repair_init
-
-        init_action, init_notes = repair_init(journal, tcti=tcti)
-        init_step = journal.step
-        journal.finish()
-        return RepairResult(journal.op, init_step, init_action, init_notes)
-    if journal.op == "rotate-signer":
-        signer_notes = _repair_signer(journal, tcti=tcti)
-        signer_step = journal.step
-        journal.finish()
-        return RepairResult(journal.op, signer_step, "completed" if signer_notes[0].startswith(
-            "the new") else "rolled back", signer_notes)  # fmt: skip
-    if journal.op == "reseal" or journal.op.startswith("domain-"):
-        simple_notes = _repair_simple(journal, tcti=tcti)
-        simple_step = journal.step
-        journal.finish()
-        return RepairResult(journal.op, simple_step, "completed", simple_notes)
-    if journal.op not in OPS:
+        handler = repair_init
+    elif journal.op == "rotate-signer":
+        handler = _repair_signer
+    elif journal.op == "reseal" or journal.op.startswith("domain-"):
+        handler = _repair_simple
+    elif journal.op in OPS:
+        handler = _repair_rotation
+    else:
         raise CorruptState(f"the journal names an unknown operation {journal.op!r}")
+    step = journal.step
+    action, notes = handler(journal, tcti=tcti)
+    journal.finish()
+    _cleanup(state_dir)
+    return RepairResult(journal.op, step, action, notes)
+
+
+def _repair_rotation(journal: Journal, *, tcti: str | None) -> tuple[str, list[str]]:
+    """A keyslot rotation (passphrase, master, recovery): decided from the container itself
+    (which keyslot the token names), rolled forward or back."""
+    from .luks.container import Container
+
     data = journal.data
     path = Path(journal.doc["container"])
     container = Container(path)
@@ -634,7 +631,6 @@ def repair(state_dir: Path, *, tcti: str | None = None) -> RepairResult | None:
     token_id = int(data["token_id"])
     new_slot = data.get("new_slot")
     notes: list[str] = []
-    step = journal.step
     _, current = read_token(container)
     if journal.op == "rotate-recovery":
         forward = journal.did("key-delivered")
@@ -664,14 +660,12 @@ def repair(state_dir: Path, *, tcti: str | None = None) -> RepairResult | None:
         if key_file and journal.did("begun") and Path(key_file).exists() and extra:
             Path(key_file).unlink()
             notes.append(f"removed {key_file}: the new recovery key it held was not kept")
-        action = "rolled back" if extra or step != "begun" else "nothing to do"
+        action = "rolled back" if extra or journal.step != "begun" else "nothing to do"
         if journal.op == "rotate-recovery":
             notes.append("the old recovery key remains valid")
         else:
             notes.append("the old passphrase and keyslot remain valid")
-    journal.finish()
-    _cleanup(state_dir)
-    return RepairResult(journal.op, step, action, notes)
+    return action, notes
 
 
 # -- domain keys ---------------------------------------------------------------------------
