@@ -62,6 +62,14 @@ def pcr13_after_extend(header_digest: bytes) -> bytes:
     return hashlib.sha256(bytes(32) + header_digest).digest()
 
 
+def header_pcr(path: Path, pcrs: list[int]) -> dict[int, bytes]:
+    """``{13: expected value}`` for the container's current header when PCR 13 is sealed to
+    (its value after the unlock's extend, not what the TPM holds now); else ``{}``."""
+    from .luks.header import header_digest
+
+    return {PCR13: pcr13_after_extend(header_digest(path))} if PCR13 in pcrs else {}
+
+
 @dataclass
 class Token:
     """Our LUKS2 token: everything the unlock needs, none of it secret."""
@@ -306,7 +314,6 @@ def init(
     from .kdf import derive, luks_key
     from .keystore import hmac_key_from_volume_key, initialise, store
     from .luks.container import Container
-    from .luks.header import header_digest
     from .luks.payload import UserspacePayload
     from .signer import PolicySigner  # not on the boot path
     from .tpm.device import Tpm  # not on the boot path
@@ -359,10 +366,7 @@ def init(
             generation = keystore.generation
         tpm_slot = 0
         recovery_slot = 1
-        values = dict(now.values)
-        if PCR13 in pcrs:
-            values[PCR13] = pcr13_after_extend(header_digest(path))
-        states = [PcrState("current", values)]
+        states = [PcrState("current", {**now.values, **header_pcr(path, pcrs)})]
         progress("sealing the master secret in the TPM")
         with Tpm(tcti) as tpm:
             nv = tpm.nv_define_counter(int(container.uuid.replace("-", "")[:8], 16))
@@ -612,6 +616,33 @@ def unbundle(bundle: Secret) -> tuple[Secret, Secret, Secret | None]:
     return Secret(data[1:33]), Secret(data[33:65]), proof
 
 
+def write_token(container: Any, token_id: int, token: Token, *, tcti: str) -> None:
+    """Replace the container's token, then increment the rollback counter up to the new
+    token's bound: every older object and signature is revoked (``repair`` redoes the
+    increment if a crash falls between the two: test hook step ``token-written``)."""
+    container.import_token(token.to_json(), token_id=token_id, replace=True)
+    crash_point("token-written")
+    settle_counter(tcti, token.sealed)
+
+
+def _refresh_proof(
+    tpm: Any, token: Token, signer: Any, states: list[PcrState], value: Secret | None
+) -> None:
+    """The proof of a clean boot follows ``states``: a signed proof is signed again; an
+    unsigned one is sealed again, signed, when its ``value`` was handed over (else kept)."""
+    from .attest import Proof, seal_proof
+    from .tpm.seal import resign  # not on the boot path
+
+    if token.proof is None:
+        return
+    if token.proof.sealed.signed is not None:
+        token.proof = Proof(token.proof.kind, resign(tpm, token.proof.sealed, signer, states))
+    elif value is not None:
+        token.proof = seal_proof(
+            tpm, kind=token.proof.kind, value=value, master=token.sealed, signer=signer
+        )
+
+
 def reseal_container(
     path: Path,
     *,
@@ -629,9 +660,7 @@ def reseal_container(
     17/18 of the next boot(s); PCR 13 is the expected value for the current header.
     Afterwards the rollback counter is incremented: every older signature and object is void.
     """
-    from .attest import Proof, seal_proof
     from .luks.container import Container
-    from .luks.header import header_digest
     from .tpm.device import Tpm  # not on the boot path
     from .tpm.seal import current_state, resign, seal_to_states  # not on the boot path
 
@@ -655,9 +684,7 @@ def reseal_container(
         bundle.wipe()
     old = token.sealed
     try:
-        fixed: dict[int, bytes] = {}
-        if PCR13 in old.pcrs:
-            fixed[PCR13] = pcr13_after_extend(header_digest(path))
+        fixed = header_pcr(path, old.pcrs)
         with Tpm(tcti) as tpm:
             now = current_state(
                 tpm, [p for p in old.pcrs if p not in fixed], bank=old.pcr_bank,
@@ -686,19 +713,8 @@ def reseal_container(
                     tpm, master, pcrs=old.pcrs, states=states, bank=old.pcr_bank,
                     require_launch=old.require_launch, auth=auth, nv=nv, signer=signer,
                 )  # fmt: skip
-            if token.proof is not None:
-                if token.proof.sealed.signed is not None:
-                    token.proof = Proof(
-                        token.proof.kind, resign(tpm, token.proof.sealed, signer, states)
-                    )
-                elif proof_value is not None:
-                    token.proof = seal_proof(
-                        tpm, kind=token.proof.kind, value=proof_value, master=token.sealed,
-                        signer=signer,
-                    )  # fmt: skip
-        container.import_token(token.to_json(), token_id=token_id, replace=True)
-        crash_point("token-written")
-        settle_counter(tcti, token.sealed)  # after the token: every older object is revoked
+            _refresh_proof(tpm, token, signer, states, proof_value)
+        write_token(container, token_id, token, tcti=tcti)
         return token
     finally:
         signer.wipe()
@@ -715,7 +731,6 @@ def approval(
     bound it carries (the counter's next value), and the signature.  Nothing is written.
     None without this boot's hand-over or for a token before signed policies."""
     from .luks.container import Container
-    from .luks.header import header_digest
     from .policy import approved_policy, authorization_digest
     from .tpm.device import Tpm  # not on the boot path
 
@@ -723,9 +738,7 @@ def approval(
     sealed = token.sealed
     if sealed.signed is None or sealed.nv is None:
         return None
-    state = dict(values)
-    if PCR13 in sealed.pcrs:
-        state[PCR13] = pcr13_after_extend(header_digest(path))
+    state = {**values, **header_pcr(path, sealed.pcrs)}
     missing = [p for p in sealed.pcrs if p not in state]
     if missing:
         raise UsageError(f"the prediction does not cover the sealed PCR(s) {missing}")
@@ -767,7 +780,6 @@ def refresh_token(
     None when it cannot run: no hand-over in this boot, or a token from before signed
     policies (``qubes-seal reseal`` moves it, then ``revoke`` does the same).
     """
-    from .attest import Proof
     from .luks.container import Container
     from .tpm.device import Tpm  # not on the boot path
     from .tpm.seal import resign  # not on the boot path
@@ -800,15 +812,9 @@ def refresh_token(
     try:
         with Tpm(tcti) as tpm:
             token.sealed = resign(tpm, token.sealed, signer, keep)
-            if token.proof is not None and token.proof.sealed.signed is not None:
-                token.proof = Proof(
-                    token.proof.kind,
-                    resign(tpm, token.proof.sealed, signer, keep),
-                )
+            _refresh_proof(tpm, token, signer, keep, None)
         token.keystore_generation = generation
-        container.import_token(token.to_json(), token_id=token_id, replace=True)
-        crash_point("token-written")
-        settle_counter(tcti, token.sealed)
+        write_token(container, token_id, token, tcti=tcti)
         return token
     finally:
         signer.wipe()
@@ -878,7 +884,6 @@ def reseal_with_recovery(
     from . import recovery
     from .kdf import derive, luks_key
     from .luks.container import Container
-    from .luks.header import header_digest
     from .tpm.device import Tpm  # not on the boot path
     from .tpm.seal import current_state, seal_to_states  # not on the boot path
 
@@ -898,9 +903,7 @@ def reseal_with_recovery(
         new_slot = container.add_key(rkey, key, slot=None, pbkdf=None)
         if old.tpm_keyslot != new_slot and old.tpm_keyslot in container.slots():
             container.kill_slot(old.tpm_keyslot, existing=rkey)
-        values = dict(now.values)
-        if PCR13 in pcrs:
-            values[PCR13] = pcr13_after_extend(header_digest(path))
+        values = {**now.values, **header_pcr(path, pcrs)}
         with Tpm(tcti) as tpm:
             nv = old.sealed.nv
             if nv is None or not tpm.is_our_counter(nv.handle):
@@ -915,9 +918,7 @@ def reseal_with_recovery(
             sealed, kdf_params.to_json(), new_slot, old.recovery_keyslot,
             root_volume=old.root_volume, keystore_generation=generation,
         )  # fmt: skip
-        container.import_token(token.to_json(), token_id=token_id, replace=True)
-        crash_point("token-written")
-        settle_counter(tcti, sealed)
+        write_token(container, token_id, token, tcti=tcti)
         return token
     finally:
         signer.wipe()
