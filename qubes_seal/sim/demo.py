@@ -15,6 +15,8 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .swtpm import Swtpm
@@ -292,10 +294,36 @@ def boot(
 SERVICE = Path(__file__).resolve().parents[2] / "qrexec" / "qubes.SealGetDiskKey"
 
 
-def key_service_step(cli: Cli, container: Path, workdir: Path) -> int:
-    """The key service: the storage domain gets its domains' keys; a red domain gets nothing."""
+@contextmanager
+def key_service(container: Path, workdir: Path, *, show: bool = False) -> Iterator[Path]:
+    """``qubes-seal serve`` for the demo (sys-storage serves work and personal), running
+    until the block ends; yields its socket."""
     from ..service import client
 
+    config = workdir / "config.toml"
+    config.write_text('[storage-domains]\nsys-storage = ["work", "personal"]\n')
+    sock = workdir / "run" / "keyd.sock"
+    if show:
+        print(f"$ qubes-seal serve --socket {sock} --config {config} --container {container} &")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUBES_SEAL_")}
+    with open(workdir / "keyd.log", "ab") as log:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "qubes_seal", "serve", "--socket", str(sock), "--config",
+             str(config), "--container", str(container)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 20
+            while client.status(sock, timeout=1) is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            yield sock
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=10)
+
+
+def key_service_step(cli: Cli, container: Path, workdir: Path) -> int:
+    """The key service: the storage domain gets its domains' keys; a red domain gets nothing."""
     say(
         """
         The dom0 key service holds the keystore (from the hand-over) and answers qrexec calls.
@@ -304,23 +332,8 @@ def key_service_step(cli: Cli, container: Path, workdir: Path) -> int:
         with the caller's name in QREXEC_REMOTE_DOMAIN.
         """
     )
-    config = workdir / "config.toml"
-    config.write_text('[storage-domains]\nsys-storage = ["work", "personal"]\n')
-    sock = workdir / "run" / "keyd.sock"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QUBES_SEAL_")}
-    shown = f"qubes-seal serve --socket {sock} --config {config} --container {container} &"
-    print(f"$ {shown}")
-    log = open(workdir / "keyd.log", "wb")  # noqa: SIM115 - closed below
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "qubes_seal", "serve", "--socket", str(sock), "--config",
-         str(config), "--container", str(container)],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-    )  # fmt: skip
     failures = 0
-    try:
-        deadline = time.monotonic() + 20
-        while client.status(sock, timeout=1) is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with key_service(container, workdir, show=True) as sock:
         for caller, domain, wanted in (
             ("sys-storage", "work", 0),
             ("sys-storage", "personal", 0),
@@ -344,10 +357,6 @@ def key_service_step(cli: Cli, container: Path, workdir: Path) -> int:
             what = "key delivered" if wanted == 0 else "refused"
             print(f"  -> {what}: {verdict}")
             failures += proc.returncode != wanted
-    finally:
-        daemon.terminate()
-        daemon.wait(timeout=10)
-        log.close()
     return failures
 
 
@@ -371,7 +380,6 @@ def domain_rotation_step(cli: Cli, container: Path, workdir: Path) -> int:
     """A domain key rotation: dom0 rotates, the storage domain re-keys the volume, dom0
     commits; the volume opens with the new key only."""
     from .. import chain
-    from ..service import client
 
     say(
         """
@@ -406,41 +414,25 @@ def domain_rotation_step(cli: Cli, container: Path, workdir: Path) -> int:
     wanted = cli("domain", "rotate", "work")
     failures += wanted != 0
     print(f"  -> new key, previous kept: {'as expected' if wanted == 0 else 'UNEXPECTED'}")
-    config = workdir / "config.toml"
-    sock = workdir / "run" / "keyd.sock"
     fake = workdir / "qrexec-client-vm"
-    fake.write_text(FAKE_QREXEC.format(python=sys.executable, rpc=str(SERVICE.parent),
-                                       sock=str(sock)))  # fmt: skip
-    fake.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUBES_SEAL_")}
-    log = open(workdir / "keyd.log", "ab")  # noqa: SIM115 - closed below
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "qubes_seal", "serve", "--socket", str(sock), "--config",
-         str(config), "--container", str(container)],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 20
-        while client.status(sock, timeout=1) is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        shown = f"qubes-seal-storage-agent rekey work --volume {volume.name}"
-        print(f"$ (in sys-storage) {shown}")
+    with key_service(container, workdir) as sock:
+        fake.write_text(FAKE_QREXEC.format(python=sys.executable, rpc=str(SERVICE.parent),
+                                           sock=str(sock)))  # fmt: skip
+        fake.chmod(0o755)
+        print(f"$ (in sys-storage) qubes-seal-storage-agent rekey work --volume {volume.name}")
         proc = subprocess.run(
             [sys.executable, "-m", "qubes_seal.service.agent", "rekey", "work", "--volume",
              str(volume), *FAST_PBKDF],
             env={**env, "QUBES_SEAL_QREXEC_CLIENT": str(fake)}, capture_output=True,
             text=True, timeout=120,
         )  # fmt: skip
-        for line in (proc.stdout + proc.stderr).rstrip().splitlines():
-            print(f"  {line}")
-        print(f"  [exit code {proc.returncode}]")
-        ok = proc.returncode == 0
-        print(f"  -> volume re-keyed: {'as expected' if ok else 'UNEXPECTED'}")
-        failures += not ok
-    finally:
-        daemon.terminate()
-        daemon.wait(timeout=10)
-        log.close()
+    for line in (proc.stdout + proc.stderr).rstrip().splitlines():
+        print(f"  {line}")
+    print(f"  [exit code {proc.returncode}]")
+    ok = proc.returncode == 0
+    print(f"  -> volume re-keyed: {'as expected' if ok else 'UNEXPECTED'}")
+    failures += not ok
     wanted = cli("domain", "rotate", "work", "--commit")
     failures += wanted != 0
     print(f"  -> previous key destroyed: {'as expected' if wanted == 0 else 'UNEXPECTED'}")
