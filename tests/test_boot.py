@@ -70,18 +70,29 @@ class Machine:
         return proc.returncode, self.console.read_text() if self.console.exists() else ""
 
 
-@pytest.fixture
-def machine(swtpm: Swtpm, tmp_path: Path):  # type: ignore[no-untyped-def]
+def new_machine(swtpm: Swtpm, tmp_path: Path) -> Machine:
+    """A launch, then ``init`` with dom0's root volume (a cheap KDF)."""
     m = Machine(swtpm, tmp_path)
     txt_launch(swtpm, sample_modules())
     res = run(swtpm.tcti, tmp_path / "state", "init", "--container", str(m.container),
               "--passphrase-file", str(m.pw), "--recovery-key-file", str(m.rk),
               "--dom0-root-volume", "luks-dom0root", *CHEAP_KDF)  # fmt: skip
     assert res.code == 0, res.err
-    yield m
+    return m
+
+
+def shut_down(m: Machine) -> None:
+    """No hand-over left in root's keyring, no ramfs left mounted."""
     chain.lock(m.container)
     if os.path.ismount(m.keys):  # the boot mounts a ramfs there, as in the initramfs
         subprocess.run(["umount", str(m.keys)], check=True)
+
+
+@pytest.fixture
+def machine(swtpm: Swtpm, tmp_path: Path):  # type: ignore[no-untyped-def]
+    m = new_machine(swtpm, tmp_path)
+    yield m
+    shut_down(m)
 
 
 def test_genuine_boot_shows_the_proof_then_unlocks(machine: Machine) -> None:

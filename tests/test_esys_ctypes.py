@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from cli_util import run
-from test_boot import CHEAP_KDF, Machine
+from test_boot import Machine, new_machine, shut_down
 
 from qubes_seal import chain
 from qubes_seal.errors import TPMUnavailable
@@ -209,18 +207,11 @@ def test_unseal_module_imports_no_tpm2_pytss() -> None:
 
 @pytest.fixture
 def machine(swtpm: Swtpm, tmp_path: Path):  # type: ignore[no-untyped-def]
-    m = Machine(swtpm, tmp_path)
-    txt_launch(swtpm, sample_modules())
-    res = run(swtpm.tcti, tmp_path / "state", "init", "--container", str(m.container),
-              "--passphrase-file", str(m.pw), "--recovery-key-file", str(m.rk),
-              "--dom0-root-volume", "luks-dom0root", *CHEAP_KDF)  # fmt: skip
-    assert res.code == 0, res.err
+    m = new_machine(swtpm, tmp_path)
     proof = m.cli("attest", "setup", "--text", "blue heron")
     assert proof.code == 0, proof.err  # type: ignore[attr-defined]
     yield m
-    chain.lock(m.container)
-    if os.path.ismount(m.keys):  # the boot mounts a ramfs there, as in the initramfs
-        subprocess.run(["umount", str(m.keys)], check=True)
+    shut_down(m)
 
 
 def _traced_boot(m: Machine, **changes: str) -> tuple[int, str, set[str]]:
