@@ -574,35 +574,52 @@ def parse_and_replay(raw: bytes) -> None:
         pass
 
 
-@settings(max_examples=300, deadline=2000)
-@given(st.data())
-def test_fuzzed_truncations(data: st.DataObject) -> None:
-    raw = data.draw(st.sampled_from(REAL_LOGS))
-    cut = data.draw(st.integers(0, len(raw)))
-    parse_and_replay(raw[:cut])
+@st.composite
+def truncated_logs(draw: st.DrawFn) -> bytes:
+    """A real log cut anywhere."""
+    raw = draw(st.sampled_from(REAL_LOGS))
+    return raw[: draw(st.integers(0, len(raw)))]
 
 
-@settings(max_examples=300, deadline=2000)
-@given(st.data())
-def test_fuzzed_bit_flips(data: st.DataObject) -> None:
-    raw = bytearray(data.draw(st.sampled_from(REAL_LOGS)))
-    for _ in range(data.draw(st.integers(1, 8))):
-        bit = data.draw(st.integers(0, len(raw) * 8 - 1))
+@st.composite
+def bit_flipped_logs(draw: st.DrawFn) -> bytes:
+    """A real log with 1 to 8 bits flipped."""
+    raw = bytearray(draw(st.sampled_from(REAL_LOGS)))
+    for _ in range(draw(st.integers(1, 8))):
+        bit = draw(st.integers(0, len(raw) * 8 - 1))
         raw[bit // 8] ^= 1 << (bit % 8)
-    parse_and_replay(bytes(raw))
+    return bytes(raw)
 
 
-@settings(max_examples=300, deadline=2000)
-@given(st.data())
-def test_fuzzed_huge_counts_and_sizes(data: st.DataObject) -> None:
-    raw = bytearray(data.draw(st.sampled_from(REAL_LOGS)))
-    for _ in range(data.draw(st.integers(1, 3))):
-        at = data.draw(st.integers(0, len(raw) - 4))
-        value = data.draw(
+@st.composite
+def huge_field_logs(draw: st.DrawFn) -> bytes:
+    """A real log with 1 to 3 little-endian words replaced by huge or edge counts/sizes."""
+    raw = bytearray(draw(st.sampled_from(REAL_LOGS)))
+    for _ in range(draw(st.integers(1, 3))):
+        at = draw(st.integers(0, len(raw) - 4))
+        value = draw(
             st.sampled_from([0xFFFFFFFF, 0x7FFFFFFF, 0x80000000, 0x10000, 0xFFFF, 256, 25, 0])
         )
         struct.pack_into("<I", raw, at, value)
-    parse_and_replay(bytes(raw))
+    return bytes(raw)
+
+
+@settings(max_examples=300, deadline=2000)
+@given(truncated_logs())
+def test_fuzzed_truncations(raw: bytes) -> None:
+    parse_and_replay(raw)
+
+
+@settings(max_examples=300, deadline=2000)
+@given(bit_flipped_logs())
+def test_fuzzed_bit_flips(raw: bytes) -> None:
+    parse_and_replay(raw)
+
+
+@settings(max_examples=300, deadline=2000)
+@given(huge_field_logs())
+def test_fuzzed_huge_counts_and_sizes(raw: bytes) -> None:
+    parse_and_replay(raw)
 
 
 @settings(max_examples=300, deadline=2000)

@@ -22,8 +22,11 @@ from test_eventlog import (
     BANK_SIZES,
     REAL_LOGS,
     agile_logs,
+    bit_flipped_logs,
     data_file,
+    huge_field_logs,
     spec_header,
+    truncated_logs,
 )
 
 from qubes_seal.cli import eventlog_cmd
@@ -190,33 +193,21 @@ def test_zero_digest_events_and_locality_rules() -> None:
 
 
 @settings(max_examples=300, deadline=2000)
-@given(st.data())
-def test_truncations(data: st.DataObject) -> None:
-    raw = data.draw(st.sampled_from(REAL_LOGS))
-    check_same(raw[: data.draw(st.integers(0, len(raw)))])
+@given(truncated_logs())
+def test_truncations(raw: bytes) -> None:
+    check_same(raw)
 
 
 @settings(max_examples=300, deadline=2000)
-@given(st.data())
-def test_bit_flips(data: st.DataObject) -> None:
-    raw = bytearray(data.draw(st.sampled_from(REAL_LOGS)))
-    for _ in range(data.draw(st.integers(1, 8))):
-        bit = data.draw(st.integers(0, len(raw) * 8 - 1))
-        raw[bit // 8] ^= 1 << (bit % 8)
-    check_same(bytes(raw))
+@given(bit_flipped_logs())
+def test_bit_flips(raw: bytes) -> None:
+    check_same(raw)
 
 
 @settings(max_examples=300, deadline=2000)
-@given(st.data())
-def test_huge_counts_and_sizes(data: st.DataObject) -> None:
-    raw = bytearray(data.draw(st.sampled_from(REAL_LOGS)))
-    for _ in range(data.draw(st.integers(1, 3))):
-        at = data.draw(st.integers(0, len(raw) - 4))
-        value = data.draw(
-            st.sampled_from([0xFFFFFFFF, 0x7FFFFFFF, 0x80000000, 0x10000, 0xFFFF, 256, 25, 0])
-        )
-        struct.pack_into("<I", raw, at, value)
-    check_same(bytes(raw))
+@given(huge_field_logs())
+def test_huge_counts_and_sizes(raw: bytes) -> None:
+    check_same(raw)
 
 
 @settings(max_examples=300, deadline=2000)
