@@ -77,6 +77,22 @@ TARGET_NOTE = """\
   threads (GIL hand-offs) or 50 processes compete with the daemon for the same CPUs."""
 
 
+def latency_summary(
+    latencies: list[float], *, clients: int, wrong: int, elapsed: float
+) -> dict[str, Any]:
+    """One row of the table: request count, p50/p99/max latency (ms), throughput."""
+    ms = sorted(x * 1000 for x in latencies)
+    return {
+        "requests": len(ms),
+        "clients": clients,
+        "wrong_or_refused": wrong,
+        "p50_ms": round(statistics.median(ms), 3),
+        "p99_ms": round(ms[min(len(ms) - 1, int(len(ms) * 0.99))], 3),
+        "max_ms": round(ms[-1], 3),
+        "throughput_rps": round(len(ms) / elapsed, 1),
+    }
+
+
 def cli(tcti: str, d: Path, *args: str, stdin: str | None = None) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUBES_SEAL_")}
     proc = subprocess.run(
@@ -179,16 +195,7 @@ def run_socket_selectors(path: Path, keys: dict[str, bytes], *, total: int,
                 start_one()
     elapsed = time.perf_counter() - t_start
     sel.close()
-    ms = sorted(x * 1000 for x in latencies)
-    return {
-        "requests": len(ms),
-        "clients": clients,
-        "wrong_or_refused": wrong,
-        "p50_ms": round(statistics.median(ms), 3),
-        "p99_ms": round(ms[min(len(ms) - 1, int(len(ms) * 0.99))], 3),
-        "max_ms": round(ms[-1], 3),
-        "throughput_rps": round(len(ms) / elapsed, 1),
-    }
+    return latency_summary(latencies, clients=clients, wrong=wrong, elapsed=elapsed)
 
 
 def executable_request(path: Path, domain: str) -> bytes:
@@ -230,16 +237,7 @@ def run_load(
         for f in futures:
             f.result()
         elapsed = time.perf_counter() - t0
-    ms = sorted(x * 1000 for x in latencies)
-    return {
-        "requests": len(ms),
-        "clients": clients,
-        "wrong_or_refused": wrong,
-        "p50_ms": round(statistics.median(ms), 3),
-        "p99_ms": round(ms[min(len(ms) - 1, int(len(ms) * 0.99))], 3),
-        "max_ms": round(ms[-1], 3),
-        "throughput_rps": round(len(ms) / elapsed, 1),
-    }
+    return latency_summary(latencies, clients=clients, wrong=wrong, elapsed=elapsed)
 
 
 def _client_process(path: str, domains: list[str], keys: dict[str, bytes], go: Any,
@@ -275,16 +273,10 @@ def run_socket_processes(path: Path, keys: dict[str, bytes], *, total: int,
     elapsed = time.perf_counter() - t0
     for p in procs:
         p.join()
-    ms = sorted(x * 1000 for lat, _ in results for x in lat)
-    return {
-        "requests": len(ms),
-        "clients": clients,
-        "wrong_or_refused": sum(bad for _, bad in results),
-        "p50_ms": round(statistics.median(ms), 3),
-        "p99_ms": round(ms[min(len(ms) - 1, int(len(ms) * 0.99))], 3),
-        "max_ms": round(ms[-1], 3),
-        "throughput_rps": round(len(ms) / elapsed, 1),
-    }
+    return latency_summary(
+        [x for lat, _ in results for x in lat], clients=clients,
+        wrong=sum(bad for _, bad in results), elapsed=elapsed,
+    )  # fmt: skip
 
 
 def soak(path: Path, pid: int, keys: dict[str, bytes], total: int) -> dict[str, Any]:

@@ -7,7 +7,6 @@ tests/test_reseal_units.py.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import shutil
@@ -29,7 +28,7 @@ from qubes_seal.measure.grub import (
 )
 from qubes_seal.measure.tboot import grub_module_string
 from qubes_seal.sim.swtpm import Swtpm
-from qubes_seal.sim.txt_launch import Module, sample_modules, txt_launch
+from qubes_seal.sim.txt_launch import Module, blob, sample_modules, txt_launch
 from qubes_seal.tpm.device import Tpm
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,16 +37,6 @@ SNIPPET = REPO / "grub-snippets" / "20_qubes_seal_tboot"
 XENS = ["4.17.5", "4.19.1", "4.18.0"]  # 4.18.0 is an uncompressed image (xen-4.18.0)
 KERNELS = ["6.6.63-1.qubes.fc37.x86_64", "6.12.9-1.qubes.fc37.x86_64", "5.15.0"]
 SINITS = ["GM45_GS45_PM45_SINIT_51.BIN", "i5_i7_DUAL_SINIT_51.bin"]
-
-
-def blob(label: str, size: int) -> bytes:
-    seed = hashlib.sha256(label.encode()).digest()
-    out = bytearray()
-    counter = 0
-    while len(out) < size:
-        out += hashlib.sha256(seed + counter.to_bytes(8, "big")).digest()
-        counter += 1
-    return bytes(out[:size])
 
 
 def fake_acm(tag: bytes, size: int = 1024) -> bytes:

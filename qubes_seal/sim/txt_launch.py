@@ -154,20 +154,23 @@ def txt_launch(
     return LaunchResult(events=events, expected=expected_pcrs(platform, modules), log=log)
 
 
+def blob(label: str, size: int) -> bytes:
+    """``size`` deterministic pseudo-random bytes named by ``label`` (SHA-256 in counter
+    mode): stand-in file contents that differ by label and never change between runs."""
+    seed = hashlib.sha256(label.encode()).digest()
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(seed + counter.to_bytes(8, "big")).digest()
+        counter += 1
+    return bytes(out[:size])
+
+
 def sample_modules(*, xen_version: str = "4.17.5", kernel_version: str = "6.6.63-1.qubes",
                    xen_cmdline: str = "console=none dom0_mem=min:1024M dom0_mem=max:4096M",
                    kernel_cmdline: str = "root=/dev/mapper/qubes_dom0-root ro rhgb quiet",
                    ) -> list[Module]:  # fmt: skip
     """Small, deterministic stand-ins for Xen, dom0's kernel and initramfs (for demos/tests)."""
-
-    def blob(label: str, size: int) -> bytes:
-        seed = hashlib.sha256(label.encode()).digest()
-        out = bytearray()
-        counter = 0
-        while len(out) < size:
-            out += hashlib.sha256(seed + counter.to_bytes(8, "big")).digest()
-            counter += 1
-        return bytes(out[:size])
 
     return [
         Module("xen", xen_cmdline.encode(), blob(f"xen-{xen_version}", 64 * 1024)),
