@@ -45,6 +45,7 @@ from test_rotate import (
     status_of,
     work_key,
 )
+from test_rotate import unlock_with as opens
 
 from qubes_seal import chain, journal
 from qubes_seal.luks.container import Container
@@ -216,12 +217,15 @@ def power_on(b: Box) -> None:
     chain.lock(b.container)
 
 
-def opens(b: Box, pw: Path) -> bool:
-    chain.lock(b.container)
-    b.boot()
-    res = b.unlock(pw=pw)
-    assert res.code in (0, 3, 4), res.err
-    return res.code == 0
+def repaired(b: Box) -> chain.Token:
+    """``repair`` after a cut: no journal left, exactly the token's two keyslots."""
+    res = cli(b, "repair", "--json")
+    assert res.code == 0, res.err
+    assert journal.read(b.dir / "state") is None
+    container = Container(b.container)
+    _, token = chain.read_token(container)
+    assert container.slots() == sorted([token.tpm_keyslot, token.recovery_keyslot])
+    return token
 
 
 def cut_tpm_at(b: Box, args: list[str], step: str, steps: list[str]) -> None:
@@ -262,12 +266,7 @@ def test_power_cut_during_tpm_rotation(machine: Box, what: str, step: str, how: 
     new = new_pw(b) if what == "passphrase" else b.pw
     assert opens(b, b.pw) or opens(b, new), f"neither credential unlocks ({how} at {step})"
     assert work_key(b) == key
-    res = cli(b, "repair", "--json")
-    assert res.code == 0, res.err
-    assert journal.read(b.dir / "state") is None
-    container = Container(b.container)
-    _, token = chain.read_token(container)
-    assert container.slots() == sorted([token.tpm_keyslot, token.recovery_keyslot])
+    token = repaired(b)
     assert opens(b, new if token.tpm_keyslot == 2 else b.pw)
     assert work_key(b) == key
 
@@ -294,12 +293,7 @@ def test_power_cut_during_recovery_rotation(machine: Box, step: str, how: str) -
     assert opened >= 1, f"neither recovery key opens ({how} at {step})"
     assert opens(b, b.pw)  # the passphrase keeps working through it all
     assert work_key(b) == key
-    res = cli(b, "repair", "--json")
-    assert res.code == 0, res.err
-    assert journal.read(b.dir / "state") is None
-    container = Container(b.container)
-    _, token = chain.read_token(container)
-    assert container.slots() == sorted([token.tpm_keyslot, token.recovery_keyslot])
+    token = repaired(b)
     chain.lock(b.container)
     kept = rk2 if token.recovery_keyslot == 2 else b.rk
     assert cli(b, "recover", "--recovery-key-file", str(kept)).code == 0
