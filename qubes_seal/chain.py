@@ -31,18 +31,27 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import __version__, handover
+from . import handover
 from .errors import CorruptState, MeasurementMismatch, QubesSealError, RevokedState, UsageError
 from .journal import crash_point
 from .secret import Secret
-from .state import PcrState, SealedState
+from .state import NvBinding, PcrState, SealedState
+from .token import (
+    TOKEN_TYPE,
+    TOKEN_VERSION,
+    Token,
+    TokenNotAuthentic,
+    mac_key,
+    read_token,
+    store_token,
+)
 
-TOKEN_TYPE = "qubes-seal"  # noqa: S105 - a LUKS2 token type, not a password
-TOKEN_VERSION = 1
+if TYPE_CHECKING:
+    from .launch import LaunchPolicy
+
 PCR13 = 13
 DEFAULT_PCRS = (13, 17, 18)
 #: Extended into PCR 13 after the unlock: from then on, no policy that expects the header
@@ -71,95 +80,6 @@ def header_pcr(path: Path, pcrs: list[int]) -> dict[int, bytes]:
 
 
 @dataclass
-class Token:
-    """Our LUKS2 token: everything the unlock needs, none of it secret."""
-
-    sealed: SealedState
-    kdf: dict[str, Any]
-    tpm_keyslot: int
-    recovery_keyslot: int
-    proof: Any = None  # attest.Proof: the sealed proof of a clean boot, if set up
-    root_volume: str | None = None  # dom0's root volume, opened with the keystore's "dom0" key
-    #: The oldest keystore generation the unlock accepts: an older copy of the container's
-    #: data (a removed or rotated domain key still in it) is refused.  Raised with every token
-    #: write that follows a keystore change; the counter increment after it voids older tokens.
-    keystore_generation: int | None = None
-    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-    tool_version: str = __version__
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "type": TOKEN_TYPE,
-            "keyslots": [str(self.tpm_keyslot)],
-            "qubes_seal_version": TOKEN_VERSION,
-            "tool_version": self.tool_version,
-            "created": self.created,
-            "tpm_keyslot": self.tpm_keyslot,
-            "recovery_keyslot": self.recovery_keyslot,
-            "kdf": self.kdf,
-            "sealed": self.sealed.to_dict(),
-            **({"proof": self.proof.to_json()} if self.proof is not None else {}),
-            **({"root_volume": self.root_volume} if self.root_volume else {}),
-            **(
-                {"keystore_generation": self.keystore_generation}
-                if self.keystore_generation is not None
-                else {}
-            ),
-        }
-
-    @classmethod
-    def from_json(cls, doc: Any, *, source: str) -> Token:
-        if not isinstance(doc, dict) or doc.get("type") != TOKEN_TYPE:
-            raise CorruptState(f"{source}: not a {TOKEN_TYPE} token")
-        version = doc.get("qubes_seal_version")
-        if version != TOKEN_VERSION:
-            raise CorruptState(
-                f"{source}: token version {version!r}, this qubes-seal reads {TOKEN_VERSION}",
-                hint="Use the qubes-seal version that wrote it, or the recovery key.",
-            )
-        from .attest import Proof
-
-        try:
-            proof = doc.get("proof")
-            return cls(
-                proof=None if proof is None else Proof.from_json(proof, source=f"{source} proof"),
-                root_volume=str(doc["root_volume"]) if doc.get("root_volume") else None,
-                keystore_generation=(
-                    int(doc["keystore_generation"])
-                    if doc.get("keystore_generation") is not None
-                    else None
-                ),
-                sealed=SealedState.from_dict(doc["sealed"], source=f"{source} (sealed object)"),
-                kdf=dict(doc["kdf"]),
-                tpm_keyslot=int(doc["tpm_keyslot"]),
-                recovery_keyslot=int(doc["recovery_keyslot"]),
-                created=str(doc["created"]),
-                tool_version=str(doc["tool_version"]),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptState(
-                f"{source}: malformed token ({type(exc).__name__})",
-                hint="Unlock with the recovery key ('qubes-seal recover'), which reseals.",
-            ) from exc
-
-
-def read_token(container: Any) -> tuple[int, Token]:
-    """Our token from the container: its id and content; exactly one must exist."""
-    found = container.find_tokens(TOKEN_TYPE)
-    source = f"{container.path}"
-    if not found:
-        raise CorruptState(
-            f"{source} has no {TOKEN_TYPE} token: not a qubes-seal container, or the token "
-            "was removed",
-            hint="Unlock with the recovery key ('qubes-seal recover'), which reseals.",
-        )
-    if len(found) > 1:
-        raise CorruptState(f"{source} has {len(found)} {TOKEN_TYPE} tokens: expected one")
-    token_id, doc = next(iter(found.items()))
-    return token_id, Token.from_json(doc, source=f"{source} token {token_id}")
-
-
-@dataclass
 class Timings:
     """Where an unlock spends its time (seconds)."""
 
@@ -180,13 +100,21 @@ class Timings:
 
 @dataclass
 class Unlocked:
-    """An open container: its keystore and the volume key that reads and writes it."""
+    """An open container: its keystore and the volume key that reads and writes it.
+
+    ``token`` is the container's token once :func:`authenticated_token` (or the unlock) has
+    verified its MAC under this volume key; None until then, or when it failed (a recovery).
+    """
 
     container: Any
     keystore: Any
     volume_key: Secret
     uuid: str
     timings: Timings
+    token: Token | None = None
+    token_id: int | None = None
+    #: Why the token is not authenticated (after a recovery): shown, never fatal there.
+    token_problem: str | None = None
 
     def save(self) -> None:
         """Write the keystore back (a new generation, crash-safe)."""
@@ -198,6 +126,27 @@ class Unlocked:
             UserspacePayload(self.container, self.volume_key) as payload,
         ):
             store(payload, self.keystore, hkey)
+
+    def token_key(self) -> Secret:
+        """The token's MAC key (the caller wipes it)."""
+        return mac_key(self.volume_key)
+
+    def authenticated_token(self) -> tuple[int, Token]:
+        """The container's token, its MAC verified under this volume key (else
+        :class:`~qubes_seal.token.TokenNotAuthentic`, exit 7)."""
+        if self.token is None or self.token_id is None:
+            token_id, token = read_token(self.container)
+            with self.token_key() as key:
+                token.authenticate(key, self.uuid, source=f"{self.container.path}'s token")
+            self.token_id, self.token = token_id, token
+        return self.token_id, self.token
+
+    def write_token(self, token: Token, *, tcti: str) -> None:
+        """Replace the token (with its MAC), then settle the rollback counter."""
+        token_id, _ = self.authenticated_token()
+        with self.token_key() as key:
+            write_token(self.container, token_id, token, tcti=tcti, key=key)
+        self.token = token
 
     def close(self) -> None:
         self.volume_key.wipe()
@@ -235,40 +184,92 @@ def ensure_signer(unlocked: Unlocked, *, trusted: bytes | None = None) -> Any:
     return PolicySigner(Secret(bytes(ks.signer.reveal())))
 
 
-def handed_over_signer(path: Path, *, keyring: str = "user", trusted: bytes | None = None) -> Any:
-    """The policy-signing key through this boot's hand-over of the volume key, or None."""
-    found = handed_over_signer_and_generation(path, keyring=keyring, trusted=trusted)
-    return None if found is None else found[0]
-
-
-def handed_over_signer_and_generation(
-    path: Path, *, keyring: str = "user", trusted: bytes | None = None
-) -> tuple[Any, int] | None:
-    """The policy-signing key and the keystore's generation, through this boot's hand-over."""
-    unlocked = open_handed_over(path, keyring=keyring)
-    return None if unlocked is None else _signer_of(unlocked, trusted)
-
-
-def signer_from_volume_key(
-    path: Path, vk: Secret, *, trusted: bytes | None = None
-) -> tuple[Any, int]:
-    """The policy-signing key and the keystore's generation, from the keystore the volume
-    key ``vk`` opens (``vk`` is wiped)."""
-    return _signer_of(open_with_volume_key(path, vk), trusted)
-
-
 def trusted_signer(sealed: SealedState) -> bytes | None:
     """The name of the key ``sealed`` trusts (None before signed policies)."""
     return None if sealed.signed is None else sealed.signed.name
 
 
-def _signer_of(unlocked: Unlocked, trusted: bytes | None) -> tuple[Any, int]:
+#: The keystore records the rollback counter (authenticated by the keystore's HMAC), so that
+#: a recovery whose token is missing or forged still increments the right one.
+COUNTER_RECORD = "rollback_counter"
+
+
+def recorded_counter(keystore: Any) -> tuple[int, bytes] | None:
+    """The rollback counter (handle, name) the keystore records, or None."""
+    doc = keystore.extra.get(COUNTER_RECORD)
     try:
-        signer = ensure_signer(unlocked, trusted=trusted)  # may write the keystore
-        return signer, unlocked.keystore.generation
-    finally:
+        return int(doc["handle"], 16), bytes.fromhex(doc["name"])
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+def record_counter(unlocked: Unlocked, nv: NvBinding | None) -> None:
+    """Record ``nv`` in the keystore (saved) unless it is recorded already."""
+    if nv is None or recorded_counter(unlocked.keystore) == (nv.handle, nv.name):
+        return
+    record = {"handle": f"0x{nv.handle:08x}", "name": nv.name.hex()}
+    unlocked.keystore.extra[COUNTER_RECORD] = record
+    unlocked.save()
+
+
+@dataclass
+class Approver:
+    """This boot's authority to approve boots: the unlocked container, its token (MAC
+    verified before anything else is read from it) and the dom0 policy-signing key."""
+
+    unlocked: Unlocked
+    token_id: int
+    token: Token
+    signer: Any  # signer.PolicySigner
+    generation: int
+
+    def write(self, *, tcti: str) -> None:
+        self.unlocked.write_token(self.token, tcti=tcti)
+
+    def close(self) -> None:
+        self.signer.wipe()
+        self.unlocked.keystore.wipe()
+        self.unlocked.close()
+
+    def __enter__(self) -> Approver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def approver_for(unlocked: Unlocked) -> Approver:
+    """The approver of an open container (closed with it on failure).  The token's MAC is
+    checked first; only then does the token name the key to keep (an interrupted ``rotate
+    signer``) and the counter the keystore records."""
+    try:
+        token_id, token = unlocked.authenticated_token()
+        signer = ensure_signer(unlocked, trusted=trusted_signer(token.sealed))
+        record_counter(unlocked, token.sealed.nv)
+        return Approver(unlocked, token_id, token, signer, unlocked.keystore.generation)
+    except BaseException:
         unlocked.keystore.wipe()
         unlocked.close()
+        raise
+
+
+def approver(path: Path, *, keyring: str = "user") -> Approver | None:
+    """The approver through this boot's hand-over of the volume key; None without one."""
+    unlocked = open_handed_over(path, keyring=keyring)
+    return None if unlocked is None else approver_for(unlocked)
+
+
+def approver_from_volume_key(path: Path, vk: Secret) -> Approver:
+    """The approver from a volume key (``vk`` is wiped with the approver)."""
+    return approver_for(open_with_volume_key(path, vk))
+
+
+def _no_handover() -> UsageError:
+    return UsageError(
+        "this boot did not unlock the container: nothing can approve another boot",
+        hint="Run this in a boot that unlocked with the TPM and passphrase ('qubes-seal "
+        "unlock'), or use 'qubes-seal recover --reseal' with the recovery key.",
+    )
 
 
 # -- init ------------------------------------------------------------------------------------
@@ -294,12 +295,13 @@ def init(
     pcrs: list[int],
     kdf_params: Any,
     recovery_pbkdf: Any,
-    require_launch: bool = True,
+    policy: LaunchPolicy | None = None,
     force: bool = False,
     root_volume: str | None = None,
     progress: Progress = _quiet,
     state_dir: Path | None = None,
     key_file: Path | None = None,
+    keyring: str | None = None,
 ) -> InitResult:
     """Create the container, its keyslots, its keystore and token, and seal the master secret.
 
@@ -309,8 +311,11 @@ def init(
     (shown, or written to ``key_file``).  Until then ``qubes-seal repair`` rolls the init back
     (removes the container file it created, the rollback counter it defined, ``key_file``):
     a container whose recovery key nobody received is not kept.
+
+    With ``keyring`` this boot's hand-over is left in that kernel keyring, as an unlock leaves
+    it: the boot that created the container may approve, add domains, set up the proof.
     """
-    from . import recovery
+    from . import launch, recovery
     from .kdf import derive, luks_key
     from .keystore import hmac_key_from_volume_key, initialise, store
     from .luks.container import Container
@@ -319,10 +324,14 @@ def init(
     from .tpm.device import Tpm  # not on the boot path
     from .tpm.seal import current_state, seal_to_states  # not on the boot path
 
+    policy = policy or launch.load()
+    pcrs = policy.check_selection(pcrs)  # dom0's rules: 17 and 18 unless --unsafe-...
     if PCR13 not in pcrs:
         progress("warning: PCR 13 is not selected: a rolled-back header would not be refused")
     with Tpm(tcti) as tpm:  # fail early: no TPM, no launch -> nothing created
-        now = current_state(tpm, [p for p in pcrs if p != PCR13], require_launch=require_launch)
+        now = current_state(
+            tpm, [p for p in pcrs if p != PCR13], require_launch=policy.require_launch
+        )
     stale = _old_counter(path) if force else None
     journal = None
     if state_dir is not None:
@@ -338,6 +347,8 @@ def init(
     auth, mix = derive(passphrase, kdf_params)
     rkey = recovery.generate()
     signer = PolicySigner.generate()
+    tkey: Secret | None = None
+    vk_kept: Secret | None = None
     try:
         key = luks_key(master, mix, kdf_params, context=LUKS_KEY_CONTEXT)
         progress("formatting the LUKS2 container (cryptsetup)")
@@ -351,33 +362,38 @@ def init(
         )
         if journal is not None:
             journal.mark("formatted", uuid=container.uuid)
+        tpm_slot = 0
+        recovery_slot = 1
+        states = [PcrState("current", {**now.values, **header_pcr(path, pcrs)})]
+        policy.check_states(states)
+        with Tpm(tcti) as tpm:
+            nv = tpm.nv_define_counter(int(container.uuid.replace("-", "")[:8], 16))
+        if journal is not None:
+            journal.mark("counter-defined", nv_handle=nv.handle)
         progress("writing an empty keystore")
         with (
             container.volume_key(key) as vk,
             hmac_key_from_volume_key(vk) as hkey,
             UserspacePayload(container, vk) as payload,
         ):
+            tkey = mac_key(vk)
+            vk_kept = Secret(vk.reveal()) if keyring is not None else None
             keystore = initialise(payload, hkey)
             keystore.signer = Secret(bytes(signer.scalar.reveal()))
+            keystore.extra[COUNTER_RECORD] = {"handle": f"0x{nv.handle:08x}", "name": nv.name.hex()}
             if root_volume:
                 keystore.add("dom0")  # the key of dom0's root volume (never served)
             store(payload, keystore, hkey)
             keystore.wipe()
             generation = keystore.generation
-        tpm_slot = 0
-        recovery_slot = 1
-        states = [PcrState("current", {**now.values, **header_pcr(path, pcrs)})]
         progress("sealing the master secret in the TPM")
         with Tpm(tcti) as tpm:
-            nv = tpm.nv_define_counter(int(container.uuid.replace("-", "")[:8], 16))
-            if journal is not None:
-                journal.mark("counter-defined", nv_handle=nv.handle)
             sealed = seal_to_states(
                 tpm,
                 master,
                 pcrs=pcrs,
                 states=states,
-                require_launch=require_launch,
+                require_launch=policy.require_launch,
                 auth=auth,
                 nv=nv,
                 signer=signer,
@@ -386,7 +402,7 @@ def init(
             sealed, kdf_params.to_json(), tpm_slot, recovery_slot, root_volume=root_volume,
             keystore_generation=generation,
         )  # fmt: skip
-        container.import_token(token.to_json())
+        store_token(container, token, tkey, token_id=None)
         if journal is not None:
             journal.mark("token-written")
         settle_counter(tcti, sealed)
@@ -395,6 +411,12 @@ def init(
         if stale is not None and stale != nv.handle:
             with Tpm(tcti) as tpm:  # the counter of the container this init replaced
                 tpm.nv_undefine_counter(stale)
+        if vk_kept is not None and keyring is not None:
+            handover.put(container.uuid, vk_kept, keyring=keyring)
+            copies = Secret(master.reveal()), Secret(auth.reveal())
+            with make_bundle(*copies, None) as bundle:
+                handover.put(container.uuid, bundle, keyring=keyring, kind="rs")
+            copies[1].wipe()
         return InitResult(container.uuid, rkey, sealed.pcrs, states, journal=journal)
     except BaseException as exc:
         rkey.wipe()
@@ -410,6 +432,9 @@ def init(
         auth.wipe()
         mix.wipe()
         signer.wipe()
+        for s in (tkey, vk_kept):
+            if s is not None:
+                s.wipe()
 
 
 def _old_counter(path: Path) -> int | None:
@@ -532,13 +557,13 @@ def unlock(
     t = Timings()
     container = Container(path)
     with t.part("token+header"):
-        _, token = read_token(container)
+        token_id, token = read_token(container)  # not authenticated yet: the TPM decides
         digest = header_digest(path)
         params = KdfParams.from_json(token.kdf)
     sealed = token.sealed
-    if PCR13 in sealed.pcrs:
-        with t.part("tpm"), Esys(tcti) as tpm:
-            measure_header(tpm, digest)
+    # PCR 13 is measured and capped whatever the token says: its selection is not trusted.
+    with t.part("tpm"), Esys(tcti) as tpm:
+        measure_header(tpm, digest)
     secret = passphrase()
     with t.part("argon2id"):
         progress("deriving keys from the passphrase (Argon2id)")
@@ -552,6 +577,14 @@ def unlock(
             key = luks_key(master, mix, params, context=LUKS_KEY_CONTEXT)
         with t.part("cryptsetup"):
             vk = container.volume_key(key)
+        with t.part("token"):
+            try:  # before anything in the token steers a decision
+                with mac_key(vk) as tkey:
+                    token.authenticate(tkey, container.uuid, source=f"{path}'s token")
+            except TokenNotAuthentic:
+                key.wipe()
+                vk.wipe()
+                raise
         with t.part("keystore"), hmac_key_from_volume_key(vk) as hkey:
             if backend == "userspace" or (backend == "auto" and not dm_crypt_available()[0]):
                 ks = _load_keystore(container, vk, hkey, load)
@@ -564,15 +597,14 @@ def unlock(
         if keyring is not None and token.proof is not None:
             with t.part("tpm"):
                 proof_value = unseal(token.proof.sealed, tcti=tcti)
-        if PCR13 in sealed.pcrs:
-            with t.part("tpm"), Esys(tcti) as tpm:
-                cap(tpm)
+        with t.part("tpm"), Esys(tcti) as tpm:
+            cap(tpm)
         if keyring is not None:
             with t.part("handover"):
                 handover.put(container.uuid, vk, keyring=keyring)
                 with make_bundle(master, auth, proof_value) as bundle:
                     handover.put(container.uuid, bundle, keyring=keyring, kind="rs")
-        return Unlocked(container, ks, vk, container.uuid, t)
+        return Unlocked(container, ks, vk, container.uuid, t, token=token, token_id=token_id)
     finally:
         auth.wipe()
         mix.wipe()
@@ -616,30 +648,35 @@ def unbundle(bundle: Secret) -> tuple[Secret, Secret, Secret | None]:
     return Secret(data[1:33]), Secret(data[33:65]), proof
 
 
-def write_token(container: Any, token_id: int, token: Token, *, tcti: str) -> None:
-    """Replace the container's token, then increment the rollback counter up to the new
-    token's bound: every older object and signature is revoked (``repair`` redoes the
-    increment if a crash falls between the two: test hook step ``token-written``)."""
-    container.import_token(token.to_json(), token_id=token_id, replace=True)
+def write_token(container: Any, token_id: int, token: Token, *, tcti: str, key: Secret) -> None:
+    """Replace the container's token (with its MAC under ``key``), then increment the rollback
+    counter up to the new token's bound: every older object and signature is revoked
+    (``repair`` redoes the increment if a crash falls between the two: test hook step
+    ``token-written``)."""
+    store_token(container, token, key, token_id=token_id)
     crash_point("token-written")
     settle_counter(tcti, token.sealed)
 
 
-def _refresh_proof(
-    tpm: Any, token: Token, signer: Any, states: list[PcrState], value: Secret | None
-) -> None:
-    """The proof of a clean boot follows ``states``: a signed proof is signed again; an
-    unsigned one is sealed again, signed, when its ``value`` was handed over (else kept)."""
-    from .attest import Proof, seal_proof
+def _refresh_proof(tpm: Any, token: Token, signer: Any, states: list[PcrState]) -> None:
+    """The proof of a clean boot follows ``states``: a signed proof is signed again; one
+    sealed before signed policies is dropped ('qubes-seal attest setup' seals a new one)."""
+    from .attest import Proof
     from .tpm.seal import resign  # not on the boot path
 
     if token.proof is None:
         return
-    if token.proof.sealed.signed is not None:
-        token.proof = Proof(token.proof.kind, resign(tpm, token.proof.sealed, signer, states))
-    elif value is not None:
-        token.proof = seal_proof(
-            tpm, kind=token.proof.kind, value=value, master=token.sealed, signer=signer
+    if token.proof.sealed.signed is None:
+        token.proof = None
+        return
+    token.proof = Proof(token.proof.kind, resign(tpm, token.proof.sealed, signer, states))
+
+
+def _require_signed(token: Token) -> None:
+    if token.sealed.signed is None or token.sealed.nv is None:
+        raise CorruptState(
+            "the token's sealed object does not use signed policies and a rollback counter",
+            hint="Run 'qubes-seal recover --reseal' (recovery key): it seals a new object.",
         )
 
 
@@ -649,175 +686,148 @@ def reseal_container(
     tcti: str,
     predicted: list[dict[int, bytes]] | None = None,
     keyring: str = "user",
+    policy: LaunchPolicy | None = None,
 ) -> Token:
     """Accept this boot, plus ``predicted`` ones, and nothing else.
 
-    Under signed policies (every token since they exist) the sealed object stays: the dom0
-    policy-signing key, read from the keystore through this boot's hand-over of the volume
-    key, signs each accepted state.  No unseal, no passphrase, no new object: an update needs a
-    signature.  An older token (PolicyPCR/PolicyOR in the object) is sealed once more, signed,
-    from this boot's reseal hand-over (so it moves to signed policies).  ``predicted`` gives PCR
-    17/18 of the next boot(s); PCR 13 is the expected value for the current header.
+    The accepted states are rebuilt from trusted inputs only: this boot's PCRs (read from the
+    TPM) and the explicit ``predicted`` values (PCR 17/18 of the next boot(s)), over dom0's
+    launch policy's selection (never the token's); PCR 13 is the expected value for the
+    current header.  The token's MAC is checked first (through this boot's hand-over of the
+    volume key).  The sealed object stays: the dom0 policy-signing key signs each state.
     Afterwards the rollback counter is incremented: every older signature and object is void.
     """
-    from .luks.container import Container
+    from . import launch
     from .tpm.device import Tpm  # not on the boot path
-    from .tpm.seal import current_state, resign, seal_to_states  # not on the boot path
+    from .tpm.seal import current_state, resign  # not on the boot path
 
-    container = Container(path)
-    token_id, token = read_token(container)
-    found = handed_over_signer_and_generation(
-        path, keyring=keyring, trusted=trusted_signer(token.sealed)
-    )
-    if found is None:
-        raise UsageError(
-            "this boot did not unlock the container: nothing can approve another boot",
-            hint="Reseal in a boot that unlocked with the TPM and passphrase, or use "
-            "'qubes-seal recover --reseal' with the recovery key.",
-        )
-    signer, generation = found
-    token.keystore_generation = generation
-    master = auth = proof_value = None
-    bundle = handover.get(container.uuid, keyring=keyring, kind="rs")
-    if bundle is not None:
-        master, auth, proof_value = unbundle(bundle)
-        bundle.wipe()
-    old = token.sealed
-    try:
-        fixed = header_pcr(path, old.pcrs)
+    policy = policy or launch.load()
+    pcrs = policy.selection
+    ap = approver(path, keyring=keyring)
+    if ap is None:
+        raise _no_handover()
+    with ap:
+        token = ap.token
+        _require_signed(token)
+        token.keystore_generation = ap.generation
+        fixed = header_pcr(path, pcrs)
         with Tpm(tcti) as tpm:
             now = current_state(
-                tpm, [p for p in old.pcrs if p not in fixed], bank=old.pcr_bank,
-                require_launch=old.require_launch,
+                tpm, [p for p in pcrs if p not in fixed], bank=policy.bank,
+                require_launch=policy.require_launch,
             )  # fmt: skip
             states = [PcrState("current", {**now.values, **fixed})]
             for values in predicted or []:
                 state = PcrState("predicted", {**values, **fixed})
-                if sorted(state.values) != sorted(old.pcrs):
+                if sorted(state.values) != pcrs:
                     raise UsageError("the prediction does not cover the sealed PCRs")
                 if state.values != states[0].values:
                     states.append(state)
-            if old.signed is not None and old.nv is not None:
-                token.sealed = resign(tpm, old, signer, states)
-            elif master is None or auth is None:
-                raise UsageError(
-                    "this token predates signed policies and this boot has no reseal "
-                    "hand-over: it cannot be moved to signed policies now",
-                    hint="Unlock with the TPM and passphrase ('qubes-seal unlock'), then reseal.",
-                )
-            else:
-                nv = old.nv if old.nv is not None else tpm.nv_define_counter(
-                    int(container.uuid.replace("-", "")[:8], 16)
-                )  # fmt: skip
-                token.sealed = seal_to_states(
-                    tpm, master, pcrs=old.pcrs, states=states, bank=old.pcr_bank,
-                    require_launch=old.require_launch, auth=auth, nv=nv, signer=signer,
-                )  # fmt: skip
-            _refresh_proof(tpm, token, signer, states, proof_value)
-        write_token(container, token_id, token, tcti=tcti)
+            policy.check_states(states)
+            token.sealed = resign(tpm, token.sealed, ap.signer, states, pcrs=pcrs)
+            _refresh_proof(tpm, token, ap.signer, states)
+        ap.write(tcti=tcti)
         return token
-    finally:
-        signer.wipe()
-        for s in (master, auth, proof_value):
-            if s is not None:
-                s.wipe()
 
 
 def approval(
-    path: Path, *, tcti: str, values: dict[int, bytes], keyring: str = "user"
+    path: Path, *, tcti: str, values: dict[int, bytes], policy: LaunchPolicy | None = None
 ) -> dict[str, Any] | None:
-    """The signed approval of one predicted boot state (``values``: PCR 17/18; PCR 13 is the
-    current header's), as ``reseal --predict`` stores it: the approved policy, the counter
-    bound it carries (the counter's next value), and the signature.  Nothing is written.
-    None without this boot's hand-over or for a token before signed policies."""
+    """A preview of what ``reseal --predict`` would sign for one predicted boot state
+    (``values``: PCR 17/18; PCR 13 is the current header's): the approved policy and the
+    counter bound it would carry.  Nothing is signed (a preview must not hand out a
+    signature that a later reseal makes valid) and nothing is written.  None for a token
+    without signed policies."""
+    from . import launch
     from .luks.container import Container
     from .policy import approved_policy, authorization_digest
     from .tpm.device import Tpm  # not on the boot path
 
-    token = read_token(Container(path))[1]
-    sealed = token.sealed
+    policy = policy or launch.load()
+    pcrs = policy.selection
+    sealed = read_token(Container(path))[1].sealed  # shown, never trusted: nothing is signed
     if sealed.signed is None or sealed.nv is None:
         return None
-    state = {**values, **header_pcr(path, sealed.pcrs)}
-    missing = [p for p in sealed.pcrs if p not in state]
+    state = {**values, **header_pcr(path, pcrs)}
+    missing = [p for p in pcrs if p not in state]
     if missing:
         raise UsageError(f"the prediction does not cover the sealed PCR(s) {missing}")
-    found = handed_over_signer_and_generation(path, keyring=keyring, trusted=sealed.signed.name)
-    if found is None:
-        return None
-    signer = found[0]
-    try:
-        with Tpm(tcti) as tpm:
-            bound = tpm.nv_read_counter(sealed.nv) + 1
-        approved = approved_policy(
-            {p: state[p] for p in sealed.pcrs}, sealed.pcrs, bank=sealed.pcr_bank,
-            nv=(sealed.nv.name, bound),
-        )  # fmt: skip
-        digest = authorization_digest(approved, sealed.signed.policy_ref)
-        return {
-            "pcrs": {str(p): state[p].hex() for p in sealed.pcrs},
-            "approved_policy": approved.hex(),
-            "policy_ref": sealed.signed.policy_ref.hex(),
-            "counter_bound": bound,
-            "signer_name": sealed.signed.name.hex(),
-            "signature": signer.sign(digest).hex(),
-        }
-    finally:
-        signer.wipe()
+    policy.check_states([PcrState("predicted", state)])
+    with Tpm(tcti) as tpm:
+        bound = tpm.nv_read_counter(sealed.nv) + 1
+    approved = approved_policy(
+        {p: state[p] for p in pcrs}, pcrs, bank=policy.bank, nv=(sealed.nv.name, bound)
+    )
+    return {
+        "pcrs": {str(p): state[p].hex() for p in pcrs},
+        "approved_policy": approved.hex(),
+        "authorization_digest": authorization_digest(approved, sealed.signed.policy_ref).hex(),
+        "counter_bound": bound,
+        "signer_name": sealed.signed.name.hex(),
+        "signed": False,
+    }
 
 
 def refresh_token(
-    path: Path, *, tcti: str, keyring: str = "user", drop: list[str] | None = None
+    path: Path,
+    *,
+    tcti: str,
+    keyring: str = "user",
+    drop: list[str] | None = None,
+    policy: LaunchPolicy | None = None,
 ) -> Token | None:
     """After a keystore change that destroyed key material (``domain remove``, ``domain rotate
     --commit``): the same boot states signed again with the counter's next value, the
     keystore's new generation recorded in the token, then the increment.  Every older copy of
     the container (its token, its keystore with the destroyed key) stops unlocking.
 
+    Only states of the authenticated token are signed again (its MAC is checked first), and
+    each must pass dom0's launch policy (its selection; a measured launch).
+
     ``drop`` (``revoke --state``): the labels of accepted states to leave out, so that they
     are revoked by the same increment (refused if none would remain, or a label is unknown).
 
-    None when it cannot run: no hand-over in this boot, or a token from before signed
-    policies (``qubes-seal reseal`` moves it, then ``revoke`` does the same).
+    None when there is no hand-over in this boot.
     """
-    from .luks.container import Container
+    from . import launch
     from .tpm.device import Tpm  # not on the boot path
     from .tpm.seal import resign  # not on the boot path
 
-    container = Container(path)
-    token_id, token = read_token(container)
-    if token.sealed.signed is None or token.sealed.nv is None:
+    policy = policy or launch.load()
+    ap = approver(path, keyring=keyring)
+    if ap is None:
         return None
-    keep = list(token.sealed.pcr_states)
-    if drop:
-        labels = [s.label for s in keep]
-        unknown = sorted(set(drop) - set(labels))
-        if unknown:
+    with ap:
+        token = ap.token
+        _require_signed(token)
+        keep = list(token.sealed.pcr_states)
+        if drop:
+            labels = [s.label for s in keep]
+            unknown = sorted(set(drop) - set(labels))
+            if unknown:
+                raise UsageError(
+                    f"no accepted boot state is labelled {', '.join(map(repr, unknown))}",
+                    hint="The accepted states: " + ", ".join(labels) + " ('qubes-seal status').",
+                )
+            keep = [s for s in keep if s.label not in drop]
+            if not keep:
+                raise UsageError(
+                    "that would revoke every accepted boot state: no boot could unlock any more",
+                    hint="Keep one state, or run 'qubes-seal revoke' (this boot only).",
+                )
+        if sorted(token.sealed.pcrs) != policy.selection:
             raise UsageError(
-                f"no accepted boot state is labelled {', '.join(map(repr, unknown))}",
-                hint="The accepted states: " + ", ".join(labels) + " ('qubes-seal status').",
+                f"the token's states cover PCR {token.sealed.pcrs}, dom0's launch policy "
+                f"selects {policy.selection}: they cannot simply be signed again",
+                hint="Run 'qubes-seal reseal' (this boot's measurements, dom0's selection).",
             )
-        keep = [s for s in keep if s.label not in drop]
-        if not keep:
-            raise UsageError(
-                "that would revoke every accepted boot state: no boot could unlock any more",
-                hint="Keep one state, or run 'qubes-seal revoke' (this boot only).",
-            )
-    found = handed_over_signer_and_generation(
-        path, keyring=keyring, trusted=trusted_signer(token.sealed)
-    )
-    if found is None:
-        return None
-    signer, generation = found
-    try:
+        policy.check_states(keep)
         with Tpm(tcti) as tpm:
-            token.sealed = resign(tpm, token.sealed, signer, keep)
-            _refresh_proof(tpm, token, signer, keep, None)
-        token.keystore_generation = generation
-        write_token(container, token_id, token, tcti=tcti)
+            token.sealed = resign(tpm, token.sealed, ap.signer, keep)
+            _refresh_proof(tpm, token, ap.signer, keep)
+        token.keystore_generation = ap.generation
+        ap.write(tcti=tcti)
         return token
-    finally:
-        signer.wipe()
 
 
 def _load_keystore(container: Any, vk: Secret, hkey: Secret, load: Any) -> Any:
@@ -839,18 +849,44 @@ def open_with_volume_key(path: Path, vk: Secret) -> Unlocked:
 
 
 def open_handed_over(path: Path, *, keyring: str = "user") -> Unlocked | None:
-    """The keystore through this boot's hand-over, or None when there is none."""
+    """The keystore through this boot's hand-over, or None when there is none.  The token's
+    MAC is checked before the keystore is returned (:class:`TokenNotAuthentic` otherwise):
+    no keystore decision follows a rewritten token."""
     from .luks.container import Container
 
     vk = handover.get(Container(path).uuid, keyring=keyring)
-    return None if vk is None else open_with_volume_key(path, vk)
+    if vk is None:
+        return None
+    unlocked = open_with_volume_key(path, vk)
+    try:
+        unlocked.authenticated_token()
+    except BaseException:
+        unlocked.keystore.wipe()
+        unlocked.close()
+        raise
+    return unlocked
 
 
 # -- recovery --------------------------------------------------------------------------------
 
 
+def _token_or_none(container: Any) -> tuple[int | None, Token | None, str | None]:
+    """The token (unauthenticated) or why there is none usable."""
+    try:
+        token_id, token = read_token(container)
+    except CorruptState as exc:
+        return None, None, exc.message
+    return token_id, token, None
+
+
 def recover(path: Path, *, recovery_key: Secret, keyring: str | None = "user") -> Unlocked:
-    """Open the container with the recovery key (no TPM involved) and hand it over."""
+    """Open the container with the recovery key (no TPM involved) and hand it over.
+
+    The token is authenticated under the volume key: when it verifies, its keystore
+    generation is enforced (an older copy of the data area is refused); when it is missing or
+    forged, the container still opens (the recovery key is the owner's authority) and
+    :attr:`Unlocked.token_problem` says why the keystore's freshness could not be checked.
+    """
     from . import recovery
     from .luks.container import Container
 
@@ -861,9 +897,30 @@ def recover(path: Path, *, recovery_key: Secret, keyring: str | None = "user") -
     finally:
         rkey.wipe()
     unlocked = open_with_volume_key(path, vk)
+    try:
+        unlocked.authenticated_token()
+    except CorruptState as exc:  # missing, malformed or forged: nothing in it is used
+        unlocked.token, unlocked.token_id = None, None
+        unlocked.token_problem = exc.message
+    if unlocked.token is not None:
+        try:
+            check_keystore_generation(unlocked.token, unlocked.keystore)
+        except RevokedState:
+            unlocked.close()
+            raise
     if keyring is not None:
         handover.put(container.uuid, vk, keyring=keyring)
     return unlocked
+
+
+def _recovery_slot(container: Any, rkey: Secret, token: Token | None) -> int:
+    """The keyslot the recovery key opens: the authenticated token's, else found by trying."""
+    if token is not None and container.test_key(rkey, slot=token.recovery_keyslot):
+        return token.recovery_keyslot
+    for slot in container.slots():
+        if container.test_key(rkey, slot=slot):
+            return int(slot)
+    raise CorruptState("no keyslot of the container opens with this recovery key")
 
 
 def reseal_with_recovery(
@@ -873,57 +930,105 @@ def reseal_with_recovery(
     recovery_key: Secret,
     passphrase: Secret,
     kdf_params: Any,
-    pcrs: list[int] | None = None,
-    require_launch: bool = True,
+    policy: LaunchPolicy | None = None,
+    progress: Progress = _quiet,
 ) -> Token:
-    """After a refused unseal: a new master secret sealed to this boot, a new TPM keyslot.
+    """After a refused unseal: a new master secret sealed to this boot, a new TPM keyslot, a
+    new authenticated token.
 
-    The recovery key authorises the new keyslot; the old TPM keyslot is removed last, so an
-    interruption leaves the recovery key working (crash safety proper arrives with rotation).
+    Built from trusted inputs only: dom0's launch policy (the selection; a measured launch
+    required), this boot's PCRs, the new passphrase, the keystore (its policy-signing key and
+    the rollback counter it records).  From the old token only what its MAC vouches for is
+    used (the old TPM keyslot to remove, the recovery keyslot, the counter, the root volume);
+    a missing or forged token contributes nothing, and the old TPM keyslot is then left in
+    place (it is not known which one it is) - its sealed object is revoked all the same.
+    The recovery key authorises the new keyslot; the old one is removed last.
     """
-    from . import recovery
+    from . import launch, recovery
     from .kdf import derive, luks_key
     from .luks.container import Container
     from .tpm.device import Tpm  # not on the boot path
     from .tpm.seal import current_state, seal_to_states  # not on the boot path
 
+    policy = policy or launch.load()
+    pcrs = policy.selection
     container = Container(path)
-    token_id, old = read_token(container)
-    pcrs = pcrs or old.sealed.pcrs
     rkey = recovery.normalise(recovery_key)
-    signer, generation = signer_from_volume_key(
-        path, container.volume_key(rkey), trusted=trusted_signer(old.sealed)
-    )
+    unlocked = open_with_volume_key(path, container.volume_key(rkey))
+    token_id, old, problem = _token_or_none(container)
+    if old is not None:
+        try:
+            with unlocked.token_key() as tkey:
+                old.authenticate(tkey, container.uuid)
+        except TokenNotAuthentic as exc:
+            old, problem = None, exc.message
+    if problem is not None:
+        progress(f"warning: the old token is not used ({problem})")
     master = Secret.random(32)
     auth, mix = derive(passphrase, kdf_params)
+    signer = None
     try:
+        trusted = None if old is None else trusted_signer(old.sealed)
+        signer = ensure_signer(unlocked, trusted=trusted)
         with Tpm(tcti) as tpm:
-            now = current_state(tpm, [p for p in pcrs if p != PCR13], require_launch=require_launch)
+            now = current_state(
+                tpm, [p for p in pcrs if p != PCR13], require_launch=policy.require_launch
+            )
+            nv = _counter_for_recovery(tpm, container, unlocked, old)
+        record_counter(unlocked, nv)
+        generation = unlocked.keystore.generation
+        recovery_slot = _recovery_slot(container, rkey, old)
         key = luks_key(master, mix, kdf_params, context=LUKS_KEY_CONTEXT)
         new_slot = container.add_key(rkey, key, slot=None, pbkdf=None)
-        if old.tpm_keyslot != new_slot and old.tpm_keyslot in container.slots():
+        if (
+            old is not None
+            and old.tpm_keyslot not in (new_slot, recovery_slot)
+            and old.tpm_keyslot in container.slots()
+        ):
             container.kill_slot(old.tpm_keyslot, existing=rkey)
         values = {**now.values, **header_pcr(path, pcrs)}
+        states = [PcrState("current", values)]
+        policy.check_states(states)
         with Tpm(tcti) as tpm:
-            nv = old.sealed.nv
-            if nv is None or not tpm.is_our_counter(nv.handle):
-                nv = tpm.nv_define_counter(int(container.uuid.replace("-", "")[:8], 16))
             sealed = seal_to_states(
-                tpm, master, pcrs=pcrs, states=[PcrState("current", values)],
-                require_launch=require_launch, auth=auth, nv=nv, signer=signer,
+                tpm, master, pcrs=pcrs, states=states, require_launch=policy.require_launch,
+                auth=auth, nv=nv, signer=signer,
             )  # fmt: skip
         # The proof of a clean boot was sealed to the old header's PCR 13 and cannot be
         # unsealed any more: 'qubes-seal attest setup' must be run again.
         token = Token(
-            sealed, kdf_params.to_json(), new_slot, old.recovery_keyslot,
-            root_volume=old.root_volume, keystore_generation=generation,
+            sealed, kdf_params.to_json(), new_slot, recovery_slot,
+            root_volume=None if old is None else old.root_volume,
+            keystore_generation=generation,
         )  # fmt: skip
-        write_token(container, token_id, token, tcti=tcti)
+        if token_id is None:
+            token_id = int(
+                container.import_token({"type": TOKEN_TYPE, "keyslots": [str(new_slot)]})
+            )  # a placeholder, replaced at once with the authenticated token
+        with unlocked.token_key() as tkey:
+            write_token(container, token_id, token, tcti=tcti, key=tkey)
         return token
     finally:
-        signer.wipe()
+        if signer is not None:
+            signer.wipe()
+        unlocked.keystore.wipe()
+        unlocked.close()
         for s in (rkey, master, auth, mix):
             s.wipe()
+
+
+def _counter_for_recovery(tpm: Any, container: Any, unlocked: Unlocked, old: Token | None) -> Any:
+    """The container's rollback counter: the authenticated token's, else the one the keystore
+    records (if the TPM still holds it), else a new one.  Never one a forged token names:
+    incrementing another index would leave older copies of this container unrevoked."""
+    if old is not None and old.sealed.nv is not None and tpm.is_our_counter(old.sealed.nv.handle):
+        return old.sealed.nv
+    found = recorded_counter(unlocked.keystore)
+    if found is not None and tpm.is_our_counter(found[0]):
+        nv = tpm.nv_counter(found[0])
+        if nv.name == found[1]:
+            return nv
+    return tpm.nv_define_counter(int(container.uuid.replace("-", "")[:8], 16))
 
 
 def lock(path: Path, *, keyring: str = "user") -> bool:
@@ -936,16 +1041,24 @@ def lock(path: Path, *, keyring: str = "user") -> bool:
 __all__ = [
     "CAP_DIGEST",
     "DEFAULT_PCRS",
+    "TOKEN_TYPE",
+    "TOKEN_VERSION",
+    "Approver",
     "InitResult",
     "QubesSealError",
     "Token",
+    "TokenNotAuthentic",
     "Unlocked",
     "UsageError",
+    "approver",
+    "approver_for",
+    "approver_from_volume_key",
     "cap",
     "init",
     "lock",
     "measure_header",
     "open_handed_over",
+    "read_token",
     "recover",
     "reseal_with_recovery",
     "unlock",

@@ -38,13 +38,13 @@ from .chain import (
     LUKS_KEY_CONTEXT,
     PCR13,
     Token,
+    approver_from_volume_key,
     ensure_signer,
     make_bundle,
     pcr13_after_extend,
     read_token,
     repair_init,
     settle_counter,
-    signer_from_volume_key,
     trusted_signer,
     unbundle,
 )
@@ -52,6 +52,7 @@ from .errors import AuthorizationError, CorruptState, UsageError
 from .journal import Journal, crash_point
 from .secret import Secret
 from .state import PcrState
+from .token import store_token
 
 Progress = Callable[[str], None]
 HEADER_COPY = "rotate-header.img"
@@ -87,12 +88,30 @@ def _handed_over(uuid: str, keyring: str) -> tuple[Secret, Secret, Secret, Secre
     return vk, master, auth, proof
 
 
+def copy_token(token: Token) -> Token:
+    """An independent copy of an (authenticated) token, to change without touching it."""
+    import copy
+
+    return copy.deepcopy(token)
+
+
 def _copy(secret: Secret) -> Secret:
     return Secret(bytes(secret.reveal()))
 
 
 def _states(sealed: Any, digests: list[bytes]) -> list[PcrState]:
-    """The token's accepted states, each with PCR 13 for every header digest in ``digests``."""
+    """The (authenticated) token's accepted states, each with PCR 13 for every header digest
+    in ``digests``; they must pass dom0's launch policy (its selection, a measured launch)."""
+    from . import launch
+
+    policy = launch.load()
+    if sorted(sealed.pcrs) != policy.selection:
+        raise UsageError(
+            f"the token's states cover PCR {sealed.pcrs}, dom0's launch policy selects "
+            f"{policy.selection}",
+            hint="Run 'qubes-seal reseal' (this boot's measurements, dom0's selection) first.",
+        )
+    policy.check_states(sealed.pcr_states)
     if PCR13 not in sealed.pcrs:
         return list(sealed.pcr_states)
     out: list[PcrState] = []
@@ -131,7 +150,7 @@ def _seal_token(
     with Tpm(tcti) as tpm:
         token.sealed = seal_to_states(
             tpm, master, pcrs=old.pcrs, states=states, bank=old.pcr_bank,
-            require_launch=old.require_launch, auth=auth, nv=old.nv,
+            require_launch=True, auth=auth, nv=old.nv,
             signer=signer if old.nv is not None else None,
         )  # fmt: skip
         if token.proof is not None:
@@ -248,6 +267,7 @@ def _retire_old_slot(
     progress: Callable[[str], None],
     what: str,
     signer: Any,
+    tkey: Secret,
 ) -> None:
     """The common end of a rotation, after the new token is in place: revoke the old object,
     kill the old keyslot, then reseal to the final header alone and revoke the transitional
@@ -262,7 +282,7 @@ def _retire_old_slot(
         raise CorruptState("the header changed unexpectedly during the rotation")
     _seal_token(token, tcti=tcti, master=master, auth=auth, proof=proof,
                 states=_states(old_sealed, [final_digest]), signer=signer)  # fmt: skip
-    container.import_token(token.to_json(), token_id=token_id, replace=True)
+    store_token(container, token, tkey, token_id=token_id)
     journal.mark("resealed")
     settle_counter(tcti, token.sealed)  # the transitional objects are revoked
 
@@ -291,12 +311,13 @@ def rotate_tpm_key(
 
     op = "rotate-master" if new_master else "rotate-passphrase"
     container = Container(path)
-    token_id, old = read_token(container)
     vk, master0, auth0, proof = _handed_over(container.uuid, keyring)
-    signer, _ = signer_from_volume_key(path, vk, trusted=trusted_signer(old.sealed))  # wipes vk
+    ap = approver_from_volume_key(path, vk)  # the token's MAC checked first; wipes vk at close
+    token_id, old, signer = ap.token_id, ap.token, ap.signer
+    tkey = ap.unlocked.token_key()
     params0 = KdfParams.from_json(old.kdf)
     params1 = kdf_params or dataclasses.replace(params0, salt=new_salt())
-    secrets: list[Secret | None] = [master0, auth0, proof]
+    secrets: list[Secret | None] = [master0, auth0, proof, tkey]
     try:
         progress("checking the current passphrase (Argon2id)")
         a0, mix0 = derive(passphrase, params0)
@@ -315,7 +336,7 @@ def rotate_tpm_key(
         secrets += [old_key, master1, auth1, mix1, new_key]
         journal = Journal.begin(
             state_dir, op, path, uuid=container.uuid, token_id=token_id,
-            old_token=old.to_json(), slots_before=container.slots(), old_slot=old.tpm_keyslot,
+            old_token=old.raw, slots_before=container.slots(), old_slot=old.tpm_keyslot,
         )  # fmt: skip
         crash_point("begun")
         progress("adding the new keyslot to a copy of the header")
@@ -325,10 +346,10 @@ def rotate_tpm_key(
             add=lambda h: Container(h).add_key(old_key, new_key, pbkdf=PbkdfCost.minimal()),
         )  # fmt: skip
         progress("resealing the current master secret to the transitional header")
-        keep = Token.from_json(old.to_json(), source="token")
+        keep = copy_token(old)
         _seal_token(keep, tcti=tcti, master=master0, auth=auth0, proof=proof,
                     states=_states(old.sealed, [d0, d1]), signer=signer)  # fmt: skip
-        Container(copy).import_token(keep.to_json(), token_id=token_id, replace=True)
+        store_token(Container(copy), keep, tkey, token_id=token_id)
         journal.mark("staged", new_slot=new_slot)
         _restore_header(path, copy)
         journal.mark("keyslot-added")
@@ -340,12 +361,12 @@ def rotate_tpm_key(
         )  # fmt: skip
         _seal_token(new, tcti=tcti, master=master1, auth=auth1, proof=proof,
                     states=_states(old.sealed, [d1, d2]), signer=signer)  # fmt: skip
-        container.import_token(new.to_json(), token_id=token_id, replace=True)
+        store_token(container, new, tkey, token_id=token_id)
         journal.mark("token-replaced")
         _retire_old_slot(
             container, new, token_id, journal, tcti=tcti, slot=old.tpm_keyslot,
             existing=new_key, final_digest=d2, master=master1, auth=auth1, proof=proof,
-            old_sealed=old.sealed, progress=progress, what="keyslot", signer=signer,
+            old_sealed=old.sealed, progress=progress, what="keyslot", signer=signer, tkey=tkey,
         )  # fmt: skip
         proof_copy = None if proof is None else _copy(proof)
         with make_bundle(_copy(master1), auth1, proof_copy) as bundle:
@@ -354,7 +375,7 @@ def rotate_tpm_key(
         _cleanup(state_dir)
         return RotateResult(op, new_slot, old.tpm_keyslot, new)
     finally:
-        signer.wipe()
+        ap.close()
         for s in secrets:
             if s is not None:
                 s.wipe()
@@ -381,9 +402,10 @@ def rotate_recovery(
     from .luks.header import header_digest
 
     container = Container(path)
-    token_id, old = read_token(container)
     vk, master, auth, proof = _handed_over(container.uuid, keyring)
-    signer, _ = signer_from_volume_key(path, _copy(vk), trusted=trusted_signer(old.sealed))
+    ap = approver_from_volume_key(path, _copy(vk))  # the token's MAC checked first
+    token_id, old, signer = ap.token_id, ap.token, ap.signer
+    tkey = ap.unlocked.token_key()
     params = KdfParams.from_json(old.kdf)
     pbkdf = PbkdfCost(
         algorithm="argon2id",
@@ -395,7 +417,7 @@ def rotate_recovery(
     try:
         journal = Journal.begin(
             state_dir, "rotate-recovery", path, uuid=container.uuid, token_id=token_id,
-            old_token=old.to_json(), slots_before=container.slots(),
+            old_token=old.raw, slots_before=container.slots(),
             old_slot=old.recovery_keyslot, key_file=None if key_file is None else str(key_file),
         )  # fmt: skip
         crash_point("begun")
@@ -405,29 +427,33 @@ def rotate_recovery(
             path, state_dir, old_slot=old.recovery_keyslot, new_key=rkey,
             add=lambda h: add_key_with_volume_key(h, vk, rkey, pbkdf=pbkdf),
         )  # fmt: skip
-        token = Token.from_json(old.to_json(), source="token")
+        token = copy_token(old)
         _seal_token(token, tcti=tcti, master=master, auth=auth, proof=proof,
                     states=_states(old.sealed, [d0, d1, d2]), signer=signer)  # fmt: skip
-        Container(copy).import_token(token.to_json(), token_id=token_id, replace=True)
+        store_token(Container(copy), token, tkey, token_id=token_id)
         journal.mark("staged", new_slot=new_slot)
         _restore_header(path, copy)
         journal.mark("keyslot-added")
-        deliver(rkey)
-        journal.mark("key-delivered")
+        # The token that names the new recovery keyslot, authenticated now: once the key is
+        # delivered, 'repair' rolls forward by importing it (it holds no key to make one).
         token.recovery_keyslot = new_slot
-        container.import_token(token.to_json(), token_id=token_id, replace=True)
+        forward = token.to_signed_json(tkey, container.uuid)
+        deliver(rkey)
+        journal.mark("key-delivered", forward_token=forward)
+        store_token(container, token, tkey, token_id=token_id)
         journal.mark("token-updated")
         _retire_old_slot(
             container, token, token_id, journal, tcti=tcti, slot=old.recovery_keyslot,
             existing=rkey, final_digest=d2, master=master, auth=auth, proof=proof,
             old_sealed=old.sealed, progress=progress, what="recovery keyslot", signer=signer,
+            tkey=tkey,
         )  # fmt: skip
         journal.finish()
         _cleanup(state_dir)
         return RotateResult("rotate-recovery", new_slot, old.recovery_keyslot, token)
     finally:
-        signer.wipe()
-        for s in (vk, master, auth, proof, rkey):
+        ap.close()
+        for s in (vk, master, auth, proof, rkey, tkey):
             if s is not None:
                 s.wipe()
 
@@ -462,22 +488,33 @@ def rotate_signer(
     from .tpm.seal import seal_to_states
 
     container = Container(path)
-    token_id, token = read_token(container)
-    old_sealed = token.sealed
-    if old_sealed.nv is None:
-        raise UsageError(
-            "this container has no rollback counter (sealed before it existed)",
-            hint="Run 'qubes-seal recover --reseal' first: it adds the counter.",
-        )
     vk, master, auth, proof = _handed_over(container.uuid, keyring)
     unlocked = open_with_volume_key(path, vk)  # closing it wipes vk
     new = PolicySigner.generate()
+    tkey = unlocked.token_key()
     try:
+        token_id, token = unlocked.authenticated_token()  # before anything else: the MAC
+        old_sealed = token.sealed
+        if old_sealed.nv is None:
+            raise UsageError(
+                "this container has no rollback counter (sealed before it existed)",
+                hint="Run 'qubes-seal recover --reseal' first: it adds the counter.",
+            )
+        from . import launch
+
+        policy = launch.load()
+        if sorted(old_sealed.pcrs) != policy.selection:
+            raise UsageError(
+                f"the token's states cover PCR {old_sealed.pcrs}, dom0's launch policy "
+                f"selects {policy.selection}",
+                hint="Run 'qubes-seal reseal' first.",
+            )
+        policy.check_states(old_sealed.pcr_states)
         old = ensure_signer(unlocked, trusted=trusted_signer(old_sealed))
         old.wipe()
         journal = Journal.begin(
             state_dir, "rotate-signer", path, uuid=container.uuid, token_id=token_id,
-            old_token=token.to_json(), new_signer=new.name().hex(),
+            old_token=token.raw, new_signer=new.name().hex(),
         )  # fmt: skip
         crash_point("begun")
         progress("keeping the new policy-signing key next to the current one (keystore)")
@@ -488,14 +525,14 @@ def rotate_signer(
         with Tpm(tcti) as tpm:
             token.sealed = seal_to_states(
                 tpm, master, pcrs=old_sealed.pcrs, states=old_sealed.pcr_states,
-                bank=old_sealed.pcr_bank, require_launch=old_sealed.require_launch, auth=auth,
+                bank=old_sealed.pcr_bank, require_launch=True, auth=auth,
                 nv=old_sealed.nv, signer=new,
             )  # fmt: skip
             if token.proof is not None:
                 token.proof = None if proof is None else seal_proof(
                     tpm, kind=token.proof.kind, value=proof, master=token.sealed, signer=new
                 )  # fmt: skip
-        container.import_token(token.to_json(), token_id=token_id, replace=True)
+        store_token(container, token, tkey, token_id=token_id)
         journal.mark("token-replaced")
         progress("forgetting the old policy-signing key")
         ensure_signer(unlocked, trusted=new.name()).wipe()  # the new key becomes the current one
@@ -505,6 +542,7 @@ def rotate_signer(
         return RotateResult("rotate-signer", token.tpm_keyslot, token.tpm_keyslot, token)
     finally:
         new.wipe()
+        tkey.wipe()
         unlocked.keystore.wipe()
         unlocked.close()
         for s in (master, auth, proof):
@@ -640,9 +678,12 @@ def _repair_rotation(journal: Journal, *, tcti: str | None) -> tuple[str, list[s
         assert new_slot is not None
         if int(new_slot) not in container.slots():
             raise CorruptState("the new keyslot named by the journal is missing")
+        forward_doc = data.get("forward_token")
         if journal.op == "rotate-recovery" and current.recovery_keyslot != int(new_slot):
-            current.recovery_keyslot = int(new_slot)
-            container.import_token(current.to_json(), token_id=token_id, replace=True)
+            if not isinstance(forward_doc, dict):
+                raise CorruptState("the journal lacks the token that names the new recovery key")
+            container.import_token(forward_doc, token_id=token_id, replace=True)
+            current = read_token(container)[1]
         kill_slot_unchecked(path, old_slot)
         if tcti is not None and settle_counter(tcti, current.sealed):
             notes.append("the rollback counter was incremented: older sealed objects are revoked")
@@ -654,7 +695,7 @@ def _repair_rotation(journal: Journal, *, tcti: str | None) -> tuple[str, list[s
         extra = [s for s in container.slots() if s not in slots_before]
         for s in extra:
             kill_slot_unchecked(path, s)
-        if current.to_json() != data["old_token"]:
+        if current.raw != data["old_token"]:
             container.import_token(data["old_token"], token_id=token_id, replace=True)
         key_file = data.get("key_file")
         if key_file and journal.did("begun") and Path(key_file).exists() and extra:

@@ -97,16 +97,19 @@ def test_kernel_update_is_a_signature_on_the_same_object(box: Box) -> None:
     assert "PCR 17 differs" in res.err
 
 
-def test_predict_with_a_container_shows_the_signed_approval(box: Box) -> None:
+def test_predict_with_a_container_previews_the_approval_unsigned(box: Box) -> None:
+    """A preview shows the approved policy and never a signature: one that a later reseal
+    made valid (the counter reaching its bound) would approve a boot nobody confirmed."""
     log = boot_with_log(box)
     comps = write_components(sample_modules(kernel_version="6.6.99"), box.dir / "new")
-    res = box.cli("predict", "--txt-log", str(log), *comps, "--json")
-    assert res.code == 0, res.err
-    assert res.json()["approval"] is None  # not unlocked in this boot: nothing signs
     assert box.unlock().code == 0
     res = box.cli("predict", "--txt-log", str(log), *comps, "--json")
     assert res.code == 0, res.err
     approval = res.json()["approval"]
+    assert approval["signed"] is False
+    assert "signature" not in approval and "signature" not in res.out.lower().replace(
+        "never hands out a signature", ""
+    )
     t = token(box)
     assert t.sealed.nv is not None and t.sealed.signed is not None
     assert approval["counter_bound"] == t.sealed.nv.bound + 1
@@ -208,7 +211,8 @@ def test_a_token_mixed_from_two_containers_is_named(box: Box, tmp_path: Path) ->
     assert theirs.sealed.signed is not None
     mine.sealed.signed = theirs.sealed.signed
     mine.sealed.nv = theirs.sealed.nv
-    Container(box.container).import_token(mine.to_json(), token_id=mine_id, replace=True)
+    forged = {**mine.to_json(), "mac": (mine.raw or {})["mac"]}  # the old MAC, now stale
+    Container(box.container).import_token(forged, token_id=mine_id, replace=True)
     box.boot()
     res = box.unlock()
     assert res.code == 7, res.err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from typing import Any, TextIO
 from ..errors import (
     EXIT_USAGE,
     AuthorizationError,
+    CorruptState,
     LockoutError,
     MeasurementMismatch,
     QubesSealError,
@@ -236,23 +238,71 @@ class Outcome:
 
 
 def run(cfg: BootConfig, console: Console) -> Outcome:
-    """The boot sequence; raises the error that ended it when even recovery failed."""
+    """The boot sequence; raises the error that ended it when even recovery failed.
+
+    Every exit path, a failure or a recovery included, leaves PCR 13 capped: nothing later in
+    this boot can unseal the master secret or the proof of a clean boot."""
+    container = Path(cfg.container)
+    started = time.monotonic()
+    try:
+        try:
+            tpm_dev = _device_of(cfg.tpm)
+            wait_for([p for p in (tpm_dev, container) if p is not None], timeout=cfg.timeout,
+                     console=console)  # fmt: skip
+            return _sequence(cfg, console, container, started)
+        except _GaveUp:
+            raise
+        except Exception as exc:  # every failure, even one we did not foresee: the prompt
+            cause = exc if isinstance(exc, QubesSealError) else CorruptState(
+                f"the boot sequence failed ({type(exc).__name__}): the container's header or "
+                "token may be damaged or hostile"
+            )  # fmt: skip
+            console.say(f"REFUSED: {cause.diagnostics()}")
+            return _recover(cfg, console, container, cause, started)
+    except _GaveUp as gave_up:
+        raise gave_up.cause from None
+    finally:
+        _ensure_capped(cfg, console)
+
+
+class _GaveUp(Exception):
+    """The recovery prompt ended without an unlock: ``cause`` ended the boot sequence."""
+
+    def __init__(self, cause: QubesSealError) -> None:
+        super().__init__(cause.message)
+        self.cause = cause
+
+
+def _ensure_capped(cfg: BootConfig, console: Console) -> None:
+    """Cap PCR 13 unless it is capped already: when it still holds zero (nothing measured)
+    or the header's measurement alone (an unlock that failed after measuring it)."""
+    from .. import chain
+    from ..luks.header import header_digest
+    from ..tpm.esys import Esys
+
+    try:
+        uncapped = {bytes(32)}
+        # No readable header: only zero is known to be uncapped, so anything else is capped.
+        with contextlib.suppress(QubesSealError, OSError):
+            uncapped.add(chain.pcr13_after_extend(header_digest(Path(cfg.container))))
+        with Esys(cfg.tpm) as tpm:
+            value = tpm.pcr_read([chain.PCR13])[chain.PCR13]
+            if value in uncapped or len(uncapped) == 1:
+                chain.cap(tpm)
+    except QubesSealError as exc:
+        console.say(f"note: PCR 13 not capped ({exc.message})")
+
+
+def _sequence(cfg: BootConfig, console: Console, container: Path, started: float) -> Outcome:
     from .. import chain
     from ..attest import reveal
+    from ..luks.container import Container
     from ..policy import launch_happened
     from ..tpm.esys import Esys
 
-    container = Path(cfg.container)
-    started = time.monotonic()
-    tpm_dev = _device_of(cfg.tpm)
-    wait_for([p for p in (tpm_dev, container) if p is not None], timeout=cfg.timeout,
-             console=console)  # fmt: skip
-    from ..luks.container import Container
-
-    _, token = chain.read_token(Container(container))
-    require_launch = token.sealed.require_launch and not (
-        cfg.unsafe_test_mode and cfg.unsafe_no_measured_launch
-    )
+    # dom0's boot configuration (measured into PCR 17 with the initramfs) decides whether a
+    # measured launch is required, never the token (an evil maid can rewrite it).
+    require_launch = not (cfg.unsafe_test_mode and cfg.unsafe_no_measured_launch)
     with Esys(cfg.tpm) as tpm:
         pcr17 = tpm.pcr_read([DRTM_PCR])[DRTM_PCR]
     if require_launch and not launch_happened(pcr17):
@@ -263,6 +313,11 @@ def run(cfg: BootConfig, console: Console) -> Outcome:
         return _recover(cfg, console, container, error, started)
     if not require_launch:
         console.say("WARNING: unsafe test mode: no measured launch required")
+    try:
+        _, token = chain.read_token(Container(container))
+    except QubesSealError as exc:  # removed, unknown version, malformed: the recovery prompt
+        console.say(f"REFUSED: {exc.diagnostics()}")
+        return _recover(cfg, console, container, exc, started)
 
     shown = {"proof": False}
 
@@ -290,20 +345,27 @@ def run(cfg: BootConfig, console: Console) -> Outcome:
             return _recover(cfg, console, container, exc, started)
         try:
             n = len(unlocked.keystore.list())
-            _root_key(cfg, token, unlocked, console)
+            _root_key(cfg, unlocked, console)
             console.say(f"container open: {n} domain key(s); PCR 13 capped; keys handed over")
             timings = dict(unlocked.timings.parts)
             timings["total"] = time.monotonic() - started
             return Outcome(True, False, n, timings)
         finally:
             unlocked.close()
-    assert last is not None
     console.say("too many wrong passphrases")
-    return _recover(cfg, console, container, last, started)
+    return _recover(cfg, console, container, last or AuthorizationError("no attempt"), started)
 
 
-def _root_key(cfg: BootConfig, token: Any, unlocked: Any, console: Console) -> None:
-    """dom0's root volume key, for systemd-cryptsetup, in a runtime key file (ramfs)."""
+def _root_key(cfg: BootConfig, unlocked: Any, console: Console) -> None:
+    """dom0's root volume key, for systemd-cryptsetup, in a runtime key file (ramfs).  Its
+    name comes from the token only once the token's MAC verified (it becomes a file name)."""
+    token = unlocked.token
+    if token is None:
+        console.say(
+            "note: the container's token is not authentic: dom0's root volume key is not "
+            "handed to systemd-cryptsetup (it will ask for its own passphrase)"
+        )
+        return
     if not token.root_volume:
         return
     entry = unlocked.keystore.get("dom0")
@@ -343,7 +405,7 @@ def _recover(
         try:
             n = len(unlocked.keystore.list())
             # dom0's root volume too: otherwise systemd-cryptsetup asks for its passphrase.
-            _root_key(cfg, chain.read_token(unlocked.container)[1], unlocked, console)
+            _root_key(cfg, unlocked, console)
             _cap_after_recovery(cfg, console)
             console.say(
                 f"container open with the recovery key: {n} domain key(s). Nothing was "
@@ -352,7 +414,7 @@ def _recover(
             return Outcome(True, True, n, {"total": time.monotonic() - started})
         finally:
             unlocked.close()
-    raise cause
+    raise _GaveUp(cause)
 
 
 def _cap_after_recovery(cfg: BootConfig, console: Console) -> None:

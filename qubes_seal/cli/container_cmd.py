@@ -114,8 +114,18 @@ def register(sub: Any) -> None:
     kdf_opts(p)
     p.add_argument("--size", default=env("QUBES_SEAL_SIZE", DEFAULT_SIZE),
                    help=f"container size (default {DEFAULT_SIZE})")  # fmt: skip
-    p.add_argument("--pcrs", metavar="LIST", default=env("QUBES_SEAL_PCRS", "13,17,18"),
-                   help="PCRs to seal to (default 13,17,18) [QUBES_SEAL_PCRS]")  # fmt: skip
+    p.add_argument(
+        "--pcrs", metavar="LIST", default=env("QUBES_SEAL_PCRS", ""),
+        help="PCRs every accepted boot is signed over (default: dom0's launch policy, "
+        "/etc/qubes-seal/launch.toml, else 13,17,18; 17 and 18 are required) "
+        "[QUBES_SEAL_PCRS]",
+    )  # fmt: skip
+    p.add_argument(
+        "--unsafe-pcr-selection", action="store_true",
+        default=env_bool("QUBES_SEAL_UNSAFE_PCR_SELECTION"),
+        help="UNSAFE, for tests: accept a selection without PCR 17 and 18 "
+        "[QUBES_SEAL_UNSAFE_PCR_SELECTION]",
+    )  # fmt: skip
     p.add_argument(
         "--recovery-key-file", metavar="FILE", type=Path,
         help="write the recovery key to FILE (mode 0600) instead of showing it",
@@ -128,6 +138,7 @@ def register(sub: Any) -> None:
         help="also keep a key for dom0's root LUKS volume NAME (as in /etc/crypttab): the "
         "boot hands it to systemd-cryptsetup, so one passphrase opens everything",
     )  # fmt: skip
+    keyring_opt(p)
     unsafe_opt(p, "do not require a TXT measured launch")
     p.set_defaults(func=cmd_init)
 
@@ -267,13 +278,17 @@ def _progress(args: argparse.Namespace) -> Any:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from .. import chain
+    from .. import chain, launch
     from ..fsutil import atomic_write
     from ..tpm.seal import parse_pcr_list
     from .main import emit
     from .prompt import ask
 
-    pcrs = parse_pcr_list(args.pcrs)
+    policy = launch.load(
+        unsafe_no_measured_launch=args.unsafe_no_measured_launch,
+        unsafe_pcr_selection=args.unsafe_pcr_selection,
+    )
+    pcrs = parse_pcr_list(args.pcrs) if args.pcrs else list(policy.pcrs)
     size = parse_size(args.size)
     if args.recovery_key_file is not None and args.recovery_key_file.exists():
         raise UsageError(f"{args.recovery_key_file} exists: refusing to overwrite it")
@@ -296,12 +311,13 @@ def cmd_init(args: argparse.Namespace) -> int:
             memory_kib=max(32, min(params.memory_kib, 1 << 20)),
             parallelism=max(1, min(4, params.parallelism)),
         ),
-        require_launch=not args.unsafe_no_measured_launch,
+        policy=policy,
         force=args.force,
         root_volume=args.dom0_root_volume,
         progress=_progress(args),
         state_dir=args.state_dir,
         key_file=args.recovery_key_file,
+        keyring=_keyring(args),
     )
     passphrase.wipe()
     doc: dict[str, Any] = {
@@ -378,16 +394,30 @@ def cmd_unlock(args: argparse.Namespace) -> int:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    from .. import chain
+    from .. import chain, launch
     from .main import emit
     from .prompt import ask
 
+    policy = launch.load(unsafe_no_measured_launch=args.unsafe_no_measured_launch)
     rkey = ask("recovery key", path=args.recovery_key_file)
     unlocked = chain.recover(args.container, recovery_key=rkey, keyring=_keyring(args))
     n = len(unlocked.keystore.list())
+    problem = unlocked.token_problem
+    generation = unlocked.keystore.generation
+    unlocked.keystore.wipe()
     unlocked.close()
-    doc: dict[str, Any] = {"recovered": True, "domains": n, "resealed": False}
+    doc: dict[str, Any] = {"recovered": True, "domains": n, "resealed": False,
+                           "token_authentic": problem is None,
+                           "keystore_generation": generation}  # fmt: skip
     lines = [f"opened {args.container} with the recovery key: {n} domain key(s) intact"]
+    if problem is not None:
+        doc["token_problem"] = problem
+        lines += [
+            f"WARNING: the container's token is not used: {problem}.",
+            f"  Its keystore (generation {generation}) could not be checked for freshness: if "
+            "you did not expect this, someone may have tampered with the disk, and an older "
+            "copy of the keys may have been restored. 'recover --reseal' writes a new token.",
+        ]
     reseal = args.reseal
     if not reseal and sys.stdin.isatty() and not args.json:
         answer = input("Seal a new master secret to this boot? [y/N] ").strip().lower()
@@ -400,7 +430,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
             recovery_key=rkey,
             passphrase=passphrase,
             kdf_params=_kdf_params(args),
-            require_launch=not args.unsafe_no_measured_launch,
+            policy=policy,
+            progress=_progress(args),
         )
         passphrase.wipe()
         doc["resealed"] = True
@@ -422,7 +453,7 @@ def cmd_attest(args: argparse.Namespace) -> int:
     from .prompt import read_secret_file
 
     container = Container(args.container)
-    token_id, token = chain.read_token(container)
+    _, token = chain.read_token(container)  # 'show': the TPM decides, nothing is trusted
     if args.attest_command == "show":
         if token.proof is None:
             raise UsageError("no proof of a clean boot is set up: 'qubes-seal attest setup'")
@@ -443,22 +474,19 @@ def cmd_attest(args: argparse.Namespace) -> int:
     else:
         kind, value = "text", attest.new_value("text", args.text)
     keyring = getattr(args, "keyring", "user")
-    signer = (
-        None
-        if keyring == "none"
-        else chain.handed_over_signer(
-            args.container, keyring=keyring, trusted=chain.trusted_signer(token.sealed)
+    approver = None if keyring == "none" else chain.approver(args.container, keyring=keyring)
+    if approver is None:
+        raise UsageError(
+            "this boot did not unlock the container: the proof of a clean boot is signed by "
+            "the dom0 policy-signing key, and the token is authenticated, from the keystore",
+            hint="Run 'qubes-seal unlock' first (or set it up right after the boot's unlock).",
         )
-    )
-    with value, Tpm(args.tpm) as tpm:
-        try:
-            token.proof = attest.seal_proof(
-                tpm, kind=kind, value=value, master=token.sealed, signer=signer
-            )
-        finally:
-            if signer is not None:
-                signer.wipe()
-        container.import_token(token.to_json(), token_id=token_id, replace=True)
+    with approver, value, Tpm(args.tpm) as tpm:
+        token = approver.token  # authenticated: its states are the ones the proof follows
+        token.proof = attest.seal_proof(
+            tpm, kind=kind, value=value, master=token.sealed, signer=approver.signer
+        )
+        approver.write(tcti=args.tpm)
         doc: dict[str, Any] = {"kind": kind}
         lines = [f"sealed a {kind} proof of a clean boot to PCR "
                  + ",".join(map(str, token.sealed.pcrs))]  # fmt: skip

@@ -603,16 +603,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         approval = chain.approval(args.container, tcti=args.tpm, values=values)
         doc["approval"] = approval
         if approval is None:
-            text += (
-                "\nnot signed: this boot did not unlock the container (or its token predates "
-                "signed policies)"
-            )
+            text += "\nno preview: the container's token does not use signed policies"
         else:
             text += (
-                f"\nsigned approval (counter bound {approval['counter_bound']}):\n"
+                f"\npreview of the approval (counter bound {approval['counter_bound']}), "
+                "NOT signed:\n"
                 f"  approved policy {approval['approved_policy']}\n"
-                f"  signature       {approval['signature']}\n"
-                "'qubes-seal reseal --predict' with the same components stores it in the token"
+                "'qubes-seal reseal --predict' with the same components signs it (a preview "
+                "never hands out a signature)"
             )
     emit(args, doc, text)
     return 0

@@ -129,10 +129,16 @@ def sign_states(
 
 
 def resign(
-    tpm: Tpm, state: SealedState, signer: PolicySigner, states: Sequence[PcrState]
+    tpm: Tpm,
+    state: SealedState,
+    signer: PolicySigner,
+    states: Sequence[PcrState],
+    *,
+    pcrs: Sequence[int] | None = None,
 ) -> SealedState:
     """The same sealed object, accepting ``states`` instead: new signatures, bound to the
     counter's next value (so the increment that follows voids every older signature).
+    ``pcrs``: the selection the states cover (dom0's launch policy; default: unchanged).
 
     No secret and no new object: this is how an update is approved under signed policies.
     """
@@ -145,12 +151,16 @@ def resign(
         )
     if not 1 <= len(states) <= 8:
         raise UsageError(f"{len(states)} accepted PCR states: between 1 and 8 are possible")
+    selection = validate_pcrs(state.pcrs if pcrs is None else pcrs)
+    for s in states:
+        if sorted(s.values) != selection:
+            raise UsageError(f"the boot state {s.label!r} does not cover PCR {selection}")
     nv = dataclasses.replace(state.nv, bound=tpm.nv_read_counter(state.nv) + 1)
     signed = sign_states(
-        signer, state.signed.policy_ref, pcrs=state.pcrs, states=states, bank=state.pcr_bank,
+        signer, state.signed.policy_ref, pcrs=selection, states=states, bank=state.pcr_bank,
         nv=nv,
     )  # fmt: skip
-    return dataclasses.replace(state, pcr_states=list(states), nv=nv, signed=signed)
+    return dataclasses.replace(state, pcrs=selection, pcr_states=list(states), nv=nv, signed=signed)
 
 
 def current_state(

@@ -92,7 +92,11 @@ def _approve(tpm: Esys, state: SealedState) -> tuple[bytes, _esys.TPMT_TK_VERIFI
     """Signed policies: this boot's accepted state, its approved policy and the TPM's ticket
     for its signature (the public key is loaded, used once and flushed)."""
     signed = state.signed
-    assert signed is not None and state.nv is not None
+    if signed is None or state.nv is None:  # hostile input, never an assert
+        raise CorruptState(
+            "the token's signed policy has no rollback counter: the token was altered",
+            hint="Unlock with the recovery key ('qubes-seal recover --reseal') to seal again.",
+        )
     expected = signed_object_policy(signed.name, signed.policy_ref, with_auth=state.auth_value)
     if marshal.auth_policy(state.public) != expected:
         raise CorruptState(
