@@ -204,8 +204,9 @@ class RpmDb:
     """The installed packages, through the ``rpm`` command (read-only queries only)."""
 
     def __init__(self, dbpath: Path | None = None, *, rpm: str | None = None) -> None:
+        """``rpm``: the command (default: ``rpm`` from PATH; ``""``: there is none)."""
         self.dbpath = dbpath
-        self.rpm = rpm if rpm is not None else shutil.which("rpm")
+        self.rpm = shutil.which("rpm") if rpm is None else (rpm or None)
         self._unavailable: str | None = None
         self._checked = False
         self._cache: dict[str, list[RpmPackage]] = {}
