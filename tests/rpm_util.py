@@ -79,7 +79,9 @@ def install(dbpath: Path, rpms: list[Path]) -> Path:
 
 
 def packaged(folder: Path, packages: list[Package], *, digest_algo: int = 8) -> Path:
-    """Build ``packages`` and install them into ``folder/rpmdb``: the database's path."""
+    """Build ``packages`` and install them into a new ``folder/rpmdb``: the database's path."""
+    for old in (folder / "rpmdb", folder / "rpmbuild"):  # a second call replaces the first
+        shutil.rmtree(old, ignore_errors=True)
     return install(folder / "rpmdb", build_rpms(folder, packages, digest_algo=digest_algo))
 
 
