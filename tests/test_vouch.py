@@ -13,6 +13,8 @@ terminal (a pty here) can still approve, after typing the confirmation.
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
 import os
 import select
 import subprocess
@@ -137,8 +139,6 @@ def test_vouched_update_is_approved_unattended(swtpm: Swtpm, tmp_path: Path) -> 
     assert "resealed for this boot and the next one" in res.stderr
     report = d.cli("predict", "--txt-log", str(d.m["log"]), "--grub-cfg", str(d.m["cfg"]),
                    "--entry", FIRST, "--boot-dir", str(d.m["boot"]), "--json")  # fmt: skip
-    import json
-
     doc = json.loads(report.stdout)["vouch"]
     assert doc["vouched"], doc
     by = {f["role"]: f["vouched_by"] for f in doc["files"]}
@@ -175,29 +175,33 @@ def _tamper_initramfs(d: Dom0) -> str:
     return "differs from the digest recorded"
 
 
-def _kernel_cmdline(d: Dom0) -> str:
+def edit_first_entry(d: Dom0, old: str, new: str) -> None:
+    """Her edit of grub.cfg: the first occurrence of ``old`` (in the newest entry)."""
     cfg = d.m["cfg"]
-    cfg.write_text(cfg.read_text().replace("rhgb quiet", "rhgb quiet init=/bin/sh", 1))
+    text = cfg.read_text()
+    assert old in text
+    cfg.write_text(text.replace(old, new, 1))
+
+
+def _kernel_cmdline(d: Dom0) -> str:
+    edit_first_entry(d, "rhgb quiet", "rhgb quiet init=/bin/sh")
     return "kernel command line"
 
 
 def _root_device(d: Dom0) -> str:
-    cfg = d.m["cfg"]
-    cfg.write_text(cfg.read_text().replace("root=/dev/mapper/qubes_dom0-root", "root=/dev/sdz1", 1))
+    edit_first_entry(d, "root=/dev/mapper/qubes_dom0-root", "root=/dev/sdz1")
     return "kernel command line"
 
 
 def _xen_cmdline(d: Dom0) -> str:
-    cfg = d.m["cfg"]
-    cfg.write_text(cfg.read_text().replace("smt=off", "smt=on", 1))
+    edit_first_entry(d, "smt=off", "smt=on")
     return "xen command line"
 
 
 def _extra_module(d: Dom0) -> str:
     (d.m["boot"] / "evil.mod").write_bytes(b"an XSM policy of hers")
-    cfg = d.m["cfg"]
     first = f"--nounzip /initramfs-{KV}.img\n"
-    cfg.write_text(cfg.read_text().replace(first, first + "\tmodule2 /evil.mod\n", 1))
+    edit_first_entry(d, first, first + "\tmodule2 /evil.mod\n")
     return "not exactly xen, kernel, initramfs"
 
 
@@ -262,8 +266,6 @@ def test_a_human_at_a_terminal_approves_after_typing_the_confirmation(
            "reseal", "--predict", "--txt-log", str(m["log"]), "--grub-cfg", str(m["cfg"]),
            "--entry", EVIL_TITLE, "--boot-dir", str(m["boot"])]  # fmt: skip
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "TSS2_LOG": "all+NONE", **d.env}
-    import hashlib
-
     evil_sha = hashlib.sha256((m["boot"] / f"vmlinuz-{EVIL_KV}").read_bytes()).hexdigest()
     code, out = on_pty(cmd, env, "yes")  # anything but the word refuses
     assert code == 7, out
