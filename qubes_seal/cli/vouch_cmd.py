@@ -108,10 +108,10 @@ def cmd_record(args: argparse.Namespace) -> int:
         if not real.is_file():
             raise UsageError(f"{f} is not a regular file")
         digests = vouch.file_digests(real)
-        by, why = vouch.rpm_vouch(rpm, real, digests)
-        if by is None and "content differs" in why:
+        verdict = vouch.rpm_vouch(rpm, real, digests)
+        if verdict.contradicted:
             raise NotVouched(
-                f"refusing to record {real}: {why}",
+                f"refusing to record {real}: {verdict.reason}",
                 hint="A packaged file was modified. Reinstall its package "
                 "(dnf reinstall PACKAGE) rather than vouching for another content.",
             )

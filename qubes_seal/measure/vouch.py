@@ -271,17 +271,28 @@ def _clean_env() -> dict[str, str]:
     return {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LC_ALL": "C"}
 
 
-def rpm_vouch(db: RpmDb, path: Path, digests: dict[str, str]) -> tuple[str | None, str]:
-    """(who vouches, or None; why not / the version) for ``path`` by the RPM database."""
+@dataclass(frozen=True)
+class RpmVerdict:
+    """What the RPM database says of one file."""
+
+    by: str | None  # the package that vouches for it
+    version: str  # that package's VERSION-RELEASE, or ""
+    reason: str  # why no package does (when ``by`` is None)
+    contradicted: bool = False  # a package owns the path with another digest
+
+
+def rpm_vouch(db: RpmDb, path: Path, digests: dict[str, str]) -> RpmVerdict:
+    """Whether an installed package holds ``path`` with these digests (see the module doc)."""
     why = db.unavailable()
     if why is not None:
-        return None, why
+        return RpmVerdict(None, "", why)
     name = str(path)
     candidates = [name]
     if path.name.startswith("vmlinuz-"):
         ver = path.name.removeprefix("vmlinuz-")
         candidates += [f"/lib/modules/{ver}/vmlinuz", f"/usr/lib/modules/{ver}/vmlinuz"]
     reasons: list[str] = []
+    contradicted = False
     for query in candidates:
         for pkg in db.owners(query):
             for fname, digest in pkg.files.items():
@@ -296,14 +307,15 @@ def rpm_vouch(db: RpmDb, path: Path, digests: dict[str, str]) -> tuple[str | Non
                     reasons.append(f"{pkg.nevra}: unknown file digest algorithm {pkg.algo}")
                 elif digests[algo] == digest:
                     via = "" if fname == name else f" (as {fname})"
-                    return f"{pkg.describe()}{via}", pkg.version
+                    return RpmVerdict(f"{pkg.describe()}{via}", pkg.version, "")
                 else:
+                    contradicted = True
                     reasons.append(f"its content differs from {fname} of {pkg.nevra}")
         if reasons:
             break
     if not reasons:
         reasons.append("not owned by any installed RPM package")
-    return None, "; ".join(dict.fromkeys(reasons))
+    return RpmVerdict(None, "", "; ".join(dict.fromkeys(reasons)), contradicted)
 
 
 # --- Recorded digests -------------------------------------------------------------------------
@@ -396,13 +408,13 @@ def vouch_file(role: str, path: Path, *, rpm: RpmDb, records: Records) -> FileFi
         return FileFinding(role, real, "(unreadable)", None, None, exc.message)
     sha = digests["sha256"]
     version = version_from_name(real.name)
-    by, why_rpm = rpm_vouch(rpm, real, digests)
-    if by is not None:
-        return FileFinding(role, real, sha, why_rpm or version, by)
+    verdict = rpm_vouch(rpm, real, digests)
+    if verdict.by is not None:
+        return FileFinding(role, real, sha, verdict.version or version, verdict.by)
     by, why_rec = records.vouch(real, sha)
     if by is not None:
         return FileFinding(role, real, sha, why_rec or version, by)
-    return FileFinding(role, real, sha, version, None, f"{why_rpm}; {why_rec}")
+    return FileFinding(role, real, sha, version, None, f"{verdict.reason}; {why_rec}")
 
 
 # --- Command lines from /etc/default/grub -------------------------------------------------------
