@@ -165,3 +165,14 @@ class RevokedState(MeasurementMismatch):
         message: str = "this sealed object was revoked (a newer one exists): rollback refused",
     ) -> None:
         super().__init__(message)
+
+
+class NotVouched(QubesSealError):
+    """A boot to approve unattended holds a file or command line dom0 does not vouch for.
+
+    /boot is plaintext: only the RPM database, the digests dom0 recorded and /etc/default/grub
+    (all on the encrypted root) say which Xen, kernel, initramfs and command lines are dom0's.
+    Anything else is approved only by a human at a terminal.
+    """
+
+    exit_code = EXIT_CORRUPT

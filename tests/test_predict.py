@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from cli_util import run
+from rpm_util import Package, default_grub_for, packaged
 
 from qubes_seal import state
 from qubes_seal.measure import eventlog
@@ -32,13 +33,22 @@ UPDATES = {
 
 
 def write_components(modules: list[Module], folder: Path) -> list[str]:
+    """The files of ``modules`` in ``folder``, and the options that name them for
+    predict/reseal --predict.  dom0 vouches for them, as for an installed update: a private
+    RPM database owns the files (--rpm-dbpath) and an /etc/default/grub gives their command
+    lines (--etc-default-grub), so the unattended approval accepts them."""
     folder.mkdir(parents=True, exist_ok=True)
     args: list[str] = []
+    files: dict[str, bytes] = {}
     for m in modules:
         path = folder / m.name
-        path.write_bytes(gzip.compress(m.image) if m.name == "xen" else m.image)
+        data = gzip.compress(m.image) if m.name == "xen" else m.image
+        path.write_bytes(data)
+        files[str(path.resolve())] = data
         args += [f"--{m.name}", str(path), f"--{m.name}-cmdline", m.cmdline.decode()]
-    return args
+    db = packaged(folder, [Package("boot-components", "1", files)])
+    grub = default_grub_for(folder / "default-grub", *(m.cmdline.decode() for m in modules[:2]))
+    return [*args, "--rpm-dbpath", str(db), "--etc-default-grub", str(grub)]
 
 
 def test_predict_matches_the_next_launch_for_each_update(swtpm: Swtpm, tmp_path: Path) -> None:

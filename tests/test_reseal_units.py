@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from cli_util import run
+from rpm_util import default_grub
 from test_grub_snippets import (
     DEFAULT_GRUB,
     LINUX_WORDS,
@@ -83,6 +84,8 @@ def test_path_unit_watches_boot_and_grub_cfg() -> None:
     watched = re.findall(r"^PathChanged=(.+)$", text, re.M)
     assert watched[0] == "/boot"
     assert {"/boot/grub2/grub.cfg", "/boot/grub/grub.cfg"} <= set(watched)
+    # A record of the initramfs kernel-install just built starts a refused reseal again.
+    assert "/var/lib/qubes-seal/vouched.json" in watched
     assert "PathExists" not in text.split("[Path]")[1]  # level triggers would loop
     service = (UNITS / "qubes-seal-reseal.service").read_text()
     assert f"ExecStart={INSTALLED}" in service
@@ -196,13 +199,30 @@ def test_wrapper_does_nothing_when_nothing_is_sealed(tmp_path: Path) -> None:
 
 
 def test_update_then_wrapper_then_reboot_unlocks(swtpm: Swtpm, tmp_path: Path) -> None:
-    """The whole flow with the real CLI: seal, update /boot, the path unit's job, reboot."""
+    """The whole flow with the real CLI: seal, update /boot, the path unit's job, reboot.
+
+    dom0 vouches for the new files by the digests it recorded (``vouch record``; the RPM
+    database's word is tested in tests/test_vouch.py) and for the command lines by its
+    /etc/default/grub: without them the unattended reseal refuses (exit 7)."""
     m = setup_machine(tmp_path)
     txt_launch(swtpm, sample_modules(), log_path=m["log"])  # today's boot
     assert run(swtpm.tcti, m["state"], "seal", "--force").code == 0
     cli = m["bin"] / "qubes-seal"
-    cli.write_text(f'#!/bin/sh\nexec {sys.executable} -m qubes_seal --tpm {swtpm.tcti} "$@"\n')
-    res = run_wrapper(m)
+    cli.write_text(f'#!/bin/sh\nPYTHONPATH={REPO} exec {sys.executable} -m qubes_seal '
+                   f'--tpm {swtpm.tcti} "$@"\n')  # fmt: skip
+    boot = m["boot"]
+    grub = {k: v for k, v in DEFAULT_GRUB.items() if k != "GRUB_DEVICE"}
+    grub["GRUB_QUBES_SEAL_ROOT"] = DEFAULT_GRUB["GRUB_DEVICE"]
+    dom0 = {"QUBES_SEAL_ETC_DEFAULT_GRUB": str(default_grub(tmp_path / "default-grub", grub)),
+            "QUBES_SEAL_RPM_DBPATH": str(tmp_path / "no-rpm-database")}  # fmt: skip
+    before = (m["state"] / "sealed.json").read_bytes()
+    res = run_wrapper(m, **dom0)
+    assert res.returncode == 7 and "nothing is vouched by RPM" in res.stderr
+    assert (m["state"] / "sealed.json").read_bytes() == before
+    files = [boot / "tboot.gz", boot / "xen-4.19.1.gz", boot / "vmlinuz-6.12.9-1.qubes.fc37.x86_64",
+             boot / "initramfs-6.12.9-1.qubes.fc37.x86_64.img"]  # fmt: skip
+    assert run(swtpm.tcti, m["state"], "vouch", "record", *map(str, files)).code == 0
+    res = run_wrapper(m, **dom0)
     assert res.returncode == 0, res.stderr
     assert [s.label for s in state.load(m["state"]).pcr_states] == ["current", "predicted"]
 

@@ -31,7 +31,8 @@ exit codes:
   4  wrong passphrase or authorization
   5  TPM in dictionary-attack lockout
   6  TPM unavailable
-  7  corrupted or unknown state, container or keystore
+  7  corrupted or unknown state, container or keystore; or (reseal --predict,
+     predict --container) a boot file or command line dom0 does not vouch for
 """
 
 TRUE = {"1", "true", "yes", "on"}
@@ -116,6 +117,7 @@ COMMAND_MODULES = {
     "service_cmd": ("serve",),
     "eventlog_cmd": ("eventlog",),
     "rotate_cmd": ("rotate", "revoke", "repair"),
+    "vouch_cmd": ("vouch",),
 }
 ALL_COMMANDS = frozenset(INLINE_COMMANDS).union(*COMMAND_MODULES.values())
 
@@ -168,6 +170,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         sub = _Only(sub, only)
 
     command = functools.partial(add_command, sub)
+    from .vouch_cmd import add_vouch_options
 
     p = command(
         "seal",
@@ -249,9 +252,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         "      --entry 'Qubes, with Xen 4.19 and Linux 6.6 (tboot)'\n\n"
         "With --container (in a boot that unlocked it), also the signed approval of the\n"
         "predicted state: PolicyPCR of PCR 13 (this header), 17, 18, then PolicyNV (counter <=\n"
-        "its next value), signed (ECDSA P-256) by the dom0 key kept in the keystore.",
+        "its next value), signed (ECDSA P-256) by the dom0 key kept in the keystore.\n"
+        "That approval needs every file vouched for by dom0 (see 'reseal'), or a typed\n"
+        "confirmation at a terminal.",
     )
     add_component_options(p)
+    add_vouch_options(p)
     add_container_option(
         p, optional=True, help_="also sign the predicted state with this container's dom0 "
         "policy-signing key (needs this boot's unlock): the approval 'reseal --predict' "
@@ -274,7 +280,15 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         "  qubes-seal reseal --predict COMPONENTS   before an update: accept this boot and\n"
         "                                           the predicted one\n"
         "  qubes-seal reseal                        after the first good boot on the new\n"
-        "                                           components: accept this boot only",
+        "                                           components: accept this boot only\n\n"
+        "--predict approves a boot only if dom0's encrypted root vouches for each of its\n"
+        "files (tboot, Xen, kernel, initramfs) and command lines: an installed RPM package\n"
+        "holds the file's digest, or 'qubes-seal vouch record' recorded it (kernel-install\n"
+        "does for the initramfs dracut builds); the command lines are those\n"
+        "/etc/default/grub gives (20_qubes_seal_tboot's rules), never grub.cfg's. Otherwise\n"
+        "it shows each file (path, version, sha256, who vouches) and asks you to type\n"
+        "'approve' on the terminal; without a terminal (the reseal path unit) it refuses,\n"
+        "exit 7, and changes nothing. See 'qubes-seal vouch --help'.",
     )
     p.add_argument(
         "--predict", action="store_true",
@@ -285,6 +299,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         "hand-over) instead of the state directory's sealed.json",
     )  # fmt: skip
     add_component_options(p, required=False)
+    add_vouch_options(p)
     p.set_defaults(func=cmd_reseal)
 
     import importlib
@@ -558,11 +573,12 @@ def read_txt_log(args: argparse.Namespace) -> Any:
         raise UsageError(f"cannot read the TXT event log {args.txt_log}: {exc.strerror}") from exc
 
 
-def predicted_pcrs(args: argparse.Namespace) -> dict[int, bytes]:
+def next_boot(args: argparse.Namespace) -> tuple[list[Any], list[tuple[str, Path, bytes | None]]]:
+    """The next boot's modules as tboot will measure them, and the files they come from:
+    ``(role, path, module string)``, tboot's file first (module string None) for an entry."""
     from ..measure import grub, tboot
-    from ..measure.predict import Component, predict_txt
+    from ..measure.predict import Component
 
-    log = read_txt_log(args)
     if args.grub_cfg is not None:
         if args.entry is None:
             raise UsageError("--grub-cfg needs --entry TITLE")
@@ -572,34 +588,70 @@ def predicted_pcrs(args: argparse.Namespace) -> dict[int, bytes]:
             raise UsageError(f"cannot read {args.grub_cfg}: {exc.strerror}") from exc
         entry = grub.find_entry(text, args.entry)
         components = grub.components_from_entry(entry, boot_dir=args.boot_dir)
-    else:
-        missing = [o for o in ("xen", "kernel", "initramfs") if getattr(args, o) is None]
-        if missing:
-            raise UsageError(
-                "missing " + ", ".join(f"--{m}" for m in missing),
-                hint="Name Xen, dom0's kernel and initramfs, or a GRUB entry "
-                "(--grub-cfg, --entry).",
+        files: list[tuple[str, Path, bytes | None]] = []
+        if entry.kernel:  # not measured as a module (SINIT measures it): vouched, if found
+            try:
+                tboot_path = grub.resolve(entry.kernel, args.boot_dir)
+            except UsageError:
+                tboot_path = args.boot_dir / Path(entry.kernel).name
+            files.append(("tboot", tboot_path, None))
+        measured = [
+            grub.resolve(m.path, args.boot_dir)
+            for m in entry.modules
+            if not grub.is_dropped_by_tboot(
+                tboot.load_module_image(grub.resolve(m.path, args.boot_dir), nounzip=m.nounzip)
             )
-        components = [
-            Component(
-                name,
-                getattr(args, f"{name}_cmdline").encode(),
-                tboot.load_module_image(getattr(args, name), nounzip=args.nounzip),
-            )
-            for name in ("xen", "kernel", "initramfs")
         ]
-    return predict_txt(log, components)
+        files += [(c.name, path, c.cmdline) for c, path in zip(components, measured, strict=True)]
+        return components, files
+    missing = [o for o in ("xen", "kernel", "initramfs") if getattr(args, o) is None]
+    if missing:
+        raise UsageError(
+            "missing " + ", ".join(f"--{m}" for m in missing),
+            hint="Name Xen, dom0's kernel and initramfs, or a GRUB entry (--grub-cfg, --entry).",
+        )
+    components = [
+        Component(
+            name,
+            getattr(args, f"{name}_cmdline").encode(),
+            tboot.load_module_image(getattr(args, name), nounzip=args.nounzip),
+        )
+        for name in ("xen", "kernel", "initramfs")
+    ]
+    return components, [(c.name, getattr(args, c.name), c.cmdline) for c in components]
+
+
+def predicted_pcrs(args: argparse.Namespace) -> tuple[dict[int, bytes], Any]:
+    """The next boot's PCR 17/18, and the report of who vouches for what it is made of."""
+    from ..measure import vouch
+    from ..measure.predict import predict_txt
+
+    log = read_txt_log(args)
+    components, files = next_boot(args)
+    values = predict_txt(log, components)
+    report = vouch.check_boot(
+        files,
+        rpm=vouch.RpmDb(args.rpm_dbpath),
+        records=vouch.Records(args.state_dir),
+        etc_default_grub=args.etc_default_grub,
+    )
+    return values, report
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    values = predicted_pcrs(args)
-    doc: dict[str, Any] = {"pcrs": {"sha256": {str(p): v.hex() for p, v in sorted(values.items())}}}
+    from .vouch_cmd import gate
+
+    values, report = predicted_pcrs(args)
+    doc: dict[str, Any] = {"pcrs": {"sha256": {str(p): v.hex() for p, v in sorted(values.items())}},
+                           "vouch": report.as_dict()}  # fmt: skip
     text = "predicted next boot (sha256):\n" + "\n".join(
         f"  PCR {p}: {v.hex()}" for p, v in sorted(values.items())
     )
+    text += "\nmade of:\n" + "\n".join(report.lines())
     if args.container is not None:
         from .. import chain
 
+        gate(report, what="sign the predicted boot")
         approval = chain.approval(args.container, tcti=args.tpm, values=values)
         doc["approval"] = approval
         if approval is None:
@@ -634,10 +686,13 @@ def journalled_reseal(args: argparse.Namespace, predicted: list[dict[int, bytes]
 
 
 def reseal_container(args: argparse.Namespace) -> int:
+    from .vouch_cmd import gate
 
     predicted: list[dict[int, bytes]] = []
+    report = None
     if args.predict:
-        values = predicted_pcrs(args)
+        values, report = predicted_pcrs(args)
+        gate(report, what="approve this boot and the predicted one")
         check_log_matches_tpm(args)
         predicted.append(values)
     elif any(getattr(args, o) is not None for o in ("xen", "kernel", "initramfs", "grub_cfg")):
@@ -662,6 +717,7 @@ def reseal_container(args: argparse.Namespace) -> int:
         )
     doc = {
         "resealed": True,
+        "vouch": None if report is None else report.as_dict(),
         "signed": new.signed is not None,
         "counter": None if new.nv is None else new.nv.bound,
         "container": str(args.container),
@@ -702,9 +758,12 @@ def cmd_reseal(args: argparse.Namespace) -> int:
     if args.container is not None:
         return reseal_container(args)
     sealed = state_mod.load(args.state_dir)
+    from .vouch_cmd import gate
+
     extra: list[PcrState] = []
+    report = None
     if args.predict:
-        predicted = predicted_pcrs(args)
+        predicted, report = predicted_pcrs(args)
         outside = [p for p in sealed.pcrs if p not in predicted]
         if outside:
             raise UsageError(
@@ -712,6 +771,7 @@ def cmd_reseal(args: argparse.Namespace) -> int:
                 f"{outside}",
                 hint="Seal to the DRTM PCRs (--pcrs 17,18) to use prediction.",
             )
+        gate(report, what="approve this boot and the predicted one")
         check_log_matches_tpm(args)
         extra = [PcrState("predicted", {p: predicted[p] for p in sealed.pcrs})]
     elif any(getattr(args, o) is not None for o in ("xen", "kernel", "initramfs", "grub_cfg")):
@@ -726,6 +786,7 @@ def cmd_reseal(args: argparse.Namespace) -> int:
     lines.append(f"  state: {written}")
     doc = {
         "resealed": True,
+        "vouch": None if report is None else report.as_dict(),
         "states": [
             {"label": s.label, "pcrs": {str(p): v.hex() for p, v in sorted(s.values.items())}}
             for s in new.pcr_states

@@ -191,6 +191,20 @@ def run(workdir: Path) -> int:
             path = workdir / f"new-{m.name}"
             path.write_bytes(m.image)
             args += [f"--{m.name}", str(path), f"--{m.name}-cmdline", m.cmdline.decode()]
+        # The unattended approval takes only what dom0 vouches for: here digests it records
+        # (on dom0, the RPM database vouches for Xen and the kernel, kernel-install records
+        # the initramfs), and the command lines of its /etc/default/grub.
+        grub = workdir / "default-grub"
+        grub.write_text(
+            f"GRUB_CMDLINE_XEN_DEFAULT='{new[0].cmdline.decode()}'\n"
+            "GRUB_QUBES_SEAL_ROOT=/dev/mapper/qubes_dom0-root\n"
+            f"GRUB_CMDLINE_LINUX='{new[1].cmdline.decode().split(' ro ', 1)[1]}'\n"
+        )
+        grub.chmod(0o644)
+        files = [str(workdir / f"new-{m.name}") for m in new]
+        expect(cli("vouch", "record", *files, container=False), 0,
+               "dom0 records the digests of the files it installed")  # fmt: skip
+        args += ["--etc-default-grub", str(grub)]
         expect(cli("predict", "--txt-log", str(log), *args, container=False), 0,
                "predicted PCR 17/18 of the next boot")  # fmt: skip
         expect(cli("reseal", "--predict", "--txt-log", str(log), *args), 0,
