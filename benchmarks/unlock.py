@@ -28,7 +28,7 @@ from qubes_seal.luks.container import Container
 from qubes_seal.sim.swtpm import Swtpm
 from qubes_seal.sim.txt_launch import sample_modules, txt_launch
 
-PARTS = ["tpm", "argon2id", "cryptsetup", "keystore", "token+header", "hkdf", "handover"]
+PARTS = ["tpm", "argon2id", "cryptsetup", "token", "keystore", "token+header", "hkdf", "handover"]
 
 
 def cli(tcti: str, *args: str) -> subprocess.CompletedProcess[str]:

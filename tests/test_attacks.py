@@ -317,3 +317,15 @@ def test_pcr13_is_capped_when_the_boot_sequence_fails(swtpm: Any, tmp_path: Path
         assert res.code != 0  # type: ignore[attr-defined]
     finally:
         shut_down(m)
+
+
+def test_status_says_when_the_token_is_not_authentic(box: Box) -> None:
+    box.boot()
+    assert box.unlock().code == 0
+    res = box.cli("status", "--json")
+    assert res.code in (0, 1), res.err
+    assert res.json()["container"]["token_authentic"] is True
+    tamper(box.container, no_launch_state(box.container))
+    res = box.cli("status")
+    assert "NOT AUTHENTIC" in res.out, res.out
+    assert box.cli("status", "--json").json()["container"]["token_authentic"] is False

@@ -39,6 +39,8 @@ def summary(path: Path, tpm: Any) -> tuple[dict[str, Any], list[str]]:
         f"container:       {path} (UUID {container.uuid})",
         f"  keyslots:      TPM+passphrase {token.tpm_keyslot}, recovery {token.recovery_keyslot}",
     ]
+    doc["token_authentic"], text = _authenticity(path, token, container.uuid)
+    lines.append(f"  token:         {text}")
     if sealed.signed is not None:
         doc["signed"] = {
             "signer_name": sealed.signed.name.hex(),
@@ -106,3 +108,28 @@ def summary(path: Path, tpm: Any) -> tuple[dict[str, Any], list[str]]:
     else:
         lines.append("  proof:         none ('qubes-seal attest setup')")
     return doc, lines
+
+
+def _authenticity(path: Path, token: Any, uuid: str) -> tuple[bool | None, str]:
+    """Whether the token's MAC verifies, through this boot's hand-over (None: no hand-over,
+    so it cannot be checked now).  What follows in ``status`` is shown either way, and
+    trusted only when this says authenticated."""
+    from .. import handover
+    from ..errors import QubesSealError
+    from ..token import TokenNotAuthentic, mac_key
+
+    try:
+        vk = handover.get(uuid)
+    except QubesSealError:
+        vk = None
+    if vk is None:
+        return None, "not checked (no hand-over in this boot: 'qubes-seal unlock' checks it)"
+    try:
+        with vk, mac_key(vk) as key:
+            token.authenticate(key, uuid, source=f"{path}'s token")
+    except TokenNotAuthentic:
+        return False, (
+            "NOT AUTHENTIC: rewritten outside qubes-seal; nothing below can be trusted "
+            "('qubes-seal recover --reseal')"
+        )
+    return True, "authenticated (its MAC verifies under this container's key)"
