@@ -12,6 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from machine import Box
 
 from qubes_seal.errors import CorruptState, UsageError
 from qubes_seal.kdf import KdfParams, calibrate, derive, luks_key, new_salt, params_for
@@ -430,3 +431,25 @@ def test_explicit_memory_allows_a_single_pass(monkeypatch: pytest.MonkeyPatch) -
     params = params_for(time_ms=1000, memory_kib=1024 * 1024, parallelism=4)
     assert params.memory_kib == 1024 * 1024
     assert params.time_cost == 1
+
+
+def test_a_hostile_tokens_kdf_is_refused_at_unlock_without_deriving(box: Box) -> None:
+    # The attack: an evil maid rewrites the token's Argon2id time cost to 2^32-1 (the token
+    # is in the LUKS2 header, outside any signature); the boot used to hang in Argon2.
+    from qubes_seal import chain
+    from qubes_seal.luks.container import Container
+
+    container = Container(box.container)
+    token_id, token = chain.read_token(container)
+    token.kdf = {**token.kdf, "time_cost": 2**32 - 1}
+    container.import_token(token.to_json(), token_id=token_id, replace=True)
+    started = time.monotonic()
+    res = box.unlock()
+    assert res.code == 7, res.err
+    assert time.monotonic() - started < 30
+    assert "corrupted or hostile" in res.err
+    assert "recovery key" in res.err
+    from qubes_seal.tpm.device import Tpm
+
+    with Tpm(box.swtpm.tcti) as tpm:  # refused before the TPM: no dictionary-attack try
+        assert tpm.da_status()["failed_tries"] == 0
