@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -75,8 +76,11 @@ def test_each_wrong_type_is_refused_naming_key_and_type(
     assert f"{key} must be {expected}" in info.value.message
 
 
-def test_every_key_has_a_wrong_type_test() -> None:
+def test_every_key_is_typed_and_has_a_wrong_type_test() -> None:
+    assert set(CONFIG_KEYS) == {f.name for f in fields(BootConfig)}
     assert {key for _, key, _ in WRONG} == set(CONFIG_KEYS)
+    for f in fields(BootConfig):  # the defaults have the declared types
+        assert type(getattr(BootConfig(), f.name)) is CONFIG_KEYS[f.name][0], f.name
 
 
 @pytest.mark.parametrize(
