@@ -12,10 +12,12 @@ import pytest
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from machine import Box
 
 from qubes_seal.errors import CorruptState, UsageError
 from qubes_seal.kdf import KdfParams, calibrate, derive, luks_key, new_salt, params_for
 from qubes_seal.kdf import calibration as calibrate_mod
+from qubes_seal.kdf import params as params_mod
 from qubes_seal.secret import Secret
 
 SALT = bytes(range(32))
@@ -173,13 +175,14 @@ def test_new_salt() -> None:
 
 
 @given(
-    st.integers(1, 2**32 - 1),
-    st.integers(1, 64),
-    st.integers(0, 4 * 1024 * 1024),
+    st.integers(1, params_mod.MAX_TIME_COST),
+    st.integers(1, params_mod.MAX_PARALLELISM),
+    st.integers(0, params_mod.MAX_MEMORY_KIB),
     salts,
 )
 def test_params_json_round_trip(t: int, p: int, m: int, salt: bytes) -> None:
     m = max(m, 8 * p)
+    t = max(1, min(t, params_mod.MAX_WORK_KIB // m))  # within the work cap
     params = KdfParams(time_cost=t, memory_kib=m, parallelism=p, salt=salt)
     doc = params.to_json()
     assert doc["type"] == "argon2id"
@@ -191,6 +194,8 @@ def test_params_json_round_trip(t: int, p: int, m: int, salt: bytes) -> None:
     [
         ("time_cost", 0),
         ("time_cost", -1),
+        ("time_cost", 2**20 + 1),  # past the cap (a hostile token's 2^32-1 hung the boot)
+        ("time_cost", 2**32 - 1),
         ("time_cost", 2**32),
         ("time_cost", True),
         ("time_cost", 1.0),
@@ -198,22 +203,87 @@ def test_params_json_round_trip(t: int, p: int, m: int, salt: bytes) -> None:
         ("memory_kib", 7),  # below 8 KiB per lane
         ("memory_kib", 4 * 1024 * 1024 + 1),
         ("parallelism", 0),
-        ("parallelism", 2**24),
+        ("parallelism", 17),  # past the cap: argon2 would start that many threads
+        ("parallelism", 2**24 - 1),
         ("salt", "00" * 16),  # too short
         ("salt", "00" * 33),  # too long
+        ("salt", "00" * 10**6),  # huge: refused on its length, before any decoding
         ("salt", "zz" * 32),
         ("salt", "AA" * 32),
         ("salt", None),
         ("type", "argon2i"),
+        ("type", "x" * 10**6),
         ("version", 0x10),
         ("surprise", 1),
+        ("hash_len", 2**31),  # the output length is fixed, never read from the token
     ],
 )
 def test_params_from_json_rejects(field: str, value: Any) -> None:
     doc = cheap().to_json()
     doc[field] = value
-    with pytest.raises(CorruptState, match="KDF parameters"):
+    with pytest.raises(CorruptState, match="KDF parameters") as info:
         KdfParams.from_json(doc)
+    assert info.value.exit_code == 7
+    assert "recovery key" in info.value.diagnostics()
+    assert len(info.value.message) < 200  # a huge hostile value is never echoed whole
+
+
+@pytest.mark.parametrize(
+    ("time_cost", "memory_kib", "parallelism", "ok"),
+    [
+        (params_mod.MAX_TIME_COST, 64, 1, True),  # the pass cap, at its edge
+        (params_mod.MAX_TIME_COST + 1, 64, 1, False),
+        (1, params_mod.MAX_MEMORY_KIB, 1, True),
+        (16, params_mod.MAX_MEMORY_KIB, 4, True),  # exactly the work cap (64 GiB of passes)
+        (17, params_mod.MAX_MEMORY_KIB, 4, False),
+        (params_mod.MAX_WORK_KIB // 1000, 1000, 1, True),
+        (params_mod.MAX_WORK_KIB // 1000 + 1, 1000, 1, False),
+        (1, 8 * 16, 16, True),  # the lane cap, with its minimum memory
+        (1, 8 * 17, 17, False),
+    ],
+)
+def test_params_caps_boundaries(
+    time_cost: int, memory_kib: int, parallelism: int, ok: bool
+) -> None:
+    doc = {**cheap().to_json(), "time_cost": time_cost, "memory_kib": memory_kib,
+           "parallelism": parallelism}  # fmt: skip
+    if ok:
+        assert KdfParams.from_json(doc).time_cost == time_cost
+    else:
+        with pytest.raises(CorruptState, match="hostile"):
+            KdfParams.from_json(doc)
+        with pytest.raises(UsageError):  # init cannot make such parameters either
+            KdfParams(time_cost=time_cost, memory_kib=memory_kib, parallelism=parallelism,
+                      salt=SALT)  # fmt: skip
+
+
+@given(
+    st.integers(1, 2**40),
+    st.integers(8, 2**33),
+    st.integers(1, 2**25),
+)
+@settings(max_examples=300)
+def test_params_from_json_accepts_exactly_within_caps(t: int, m: int, p: int) -> None:
+    doc = {**cheap().to_json(), "time_cost": t, "memory_kib": m, "parallelism": p}
+    within = (
+        t <= params_mod.MAX_TIME_COST
+        and 8 * p <= m <= params_mod.MAX_MEMORY_KIB
+        and p <= params_mod.MAX_PARALLELISM
+        and t * m <= params_mod.MAX_WORK_KIB
+    )
+    if within:
+        assert KdfParams.from_json(doc).memory_kib == m
+    else:
+        with pytest.raises(CorruptState):
+            KdfParams.from_json(doc)
+
+
+def test_calibration_results_stay_within_the_caps() -> None:
+    # The most a calibrated derivation asks for (1 GiB, 4 lanes, ~10 passes on a fast
+    # machine) and the test suite's explicit tiny memory are far inside the caps.
+    assert params_mod.MAX_WORK_KIB >= 4 * 10 * 1024 * 1024  # 4x headroom on 10 x 1 GiB
+    fast_tiny = params_for(time_ms=20, memory_kib=16, parallelism=2)
+    assert fast_tiny.time_cost < params_mod.MAX_TIME_COST
 
 
 @given(st.dictionaries(st.text(max_size=12), st.none() | st.integers() | st.text(max_size=8)))
@@ -361,3 +431,25 @@ def test_explicit_memory_allows_a_single_pass(monkeypatch: pytest.MonkeyPatch) -
     params = params_for(time_ms=1000, memory_kib=1024 * 1024, parallelism=4)
     assert params.memory_kib == 1024 * 1024
     assert params.time_cost == 1
+
+
+def test_a_hostile_tokens_kdf_is_refused_at_unlock_without_deriving(box: Box) -> None:
+    # The attack: an evil maid rewrites the token's Argon2id time cost to 2^32-1 (the token
+    # is in the LUKS2 header, outside any signature); the boot used to hang in Argon2.
+    from qubes_seal import chain
+    from qubes_seal.luks.container import Container
+
+    container = Container(box.container)
+    token_id, token = chain.read_token(container)
+    token.kdf = {**token.kdf, "time_cost": 2**32 - 1}
+    container.import_token(token.to_json(), token_id=token_id, replace=True)
+    started = time.monotonic()
+    res = box.unlock()
+    assert res.code == 7, res.err
+    assert time.monotonic() - started < 30
+    assert "corrupted or hostile" in res.err
+    assert "recovery key" in res.err
+    from qubes_seal.tpm.device import Tpm
+
+    with Tpm(box.swtpm.tcti) as tpm:  # refused before the TPM: no dictionary-attack try
+        assert tpm.da_status()["failed_tries"] == 0

@@ -5,10 +5,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import lzma
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qubes_seal.errors import UsageError
@@ -154,6 +156,93 @@ def test_load_module_image_errors(tmp_path: Path) -> None:
     assert tboot.load_module_image(lzo, nounzip=True).startswith(b"\x89LZO")
     with pytest.raises(UsageError, match="cannot read"):
         tboot.load_module_image(tmp_path / "missing")
+
+
+def test_load_module_image_matches_the_standard_library(tmp_path: Path) -> None:
+    # Incremental decompression reads what gzip.decompress and lzma.decompress read:
+    # concatenated members or streams, zero padding, images larger than one step.
+    big = bytes(range(256)) * (3 * 1024 * 16) + PAYLOAD  # 12 MiB + : several 1 MiB steps
+    cases = {
+        "members.gz": gzip.compress(PAYLOAD) + b"\0" * 7 + gzip.compress(b"second", mtime=0),
+        "big.gz": gzip.compress(big, compresslevel=1),
+        "streams.xz": lzma.compress(PAYLOAD) + bytes(8) + lzma.compress(b"second"),
+        "trailing.xz": lzma.compress(big, preset=0) + b"not an xz stream",
+    }
+    for name, data in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        std = lzma.decompress(data) if name.endswith(".xz") else gzip.decompress(data)
+        assert tboot.load_module_image(path) == std, name
+
+
+@given(st.binary(max_size=4096), st.integers(1, 64), st.booleans())
+@settings(max_examples=60, deadline=None)
+def test_decompress_at_every_step_size(payload: bytes, step: int, xz: bool) -> None:
+    # Small steps put the step boundaries everywhere: same bytes as the standard library.
+    data = lzma.compress(payload) if xz else gzip.compress(payload)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tboot, "_CHUNK", step)
+        got = tboot._decompress(data, xz=xz, path="m", limit=len(payload))
+    assert got == payload
+
+
+def test_truncated_images_do_not_decompress(tmp_path: Path) -> None:
+    for name, data in (("t.gz", gzip.compress(PAYLOAD)), ("t.xz", lzma.compress(PAYLOAD))):
+        path = tmp_path / name
+        path.write_bytes(data[: len(data) // 2])
+        with pytest.raises(UsageError, match="does not decompress"):
+            tboot.load_module_image(path)
+
+
+def test_module_size_bound_at_its_edge(tmp_path: Path) -> None:
+    image = bytes(range(256)) * 40  # 10240 bytes
+    for name, data in (("m.gz", gzip.compress(image)), ("m.xz", lzma.compress(image))):
+        path = tmp_path / name
+        path.write_bytes(data)
+        assert tboot.load_module_image(path, max_size=len(image)) == image
+        with pytest.raises(tboot.ModuleTooLarge, match=f"module {path} is larger") as info:
+            tboot.load_module_image(path, max_size=len(image) - 1)
+        assert info.value.exit_code == 7
+    raw = tmp_path / "initramfs.img"  # as read, with --nounzip or not compressed at all
+    raw.write_bytes(image)
+    assert tboot.load_module_image(raw, nounzip=True, max_size=len(image)) == image
+    with pytest.raises(tboot.ModuleTooLarge, match="as a file"):
+        tboot.load_module_image(raw, nounzip=True, max_size=len(image) - 1)
+    assert tboot.MAX_MODULE_SIZE == 256 * 1024 * 1024
+
+
+BOMB_PROBE = """
+import resource, sys
+from qubes_seal.measure import tboot
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    tboot.load_module_image(sys.argv[1])
+except tboot.ModuleTooLarge as exc:
+    print("refused", exc.exit_code, exc.message, file=sys.stderr)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) // 1024)
+"""
+
+
+@pytest.mark.parametrize("kind", ["gz", "xz"])
+def test_a_decompression_bomb_is_refused_in_bounded_memory(tmp_path: Path, kind: str) -> None:
+    # The attack run's bomb: 2 GiB of output from a file of about 2 MB (gzip: 32 members of
+    # 64 MiB of zeros each; xz, which compresses zeros much better, streams alike).
+    member = bytes(64 * 1024 * 1024)
+    one = gzip.compress(member, compresslevel=9, mtime=0) if kind == "gz" else lzma.compress(member)
+    bomb = tmp_path / f"xen-4.19.{kind}"
+    bomb.write_bytes(one * 32)
+    assert bomb.stat().st_size < 3 * 1024 * 1024
+    proc = subprocess.run(
+        [sys.executable, "-c", BOMB_PROBE, str(bomb)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"refused 7 module {bomb} is larger than 256 MiB decompressed" in proc.stderr
+    peak_mib = int(proc.stdout)
+    # Bounded by the 256 MiB limit (plus a step and the compressed file), not by the 2 GiB
+    # the file expands to.
+    assert peak_mib < 256 + 64, peak_mib
 
 
 # --- The TXT log ----------------------------------------------------------------------------

@@ -36,7 +36,12 @@ PROOF_ADVICE = (
 
 @dataclass
 class BootConfig:
-    """``/etc/qubes-seal/boot.toml`` (copied into the initramfs by the dracut module)."""
+    """``/etc/qubes-seal/boot.toml`` (copied into the initramfs by the dracut module).
+
+    Every key is type-checked by :meth:`load` (:data:`CONFIG_KEYS`): a boolean must be a TOML
+    boolean (``true``, not ``"true"``: a quoted ``"false"`` would otherwise be true), an
+    integer a TOML integer in its range, a string a string; unknown keys are refused.
+    """
 
     container: str = "/dev/disk/by-partlabel/qubes-seal"
     tpm: str = "device:/dev/tpmrm0"
@@ -57,17 +62,27 @@ class BootConfig:
         if path is not None and path.exists():
             try:
                 doc = tomllib.loads(path.read_text())
-            except (OSError, tomllib.TOMLDecodeError) as exc:
+            except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
                 raise UsageError(f"cannot read the boot configuration {path}: {exc}") from exc
-        doc = dict(doc.get("boot", doc))
+        table = doc.get("boot", doc)
+        if not isinstance(table, dict):
+            raise UsageError(f"{path}: [boot] must be a table")
+        doc = dict(table)
         names = {f.name for f in fields(cls)}
         unknown = set(doc) - names
         if unknown:
-            raise UsageError(f"{path}: unknown setting(s) {sorted(unknown)}")
+            raise UsageError(
+                f"{path}: unknown setting(s) {sorted(unknown)}",
+                hint=f"Known settings: {', '.join(sorted(names))} (docs/BOOT.md).",
+            )
+        for name, value in doc.items():
+            doc[name] = _checked(name, value, where=str(path))
         for f in fields(cls):  # QUBES_SEAL_BOOT_<NAME> overrides (tests, debugging)
-            raw = os.environ.get(f"QUBES_SEAL_BOOT_{f.name.upper()}")
+            env_name = f"QUBES_SEAL_BOOT_{f.name.upper()}"
+            raw = os.environ.get(env_name)
             if raw is not None:
-                doc[f.name] = _coerce(f.name, raw, type(getattr(cls(), f.name)))
+                kind = CONFIG_KEYS[f.name][0]
+                doc[f.name] = _checked(f.name, _coerce(f.name, raw, kind), where=env_name)
         cfg = cls(**doc)
         if cfg.unsafe_no_measured_launch and not cfg.unsafe_test_mode:
             raise UsageError(
@@ -77,17 +92,76 @@ class BootConfig:
         return cfg
 
 
+#: Each boot.toml key: (type, allowed range or values).  A float key takes a TOML integer
+#: too (``timeout = 30``); nothing else is converted.
+CONFIG_KEYS: dict[str, tuple[type, tuple[float, float] | tuple[str, ...] | None]] = {
+    "container": (str, None),
+    "tpm": (str, None),
+    "keyring": (str, ("user", "session")),
+    "timeout": (float, (0.1, 3600.0)),
+    "tries": (int, (1, 100)),
+    "ask": (str, None),
+    "backend": (str, ("auto", "dm-crypt", "userspace")),
+    "recovery_ask": (str, None),
+    "unsafe_no_measured_launch": (bool, None),
+    "unsafe_test_mode": (bool, None),
+    "keys_dir": (str, None),
+    "console": (str, None),
+}
+_TYPE_NAMES = {str: "a string", bool: "a boolean (true or false, unquoted)",
+               int: "an integer", float: "a number"}  # fmt: skip
+
+
+def _checked(name: str, value: object, *, where: str) -> Any:
+    """``value`` for key ``name`` if it has the key's type and range; else UsageError."""
+    kind, allowed = CONFIG_KEYS[name]
+    got = type(value).__name__
+    if kind is float and type(value) is int:
+        value = float(value)
+    if type(value) is not kind:  # exact: a bool is not an int here, nor an int a bool
+        raise UsageError(
+            f"{where}: {name} must be {_TYPE_NAMES[kind]}, not {got} ({_short(value)})",
+            hint="See the settings and their types in docs/BOOT.md (boot.toml).",
+        )
+    if isinstance(allowed, tuple) and allowed and isinstance(allowed[0], str):
+        if value not in allowed:
+            raise UsageError(
+                f"{where}: {name} must be one of {', '.join(map(str, allowed))}, "
+                f"not {_short(value)}"
+            )
+    elif allowed is not None:
+        low, high = allowed
+        assert isinstance(value, int | float) and isinstance(low, int | float)
+        assert isinstance(high, int | float)
+        if not low <= value <= high:
+            raise UsageError(f"{where}: {name} must be from {low} to {high}, not {value}")
+    if kind is str and "\0" in str(value):
+        raise UsageError(f"{where}: {name} contains a NUL character")
+    return value
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _coerce(name: str, raw: str, kind: type) -> Any:
+    """An environment override as the key's type (booleans parsed strictly)."""
     if kind is bool:
         if raw.lower() in ("1", "true", "yes", "on"):
             return True
         if raw.lower() in ("0", "false", "no", "off", ""):
             return False
         raise UsageError(f"QUBES_SEAL_BOOT_{name.upper()}={raw!r} is not a boolean")
-    if kind is float:
-        return float(raw)
-    if kind is int:
-        return int(raw)
+    try:
+        if kind is float:
+            return float(raw)
+        if kind is int:
+            return int(raw)
+    except ValueError:
+        raise UsageError(
+            f"QUBES_SEAL_BOOT_{name.upper()}={_short(raw)} is not {_TYPE_NAMES[kind]}"
+        ) from None
     return raw
 
 

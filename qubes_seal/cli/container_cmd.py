@@ -255,6 +255,23 @@ def register(sub: Any) -> None:
         dp.set_defaults(func=cmd_domain)
 
 
+def _lockout_lines(args: argparse.Namespace, doc: dict[str, Any]) -> list[str]:
+    """``init``'s word on the TPM's lockout authorization (a warning when it is empty).
+    Never fails: the recovery key is delivered whatever the TPM answers here."""
+    from ..errors import QubesSealError
+    from ..lockout import FIX, warning_lines
+    from ..tpm.device import Tpm
+
+    try:
+        with Tpm(args.tpm) as tpm:
+            is_set = tpm.lockout_auth_set()
+    except QubesSealError as exc:
+        doc["tpm_lockout_auth"] = None
+        return [f"lockout auth:    unknown ({exc.message})"]
+    doc["tpm_lockout_auth"] = {"set": is_set, "fix": None if is_set else FIX}
+    return warning_lines(is_set)
+
+
 def _keyring(args: argparse.Namespace) -> str | None:
     return None if args.keyring == "none" else str(args.keyring)
 
@@ -348,6 +365,7 @@ def cmd_init(args: argparse.Namespace) -> int:
                 "",
                 "  It opens the container with 'qubes-seal recover', or with stock cryptsetup.",
             ]
+        lines += ["", *_lockout_lines(args, doc)]
         emit(args, doc, "\n".join(lines))
         sys.stdout.flush()
     from ..journal import crash_point

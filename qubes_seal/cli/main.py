@@ -118,6 +118,7 @@ COMMAND_MODULES = {
     "eventlog_cmd": ("eventlog",),
     "rotate_cmd": ("rotate", "revoke", "repair"),
     "vouch_cmd": ("vouch",),
+    "tpm_cmd": ("tpm",),
 }
 ALL_COMMANDS = frozenset(INLINE_COMMANDS).union(*COMMAND_MODULES.values())
 
@@ -443,6 +444,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             else "  locked out: it does not recover by itself; clear it with the lockout "
             "authorization (tpm2_dictionarylockout --clear-lockout)"
         )
+    from ..lockout import FIX, warning_lines
+
+    doc["tpm"]["lockout_auth"] = {
+        "set": da["lockout_auth_set"],
+        "fix": None if da["lockout_auth_set"] else FIX,
+    }
+    lines += warning_lines(bool(da["lockout_auth_set"]))
     if sealed is None:
         lines.append(f"sealed state:    none ({state_error})")
     else:

@@ -26,7 +26,7 @@ HMAC_KEY_INFO = b"qubes-seal keystore hmac v1"
 HMAC_KEY_SIZE = 32
 MAX_GENERATION = 2**64 - 1
 
-_KNOWN_TOP = frozenset({"domains", "policy_signer", "policy_signer_next"})
+_KNOWN_TOP = frozenset({"domains", "policy_signer", "policy_signer_next", "tpm_lockout_auth"})
 _KNOWN_ENTRY = frozenset({"name", "qube_uuid", "key_id", "created", "generation", "key"})
 _KEY_ID = re.compile(rf"\A[0-9a-f]{{{KEY_ID_HEX_CHARS}}}\Z")
 _KEY_HEX = re.compile(rf"\A[0-9a-f]{{{2 * KEY_SIZE}}}\Z")
@@ -77,6 +77,8 @@ def encode(ks: Keystore, hmac_key: Secret, *, generation: int | None = None) -> 
         doc["policy_signer"] = ks.signer.reveal().hex()
     if ks.signer_next is not None:
         doc["policy_signer_next"] = ks.signer_next.reveal().hex()
+    if ks.lockout_auth is not None:
+        doc["tpm_lockout_auth"] = ks.lockout_auth.reveal().hex()
     body = bytearray(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
     record = bytearray(HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(body), gen))
     record += body
@@ -214,7 +216,7 @@ def decode(data: bytes | bytearray | memoryview, hmac_key: Secret) -> Keystore:
         raise
     extra = {k: v for k, v in doc.items() if k not in _KNOWN_TOP}
     keys: dict[str, Secret | None] = {}
-    for field_name in ("policy_signer", "policy_signer_next"):
+    for field_name in ("policy_signer", "policy_signer_next", "tpm_lockout_auth"):
         value = doc.get(field_name)
         if value is not None and (
             not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value)
@@ -224,7 +226,8 @@ def decode(data: bytes | bytearray | memoryview, hmac_key: Secret) -> Keystore:
             for parsed in keys.values():
                 if parsed is not None:
                     parsed.wipe()
-            raise CorruptState("keystore: the policy-signing key is malformed")
+            what = "TPM lockout authorization" if field_name[0] == "t" else "policy-signing key"
+            raise CorruptState(f"keystore: the {what} is malformed")
         keys[field_name] = None if value is None else Secret(bytes.fromhex(value))
     return Keystore(
         domains,
@@ -232,4 +235,5 @@ def decode(data: bytes | bytearray | memoryview, hmac_key: Secret) -> Keystore:
         extra=extra,
         signer=keys["policy_signer"],
         signer_next=keys["policy_signer_next"],
+        lockout_auth=keys["tpm_lockout_auth"],
     )

@@ -90,6 +90,7 @@ class Keystore:
         extra: dict[str, Any] | None = None,
         signer: Secret | None = None,
         signer_next: Secret | None = None,
+        lockout_auth: Secret | None = None,
     ) -> None:
         self.generation = generation
         #: The 32-byte scalar of the dom0 policy-signing key (ECC P-256), which approves boot
@@ -98,6 +99,10 @@ class Keystore:
         #: During ``rotate signer`` only: the new key, kept next to the current one until the
         #: token trusts it (then it replaces ``signer``), so no crash loses the trusted key.
         self.signer_next = signer_next
+        #: The TPM's lockout authorization (32 bytes) set by ``qubes-seal tpm
+        #: set-lockout-auth``, kept here so the recovery key always gets it back; None when
+        #: qubes-seal did not set one (docs/OPERATIONS.md, "TPM lockout authorization").
+        self.lockout_auth = lockout_auth
         self.domains: dict[str, DomainKey] = dict(domains or {})
         self.extra: dict[str, Any] = dict(extra or {})
         # Set by remove(): the next store() then also overwrites the previous generation.
@@ -118,7 +123,7 @@ class Keystore:
         """Zero every key held in memory."""
         for entry in self.domains.values():
             entry.wipe()
-        for key in (self.signer, self.signer_next):
+        for key in (self.signer, self.signer_next, self.lockout_auth):
             if key is not None:
                 key.wipe()
 

@@ -15,15 +15,15 @@ Sources: tboot ``tboot/common/policy.c`` (``hash_module``, ``verify_g_policy``,
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import lzma
 import os
 import struct
 import zlib
 from collections.abc import Sequence
+from typing import Any
 
-from qubes_seal.errors import UsageError
+from qubes_seal.errors import EXIT_CORRUPT, UsageError
 from qubes_seal.measure.eventlog import (
     ALG_SHA256,
     EV_NO_ACTION,
@@ -54,8 +54,10 @@ __all__ = [
     "DEFAULT_DA_POLICY_SHA256",
     "DRTM_EVENT_TYPES",
     "EVTYPE_TB_MEASUREMENT",
+    "MAX_MODULE_SIZE",
     "SINIT_EVENT_TYPES",
     "TB_POLCTL_EXTEND_PCR17",
+    "ModuleTooLarge",
     "default_policy_blob",
     "grub_module_string",
     "load_module_image",
@@ -215,33 +217,97 @@ _XZ_MAGIC = b"\xfd7zXZ\x00"
 _LZOP_MAGIC = b"\x89LZO\x00\r\n\x1a\n"
 
 
-def load_module_image(path: str | os.PathLike[str], *, nounzip: bool = False) -> bytes:
+#: The most bytes one module may take in memory, as read (``--nounzip``) or decompressed:
+#: 256 MiB.  What tboot measures today is far smaller: Xen decompressed is 1-5 MiB, the dom0
+#: kernel a 10-20 MiB bzImage (loaded as is), the initramfs 30-120 MiB (loaded as is with
+#: ``--nounzip``, docs/GRUB.md; decompressed, a large dracut image stays under 200 MiB).
+#: /boot is not protected: without a bound, 2 MB of gzip there became 2 GiB in memory.
+MAX_MODULE_SIZE = 256 * 1024 * 1024
+_CHUNK = 1024 * 1024  # decompressed at most this much per step
+
+
+class ModuleTooLarge(UsageError):
+    """A module image from /boot is larger than :data:`MAX_MODULE_SIZE` (perhaps a
+    decompression bomb): refused before it fills memory."""
+
+    exit_code = EXIT_CORRUPT
+
+
+def _too_large(path: str, what: str, limit: int) -> ModuleTooLarge:
+    return ModuleTooLarge(
+        f"module {path} is larger than {limit // (1024 * 1024)} MiB {what}: refused "
+        "(a corrupted or hostile file in /boot, e.g. a decompression bomb)",
+        hint="Check the file against the package it came from (rpm -Vf FILE) and reinstall it.",
+    )
+
+
+def _decompress(data: bytes, *, xz: bool, path: str, limit: int) -> bytes:
+    """``data`` decompressed as gzip.decompress or lzma.decompress(FORMAT_XZ) would, but
+    incrementally: at most :data:`_CHUNK` bytes of output per step, stopping (raising
+    :class:`ModuleTooLarge`) as soon as the output passes ``limit`` bytes.
+
+    Like them, it reads concatenated gzip members (zero padding between them skipped) or xz
+    streams (data after a stream that does not begin another one ignored).
+    """
+    out = bytearray()
+    rest = data
+    while True:
+        d: Any = lzma.LZMADecompressor(format=lzma.FORMAT_XZ) if xz else zlib.decompressobj(31)
+        pending = rest
+        try:
+            while not d.eof:
+                chunk = d.decompress(pending, _CHUNK)
+                out += chunk
+                if len(out) > limit:
+                    raise _too_large(path, "decompressed", limit)
+                # zlib hands back the input it did not read; lzma keeps it (needs_input False).
+                pending = b"" if xz else d.unconsumed_tail
+                if not (d.eof or chunk or pending) and (not xz or d.needs_input):
+                    raise EOFError("compressed data ended before the end-of-stream marker")
+        except lzma.LZMAError:
+            if xz and rest is not data:
+                return bytes(out)  # trailing data that is not an xz stream, as lzma ignores
+            raise
+        rest = d.unused_data if xz else d.unused_data.lstrip(b"\0")
+        if not rest:
+            return bytes(out)
+
+
+def load_module_image(
+    path: str | os.PathLike[str], *, nounzip: bool = False, max_size: int = MAX_MODULE_SIZE
+) -> bytes:
     """The bytes GRUB loads for a module file: what tboot hashes as the module's image.
 
     GRUB decompresses gzip and xz modules (detected by magic number, whatever the file's
     name) unless ``--nounzip`` is given; anything else (zstd, cpio, ELF, bzImage) is loaded
     as is.  An lzop module, which GRUB would decompress and the standard library cannot,
-    raises :class:`UsageError` rather than give a wrong digest.
+    raises :class:`UsageError` rather than give a wrong digest.  The file as read and the
+    image decompressed are each bounded by ``max_size`` (:data:`MAX_MODULE_SIZE`):
+    decompression is incremental and stops as soon as the output passes it
+    (:class:`ModuleTooLarge`, exit 7), so a decompression bomb never fills memory.
     """
+    name = os.fspath(path)
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read(max_size + 1)
     except OSError as exc:
-        raise UsageError(f"cannot read module {os.fspath(path)!s}: {exc.strerror}") from exc
+        raise UsageError(f"cannot read module {name!s}: {exc.strerror}") from exc
+    if len(data) > max_size:
+        raise _too_large(name, "as a file", max_size)
     if nounzip:
         return data
     try:
         if data.startswith(_GZIP_MAGIC):
-            return gzip.decompress(data)
+            return _decompress(data, xz=False, path=name, limit=max_size)
         if data.startswith(_XZ_MAGIC):
-            return lzma.decompress(data, format=lzma.FORMAT_XZ)
+            return _decompress(data, xz=True, path=name, limit=max_size)
     except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:
         raise UsageError(
-            f"module {os.fspath(path)!s} looks compressed but does not decompress: {exc}"
+            f"module {name!s} looks compressed but does not decompress: {exc}"
         ) from exc
     if data.startswith(_LZOP_MAGIC):
         raise UsageError(
-            f"module {os.fspath(path)!s} is lzop-compressed: GRUB would measure it "
+            f"module {name!s} is lzop-compressed: GRUB would measure it "
             "decompressed, which this tool cannot do; recompress it with gzip or xz"
         )
     return data

@@ -48,6 +48,13 @@ NV_COUNTER_ATTRIBUTES = TPMA_NV_AUTHWRITE | TPMA_NV_COUNTER | TPMA_NV_AUTHREAD |
 NV_COUNTER_BASE = 0x01800100
 NV_COUNTER_SLOTS = 0x100
 
+# TPM 2.0 Part 2, 8.6 (TPMA_PERMANENT), read with TPM2_GetCapability(TPM_PT_PERMANENT).
+TPMA_PERMANENT_LOCKOUT_AUTH_SET = 0x00000004  # lockoutAuthSet: the lockoutAuth is not empty
+TPMA_PERMANENT_IN_LOCKOUT = 0x00000200  # inLockout
+#: The lockoutAuth qubes-seal sets: 32 random bytes (TPM 2.0 Part 1, 19.6.4: an authValue is
+#: at most the size of the name algorithm's digest, 32 bytes for SHA-256).
+LOCKOUT_AUTH_SIZE = 32
+
 # TPM 2.0 Part 2, 8.4 (TPMA_SESSION).
 SESSION_CONTINUE = 0x01
 SESSION_DECRYPT = 0x20
@@ -516,7 +523,7 @@ class Tpm:
         failed = props.get(int(TPM2_PT.LOCKOUT_COUNTER), 0)
         maximum = props.get(int(TPM2_PT.MAX_AUTH_FAIL), 0)
         interval = props.get(int(TPM2_PT.LOCKOUT_INTERVAL), 0)
-        in_lockout = bool(permanent & 0x200)  # TPMA_PERMANENT.inLockout
+        in_lockout = bool(permanent & TPMA_PERMANENT_IN_LOCKOUT)
         if not in_lockout:
             next_try = 0
         elif interval == 0 or maximum == 0:
@@ -531,4 +538,61 @@ class Tpm:
             "in_lockout": in_lockout,
             "all_forgiven_within_seconds": failed * interval,
             "next_try_within_seconds": next_try,
+            # Empty lockoutAuth: anyone who reaches the TPM can reset the counter above.
+            "lockout_auth_set": bool(permanent & TPMA_PERMANENT_LOCKOUT_AUTH_SET),
         }
+
+    # -- lockout hierarchy --------------------------------------------------------------------
+
+    def lockout_auth_set(self) -> bool:
+        """TPMA_PERMANENT.lockoutAuthSet: whether the lockout authorization is not empty."""
+        from tpm2_pytss import TPM2_CAP, TPM2_PT
+
+        with self._tss("TPM2_GetCapability(TPM_PT_PERMANENT)"):
+            _, data = self.esys.get_capability(TPM2_CAP.TPM_PROPERTIES, TPM2_PT.PERMANENT, 1)
+        props = {int(p.property): int(p.value) for p in data.data.tpmProperties}
+        return bool(props.get(int(TPM2_PT.PERMANENT), 0) & TPMA_PERMANENT_LOCKOUT_AUTH_SET)
+
+    @contextmanager
+    def _lockout(self, auth: Secret | None, srk: SrkInfo) -> Iterator[Any]:
+        """A salted HMAC session for a command on the lockout hierarchy authorized by
+        ``auth`` (None: empty).  The authValue never crosses the bus (HMAC), and the first
+        parameter is encrypted (``decrypt``).  The authValue set on ESYS_TR.LOCKOUT is
+        cleared again on every path."""
+        from tpm2_pytss import ESYS_TR
+
+        self.esys.tr_set_auth(ESYS_TR.LOCKOUT, auth.reveal() if auth is not None else b"")
+        try:
+            with self.salted_session(srk) as session:
+                self.esys.trsess_set_attributes(session, SESSION_CONTINUE | SESSION_DECRYPT, 0xFF)
+                yield session
+        finally:
+            self.esys.tr_set_auth(ESYS_TR.LOCKOUT, b"")
+
+    def change_lockout_auth(self, *, current: Secret | None, new: Secret | None) -> None:
+        """TPM2_HierarchyChangeAuth(TPM_RH_LOCKOUT): from ``current`` to ``new`` (None:
+        empty).  The new value crosses the bus encrypted (salted session, ``decrypt``).  A
+        wrong ``current`` counts against the lockout hierarchy (one failure locks it for
+        lockoutRecovery seconds), so callers know which value the TPM holds first
+        (:meth:`lockout_auth_set`)."""
+        from tpm2_pytss import ESYS_TR, TPM2B_AUTH
+
+        srk = self.ensure_srk()
+        with self._lockout(current, srk) as session:
+            value = TPM2B_AUTH(new.reveal() if new is not None else b"")
+            try:
+                with self._tss("TPM2_HierarchyChangeAuth(TPM_RH_LOCKOUT)"):
+                    self.esys.hierarchy_change_auth(ESYS_TR.LOCKOUT, value, session1=session)
+            finally:
+                del value
+
+    def dictionary_attack_lock_reset(self, auth: Secret | None) -> None:
+        """TPM2_DictionaryAttackLockReset: forgive every failed try and leave lockout, with
+        the lockout authorization ``auth`` (None: empty)."""
+        from tpm2_pytss import ESYS_TR
+
+        srk = self.ensure_srk()
+        with self._lockout(auth, srk) as session:
+            self.esys.trsess_set_attributes(session, SESSION_CONTINUE, 0xFF)  # no parameter
+            with self._tss("TPM2_DictionaryAttackLockReset"):
+                self.esys.dictionary_attack_lock_reset(ESYS_TR.LOCKOUT, session1=session)
