@@ -116,6 +116,7 @@ COMMAND_MODULES = {
     "service_cmd": ("serve",),
     "eventlog_cmd": ("eventlog",),
     "rotate_cmd": ("rotate", "revoke", "repair"),
+    "grow_cmd": ("grow",),
 }
 ALL_COMMANDS = frozenset(INLINE_COMMANDS).union(*COMMAND_MODULES.values())
 
