@@ -160,20 +160,17 @@ def grow(
 
 
 def _check(container: Container, volume_key: Secret, target: int) -> None:
-    """Refuse, before any journal, a shrink (which ``grow_step`` would refuse anyway)."""
-    from .keystore import hmac_key_from_volume_key, recorded_geometry
+    """Refuse, before any journal, what ``grow_step`` would refuse (a shrunk container, a
+    smaller target, an inconsistent old layout)."""
+    from .keystore import hmac_key_from_volume_key
+    from .keystore.slots import check_growable
     from .luks.payload import UserspacePayload
 
     with (
         hmac_key_from_volume_key(volume_key) as hkey,
         UserspacePayload(container, volume_key, writable=False) as payload,
     ):
-        g = recorded_geometry(payload, hkey)
-        if target < g.payload_size:
-            raise UsageError(
-                f"the keystore uses {g.describe()}: the container cannot shrink to a "
-                f"{target}-byte payload"
-            )
+        check_growable(payload, hkey, target)
 
 
 def _run(

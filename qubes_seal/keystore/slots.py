@@ -403,6 +403,39 @@ def initialise(payload: Payload, hmac_key: Secret, *, destroy_existing: bool = F
     return ks
 
 
+def _growable(payload: Payload, hmac_key: Secret, target: int) -> _Scan:
+    """The scan of ``payload``, if :func:`grow_step` may move it to ``target`` bytes."""
+    check_payload_size(target)
+    scan = _scan(payload, hmac_key)
+    try:
+        g = scan.geometry
+        if scan.newest.geometry is None:
+            _accepted(scan)  # a version 1 record: only from a self-consistent layout
+        if scan.size < g.payload_size:
+            raise _resized(scan)
+        if target < g.payload_size:
+            raise UsageError(
+                f"the keystore uses {g.describe()}: it cannot shrink to {target} bytes"
+            )
+        if scan.size > target:
+            raise UsageError(
+                f"the payload is {scan.size} bytes, larger than the target {target}: grow "
+                "to the payload's size"
+            )
+    except QubesSealError:
+        scan.wipe()
+        raise
+    return scan
+
+
+def check_growable(payload: Payload, hmac_key: Secret, target: int) -> Geometry:
+    """The recorded layout, if the keystore can grow to a ``target``-byte payload; else
+    what :func:`grow_step` would refuse (nothing is written)."""
+    scan = _growable(payload, hmac_key, target)
+    scan.wipe()
+    return scan.geometry
+
+
 #: What :func:`grow_step` did (the journal's step names), or asks for.
 STEP_INTENT = "intent-written"
 STEP_NEEDS_SPACE = "needs-space"
@@ -432,26 +465,12 @@ def grow_step(payload: Payload, hmac_key: Secret, target: int) -> str | None:
     the recorded layout (:class:`UsageError`) and a payload smaller than it
     (:class:`ContainerResized`).
     """
-    check_payload_size(target)
-    scan = _scan(payload, hmac_key)
+    scan = _growable(payload, hmac_key, target)
     try:
         newest = scan.newest
         ks = newest.ks
         assert ks is not None
         g = scan.geometry
-        if newest.geometry is None:
-            _accepted(scan)  # a version 1 record: only from a self-consistent layout
-        if scan.size < g.payload_size:
-            raise _resized(scan)
-        if target < g.payload_size:
-            raise UsageError(
-                f"the keystore uses {g.describe()}: it cannot shrink to {target} bytes"
-            )
-        if scan.size > target:
-            raise UsageError(
-                f"the payload is {scan.size} bytes, larger than the target {target}: grow "
-                "to the payload's size"
-            )
         generation = newest.generation + 1
         if target == g.payload_size:
             other = scan.at(g.offset(1 - newest.index))
