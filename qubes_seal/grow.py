@@ -154,7 +154,12 @@ def grow(
             state_dir, OP, path, uuid=container.uuid, target_payload=target, file_size=file_size
         )
         crash_point("begun")
-        result = _run(container, volume_key, journal, target, file_size, progress)
+        try:
+            result = _run(container, volume_key, journal, target, file_size, progress)
+        except BaseException:
+            if journal.step == "begun":
+                journal.finish()  # a clean error before any write: nothing to repair
+            raise
     journal.finish()
     return result
 

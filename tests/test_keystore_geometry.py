@@ -15,6 +15,7 @@ import hashlib
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 from machine import U1, U2, Box
@@ -371,6 +372,30 @@ def test_a_resized_container_is_refused_with_exit_7_and_loses_nothing(
     assert digest(box.container) == data  # nothing written
     os.truncate(box.container, size)
     reboot_and_unlock(box)
+    assert keys(box) == before
+
+
+@pytest.mark.parametrize("delta", [-MIB, 512, MIB])
+def test_a_header_that_lies_about_the_data_size_is_refused(box: Box, delta: int) -> None:
+    """The evil maid's variant: the file keeps its size, the LUKS2 segment gets a fixed one."""
+    from luks_util import rewrite_metadata
+
+    before = prepared(box)
+    size = Container(box.container).data_size
+
+    def fixed(meta: dict[str, Any]) -> dict[str, Any]:
+        meta["segments"]["0"]["size"] = str(size + delta)
+        return meta
+
+    rewrite_metadata(box.container, fixed)
+    data = digest(box.container)
+    for args in (["domain", "list"], ["domain", "add", "later"]):
+        res = box.cli(*args)  # this boot's hand-over: no PCR 13 in the way
+        assert res.code == 7, (args, res.err)
+        assert ("shrank" if delta < 0 else "grew") in res.err
+    assert digest(box.container) == data
+    rewrite_metadata(box.container, lambda meta: {**meta, "segments": {
+        "0": {**meta["segments"]["0"], "size": "dynamic"}}})  # fmt: skip
     assert keys(box) == before
 
 
