@@ -641,6 +641,10 @@ def repair(state_dir: Path, *, tcti: str | None = None) -> RepairResult | None:
         handler = repair_init
     elif journal.op == "rotate-signer":
         handler = _repair_signer
+    elif journal.op == "grow":
+        from .grow import repair_grow
+
+        handler = repair_grow
     elif journal.op == "reseal" or journal.op.startswith("domain-"):
         handler = _repair_simple
     elif journal.op in OPS:

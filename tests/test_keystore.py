@@ -344,7 +344,7 @@ def test_every_bit_flip_is_detected() -> None:
     ("mutate", "message"),
     [
         (lambda d: b"XXXXXXXX" + d[8:], "bad magic"),
-        (lambda d: d[:8] + b"\x00\x02" + d[10:], "version 2 is not supported"),
+        (lambda d: d[:8] + b"\x00\x03" + d[10:], "version 3 is not supported"),
         (lambda d: d[:10] + b"\x00\x01" + d[12:], "unknown flags"),
         (lambda d: d[:-1], "does not match its header"),
         (lambda d: d + b"\0", "does not match its header"),
@@ -677,11 +677,19 @@ def test_keystore_too_large_for_a_slot() -> None:
     assert len(loaded.domains) == len(ks.domains) - 1
 
 
-@pytest.mark.parametrize("size", [0, 512, 1536, 3000])
+@pytest.mark.parametrize("size", [0, 512, 1000, 3000])
 def test_bad_payload_geometry(size: int) -> None:
     p = MemPayload(size=size)
-    with pytest.raises(UsageError, match="multiple of 1024"):
+    with pytest.raises(UsageError, match="multiple of 512 bytes and at least 1024"):
         initialise(p, HMAC_KEY)
+
+
+def test_an_odd_number_of_sectors_leaves_the_last_one_unused() -> None:
+    p = MemPayload(size=1536)
+    ks = initialise(p, HMAC_KEY)
+    store(p, ks, HMAC_KEY)
+    assert p.writes == [(0, 512), (512, 512), (512, 512)]
+    assert load(p, HMAC_KEY).generation == 2
 
 
 def test_removed_key_is_erased_from_both_slots(payload: MemPayload) -> None:

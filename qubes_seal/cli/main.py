@@ -119,6 +119,7 @@ COMMAND_MODULES = {
     "rotate_cmd": ("rotate", "revoke", "repair"),
     "vouch_cmd": ("vouch",),
     "tpm_cmd": ("tpm",),
+    "grow_cmd": ("grow",),
 }
 ALL_COMMANDS = frozenset(INLINE_COMMANDS).union(*COMMAND_MODULES.values())
 

@@ -6,11 +6,14 @@ keyed on the qube name *and* UUID: Qubes lets a new qube take a removed qube's n
 that new qube must never receive the old key (:meth:`Keystore.get` refuses a UUID that
 differs from the stored one).  Names follow Qubes' own ``validate_name``.
 
-On the payload (see :mod:`.slots` for the two-slot layout)::
+On the payload (see :mod:`.slots` for the two-slot layout, :mod:`.geometry` for where the
+slots lie)::
 
     slot = record || zero padding
-    record = header(24) || body(n) || HMAC-SHA256(hmac_key, header || body)(32)
-    header = b"QSKEYSTO" | version u16 (1) | flags u16 (0) | n u32 | generation u64
+    record = header(64) || body(n) || HMAC-SHA256(hmac_key, header || body)(32)
+    header = b"QSKEYSTO" | version u16 (2) | flags u16 (0) | n u32 | generation u64
+             | payload size u64 | slot A offset u64 | slot B offset u64 | slot size u64
+             | grow target u64 (0)
     body   = UTF-8 JSON {"domains": [{"name", "qube_uuid", "key_id", "created",
                                       "generation", "key" (hex)}, ...]}
     hmac_key = HKDF-SHA256(container volume key, info = b"qubes-seal keystore hmac v1")
@@ -33,10 +36,28 @@ encoding or decoding JSON are left to the garbage collector.
 from __future__ import annotations
 
 from .codec import FORMAT_VERSION, HMAC_KEY_INFO, decode, encode, hmac_key_from_volume_key
-from .errors import DomainExists, KeystoreFull, QubeUuidMismatch, StaleKeystore, UnknownDomain
+from .errors import (
+    ContainerResized,
+    DomainExists,
+    GrowInterrupted,
+    KeystoreFull,
+    QubeUuidMismatch,
+    StaleKeystore,
+    UnknownDomain,
+)
+from .geometry import SECTOR, Geometry
 from .model import KEY_SIZE, DomainKey, Keystore
 from .names import MAX_NAME_LENGTH, name_problem, normalise_uuid, validate_name
-from .slots import SECTOR, Payload, SlotStatus, initialise, load, slot_status, store
+from .slots import (
+    Payload,
+    SlotStatus,
+    grow_step,
+    initialise,
+    load,
+    recorded_geometry,
+    slot_status,
+    store,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -44,8 +65,11 @@ __all__ = [
     "KEY_SIZE",
     "MAX_NAME_LENGTH",
     "SECTOR",
+    "ContainerResized",
     "DomainExists",
     "DomainKey",
+    "Geometry",
+    "GrowInterrupted",
     "Keystore",
     "KeystoreFull",
     "Payload",
@@ -55,11 +79,13 @@ __all__ = [
     "UnknownDomain",
     "decode",
     "encode",
+    "grow_step",
     "hmac_key_from_volume_key",
     "initialise",
     "load",
     "name_problem",
     "normalise_uuid",
+    "recorded_geometry",
     "slot_status",
     "store",
     "validate_name",

@@ -13,13 +13,19 @@ from typing import Any
 from ..errors import CorruptState, UsageError
 from ..hkdf import hkdf_sha256
 from ..secret import Secret
+from .geometry import Geometry
 from .model import KEY_ID_HEX_CHARS, KEY_SIZE, DomainKey, Keystore
 from .names import name_problem, normalise_uuid
 
 MAGIC = b"QSKEYSTO"
-FORMAT_VERSION = 1
+#: Version 2 records carry their :class:`~.geometry.Geometry`; version 1 (before it) is read.
+FORMAT_VERSION = 2
+LEGACY_VERSION = 1
 HEADER = struct.Struct(">8sHHIQ")  # magic, version, flags, body length, generation
-HEADER_SIZE = HEADER.size  # 24
+#: Version 2 only: payload size, slot A offset, slot B offset, slot size, grow target.
+GEOMETRY = struct.Struct(">QQQQQ")
+LEGACY_HEADER_SIZE = HEADER.size  # 24
+HEADER_SIZE = HEADER.size + GEOMETRY.size  # 64
 MAC_SIZE = 32
 OVERHEAD = HEADER_SIZE + MAC_SIZE
 HMAC_KEY_INFO = b"qubes-seal keystore hmac v1"
@@ -54,19 +60,33 @@ def _entry_json(entry: DomainKey) -> dict[str, Any]:
     return doc
 
 
-def encode(ks: Keystore, hmac_key: Secret, *, generation: int | None = None) -> bytes:
+def encode(
+    ks: Keystore,
+    hmac_key: Secret,
+    *,
+    generation: int | None = None,
+    geometry: Geometry | None = None,
+) -> bytes:
     """The record of ``ks`` (at ``generation``, by default ``ks.generation``).
 
-    Layout (big-endian)::
+    Layout (big-endian), format version 2::
 
         offset  size  field
         0       8     magic b"QSKEYSTO"
-        8       2     format version (1)
+        8       2     format version (2)
         10      2     flags (0; any other value is refused)
         12      4     body length n
         16      8     generation (>= 1)
-        24      n     body: UTF-8 JSON {"domains": [...], ...}
-        24+n    32    HMAC-SHA256(hmac_key, bytes 0 .. 24+n)
+        24      8     payload size the slots were laid out for
+        32      8     slot A offset (0)
+        40      8     slot B offset
+        48      8     slot size
+        56      8     grow target (0, or the payload size an interrupted grow moves to)
+        64      n     body: UTF-8 JSON {"domains": [...], ...}
+        64+n    32    HMAC-SHA256(hmac_key, bytes 0 .. 64+n)
+
+    Without ``geometry``: a version 1 record (no bytes 24..63), the format written before
+    the geometry was recorded; kept so that tests can make the containers of that time.
     """
     gen = ks.generation if generation is None else generation
     if not 1 <= gen <= MAX_GENERATION:
@@ -80,7 +100,11 @@ def encode(ks: Keystore, hmac_key: Secret, *, generation: int | None = None) -> 
     if ks.lockout_auth is not None:
         doc["tpm_lockout_auth"] = ks.lockout_auth.reveal().hex()
     body = bytearray(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
-    record = bytearray(HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(body), gen))
+    version = LEGACY_VERSION if geometry is None else FORMAT_VERSION
+    record = bytearray(HEADER.pack(MAGIC, version, 0, len(body), gen))
+    if geometry is not None:
+        g = geometry.validate()
+        record += GEOMETRY.pack(g.payload_size, g.slot_a, g.slot_b, g.slot_size, g.grow_to)
     record += body
     record += _mac(hmac_key, record)
     try:
@@ -92,21 +116,27 @@ def encode(ks: Keystore, hmac_key: Secret, *, generation: int | None = None) -> 
 
 def record_length(header: bytes) -> int:
     """The total record length announced by a header; :class:`CorruptState` if not a header."""
-    if len(header) < HEADER_SIZE:
+    return _header_size(header) + int(HEADER.unpack_from(header)[3]) + MAC_SIZE
+
+
+def _header_size(header: bytes) -> int:
+    if len(header) < LEGACY_HEADER_SIZE:
         raise CorruptState(f"keystore record too short ({len(header)} bytes)")
-    magic, version, flags, body_len, _generation = HEADER.unpack_from(header)
-    body_len = int(body_len)
+    magic, version, flags, _body_len, _generation = HEADER.unpack_from(header)
     if magic != MAGIC:
         raise CorruptState("not a qubes-seal keystore (bad magic)")
-    if version != FORMAT_VERSION:
+    if version not in (LEGACY_VERSION, FORMAT_VERSION):
         raise CorruptState(
             f"keystore format version {version} is not supported (this qubes-seal reads "
-            f"version {FORMAT_VERSION})",
+            f"versions {LEGACY_VERSION} and {FORMAT_VERSION})",
             hint="It was written by another version of qubes-seal: upgrade qubes-seal.",
         )
     if flags != 0:
         raise CorruptState(f"keystore header has unknown flags 0x{flags:04x}")
-    return HEADER_SIZE + body_len + MAC_SIZE
+    size = LEGACY_HEADER_SIZE if version == LEGACY_VERSION else HEADER_SIZE
+    if len(header) < size:
+        raise CorruptState(f"keystore record too short ({len(header)} bytes)")
+    return size
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -173,9 +203,17 @@ def decode(data: bytes | bytearray | memoryview, hmac_key: Secret) -> Keystore:
     """Check and parse one record made by :func:`encode`.
 
     Checks, in order: magic, format version, flags, length (``data`` must be exactly one
-    record), HMAC (constant-time comparison), then the body.  Any failure raises
-    :class:`CorruptState` with a message that names the failed check and no secret.
+    record), HMAC (constant-time comparison), the geometry (version 2), then the body.  Any
+    failure raises :class:`CorruptState` with a message that names the failed check and no
+    secret.
     """
+    return decode_record(data, hmac_key)[0]
+
+
+def decode_record(
+    data: bytes | bytearray | memoryview, hmac_key: Secret
+) -> tuple[Keystore, Geometry | None]:
+    """:func:`decode`, and the record's geometry (None: a version 1 record, which has none)."""
     data = bytes(data)
     expected = record_length(data)
     if len(data) != expected:
@@ -191,8 +229,13 @@ def decode(data: bytes | bytearray | memoryview, hmac_key: Secret) -> Keystore:
     generation = int(HEADER.unpack_from(data)[4])
     if generation < 1:
         raise CorruptState("keystore generation 0 is invalid")
+    header_size = _header_size(data)
+    geometry = None
+    if header_size == HEADER_SIZE:
+        fields = GEOMETRY.unpack_from(data, LEGACY_HEADER_SIZE)
+        geometry = Geometry(*(int(f) for f in fields)).validate()
     try:
-        doc = json.loads(signed[HEADER_SIZE:].decode("utf-8"), object_pairs_hook=_no_duplicates)
+        doc = json.loads(signed[header_size:].decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CorruptState("keystore body is not valid UTF-8 JSON") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("domains"), list):
@@ -229,7 +272,7 @@ def decode(data: bytes | bytearray | memoryview, hmac_key: Secret) -> Keystore:
             what = "TPM lockout authorization" if field_name[0] == "t" else "policy-signing key"
             raise CorruptState(f"keystore: the {what} is malformed")
         keys[field_name] = None if value is None else Secret(bytes.fromhex(value))
-    return Keystore(
+    ks = Keystore(
         domains,
         generation=generation,
         extra=extra,
@@ -237,3 +280,4 @@ def decode(data: bytes | bytearray | memoryview, hmac_key: Secret) -> Keystore:
         signer_next=keys["policy_signer_next"],
         lockout_auth=keys["tpm_lockout_auth"],
     )
+    return ks, geometry

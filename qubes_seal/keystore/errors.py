@@ -5,7 +5,7 @@ Messages hold names, UUIDs, key ids and generations (public values), never key b
 
 from __future__ import annotations
 
-from ..errors import AuthorizationError, QubesSealError, UsageError
+from ..errors import AuthorizationError, CorruptState, QubesSealError, UsageError
 
 
 class DomainExists(UsageError):
@@ -27,6 +27,21 @@ class QubeUuidMismatch(AuthorizationError):
 
 class KeystoreFull(QubesSealError):
     """The encoded keystore does not fit in one slot of the payload."""
+
+
+class ContainerResized(CorruptState):
+    """The payload is not the size the newest keystore record was laid out for (exit 7).
+
+    The container was grown or shrunk without ``qubes-seal grow``: reading it by its new
+    size could miss the newest copy of the keystore, and writing could destroy it, so
+    neither happens.
+    """
+
+
+class GrowInterrupted(CorruptState):
+    """A ``qubes-seal grow`` was interrupted: the keystore is readable, not writable."""
+
+    hint = "Run 'qubes-seal repair' (in a boot that unlocked the container) to finish it."
 
 
 class StaleKeystore(QubesSealError):
