@@ -449,21 +449,22 @@ def repair_init(journal: Any, *, tcti: str | None) -> tuple[str, list[str]]:
     path = Path(journal.doc["container"])
     notes: list[str] = []
     uuid = data.get("uuid")
-    ours = False
-    if uuid is not None and same_file(path, data.get("dev"), data.get("ino")):
+    formatted = False  # the init's container (by its UUID) is at ``path``
+    if uuid is not None and os.path.lexists(path):
         try:
-            ours = Container(path).uuid == uuid
+            formatted = Container(path).uuid == uuid
         except (QubesSealError, OSError):
-            ours = False
-    if ours and not data.get("existed"):
+            formatted = False
+    if data.get("existed"):
+        if formatted:
+            notes.append(
+                f"{path} holds an unfinished container (it existed before, so it is not "
+                "removed): run 'qubes-seal init --force' again"
+            )
+    elif formatted and same_file(path, data.get("dev"), data.get("ino")):
         path.unlink()
         notes.append(f"removed the unfinished container {path}")
-    elif ours:
-        notes.append(
-            f"{path} holds an unfinished container (it existed before, so it is not removed): "
-            "run 'qubes-seal init --force' again"
-        )
-    elif os.path.lexists(path) and not data.get("existed"):
+    elif os.path.lexists(path):
         notes.append(
             f"left {path}: the journal does not prove this init created it (remove it "
             "yourself if it is the unfinished container)"

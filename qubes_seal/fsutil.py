@@ -45,7 +45,7 @@ def _owner_hint(path: Path, *, parent: bool) -> str:
 
 def _refuse(path: Path, why: str, *, target: Path) -> UnsafeDirectory:
     """Refuse the state directory ``target`` because of ``path`` (itself or above it)."""
-    what = f"the state directory {target}" if path == target else f"{path}, above {target},"
+    what = "it" if path == target else f"{path} (above it)"
     return UnsafeDirectory(
         f"refusing the state directory {target}: {what} {why}",
         hint=_owner_hint(path, parent=path != target)
@@ -120,11 +120,16 @@ def check_private_dir(path: Path, *, create: bool = False) -> Path | None:
                 f"cannot create the state directory {path}: {exc.strerror}",
                 hint="Run as root, or choose another directory with --state-dir.",
             ) from exc
-    real = _resolve_checked(path)
     try:
+        real = _resolve_checked(path)
         st = os.lstat(real)
     except FileNotFoundError:
         return None
+    except OSError as exc:  # a file where a directory should be, a directory we may not read
+        raise UnsafeDirectory(
+            f"cannot check the state directory {path}: {exc.strerror}",
+            hint="Choose another directory with --state-dir.",
+        ) from exc
     if not stat.S_ISDIR(st.st_mode):
         raise UnsafeDirectory(f"the state directory {path} is not a directory")
     if st.st_uid != os.geteuid():

@@ -125,6 +125,10 @@ def register(sub: Any) -> None:
         "        created, its NV counter and the recovery key file are removed; run init again\n"
         "  reseal, revoke, domain add|remove|rotate  completed: the counter increment, and\n"
         "        after a destroyed key the token re-signed (needs this boot's unlock)\n\n"
+        "Only what the journal proves the operation made is removed (a keyslot by its salt,\n"
+        "a container by its UUID and inode, a key file by its content digest); anything else\n"
+        "is left, and named. The state directory must be root's and writable by nobody else\n"
+        "(exit 7 otherwise).\n\n"
         "With no journal and --container, the container's missing counter increment (if\n"
         "any) is made.",
     )  # fmt: skip
