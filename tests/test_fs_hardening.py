@@ -192,6 +192,31 @@ def test_a_planted_rotation_journal_on_a_non_container_deletes_nothing(tmp_path:
     assert passwd.exists() and key.exists()
 
 
+def test_a_planted_rotation_journal_kills_no_keyslot_of_the_real_container(box: Box) -> None:
+    """The attacker knows the container's UUID and token (say, from a backup): a journal that
+    calls the recovery keyslot "new" (roll back) or "old" (complete) removes nothing."""
+    from qubes_seal import chain
+    from qubes_seal.luks.container import Container
+
+    state = box.dir / "state"
+    container = Container(box.container)
+    token_id, token = chain.read_token(container)
+    common = dict(uuid=container.uuid, token_id=token_id, old_token=token.to_json())
+    plant_journal(state, "rotate-passphrase", box.container, **common, slots_before=[0],
+                  old_slot=0, new_slot=1)  # fmt: skip
+    res = cli(box, "repair", "--json")
+    assert res.code == 0, res.err
+    assert "left keyslot 1" in " ".join(res.json()["notes"])
+    assert container.slots() == [0, 1]
+    plant_journal(state, "rotate-passphrase", box.container, **common, slots_before=[0, 1],
+                  old_slot=1, new_slot=0, new_slot_salt="forged")  # fmt: skip
+    res = cli(box, "repair")
+    assert res.code == 7, res.err  # the "new" keyslot is not the one a rotation added
+    assert container.slots() == [0, 1]
+    (state / journal.JOURNAL_NAME).unlink()
+    assert cli(box, "recover", "--recovery-key-file", str(box.rk)).code == 0
+
+
 def test_remove_if_ours_checks_digest_owner_mode_links(tmp_path: Path) -> None:
     ours = tmp_path / "ours"
     proof = fsutil.write_new_file(ours, b"content\n")
