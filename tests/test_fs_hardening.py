@@ -382,3 +382,16 @@ def test_a_crash_with_the_copy_in_memory_leaves_no_copy(box: Box) -> None:
     assert res.code == 0, res.err
     assert res.json()["action"] == "rolled back"
     assert new_pw(box).exists()
+
+
+def test_a_memory_copy_is_zeroed_before_it_is_released() -> None:
+    data = os.urandom(3 << 20)
+    copy = fsutil.MemoryFile("test", data)
+    assert copy.path.read_bytes() == data  # what cryptsetup reads through /proc/PID/fd/N
+    spy = os.dup(copy.fd)  # as if someone kept it open
+    copy.close()
+    try:
+        left = os.pread(spy, len(data), 0)
+    finally:
+        os.close(spy)
+    assert len(left) == len(data) and not left.strip(b"\0")
