@@ -664,6 +664,21 @@ def repair(state_dir: Path, *, tcti: str | None = None) -> RepairResult | None:
     return RepairResult(journal.op, step, action, notes)
 
 
+def _resealed_only(current: dict[str, Any], old: Any) -> bool:
+    """Whether ``old`` (the journal's old token) differs from ``current`` only as a rotation
+    before its commit makes it differ: the sealed object (same rollback counter) and proof."""
+    if not isinstance(old, dict) or not isinstance(old.get("sealed"), dict):
+        return False
+
+    def rest(t: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in t.items() if k not in ("sealed", "proof")}
+
+    def counter(t: dict[str, Any]) -> Any:
+        return (t["sealed"].get("nv") or {}).get("handle")
+
+    return rest(current) == rest(old) and counter(current) == counter(old)
+
+
 def _repair_rotation(journal: Journal, *, tcti: str | None) -> tuple[str, list[str]]:
     """A keyslot rotation (passphrase, master, recovery): decided from the container itself
     (which keyslot the token names), rolled forward or back."""
@@ -721,7 +736,12 @@ def _repair_rotation(journal: Journal, *, tcti: str | None) -> tuple[str, list[s
                 notes.append(f"left keyslot {s}: the journal does not prove this rotation "
                              "added it")  # fmt: skip
         if current.to_json() != data["old_token"]:
-            container.import_token(data["old_token"], token_id=token_id, replace=True)
+            if _resealed_only(current.to_json(), data["old_token"]):
+                container.import_token(data["old_token"], token_id=token_id, replace=True)
+            else:
+                notes.append("left the token: the journal's old token differs from it in more "
+                             "than its sealed object (the rotation never changes the rest "
+                             "before it commits)")  # fmt: skip
         key_file = data.get("key_file")
         if key_file and os.path.lexists(key_file):
             why = remove_if_ours(Path(key_file), sha256=data.get("key_file_sha256"))

@@ -214,6 +214,14 @@ def test_a_planted_rotation_journal_kills_no_keyslot_of_the_real_container(box: 
     assert res.code == 7, res.err  # the "new" keyslot is not the one a rotation added
     assert container.slots() == [0, 1]
     (state / journal.JOURNAL_NAME).unlink()
+    # An "old token" that would point the unlock at another keyslot is not put back.
+    forged = {**token.to_json(), "recovery_keyslot": 0, "tpm_keyslot": 1}
+    plant_journal(state, "rotate-passphrase", box.container, **{**common, "old_token": forged},
+                  slots_before=[0, 1], old_slot=0, new_slot=2)  # fmt: skip
+    res = cli(box, "repair", "--json")
+    assert res.code == 0, res.err
+    assert "left the token" in " ".join(res.json()["notes"])
+    assert chain.read_token(container)[1].to_json() == token.to_json()
     assert cli(box, "recover", "--recovery-key-file", str(box.rk)).code == 0
 
 
