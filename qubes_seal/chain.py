@@ -360,8 +360,16 @@ def init(
             recovery_pbkdf=recovery_pbkdf,
             force=force,
         )
-        if journal is not None:
-            journal.mark("formatted", uuid=container.uuid)
+        if journal is not None:  # what proves to 'repair' which file and key file are ours
+            import os
+
+            from .fsutil import key_file_digest
+
+            st = os.lstat(path)
+            journal.mark(
+                "formatted", uuid=container.uuid, dev=st.st_dev, ino=st.st_ino,
+                key_file_sha256=None if key_file is None else key_file_digest(rkey),
+            )  # fmt: skip
         tpm_slot = 0
         recovery_slot = 1
         states = [PcrState("current", {**now.values, **header_pcr(path, pcrs)})]
@@ -451,25 +459,40 @@ def _old_counter(path: Path) -> int | None:
 
 def repair_init(journal: Any, *, tcti: str | None) -> tuple[str, list[str]]:
     """Roll back an init whose recovery key was never delivered: remove the container file it
-    created, the counter it defined and the key file it may have begun.  (action, notes)"""
+    created, the counter it defined and the key file it may have begun.  (action, notes)
+
+    Only what the journal proves the init made is removed: the container file by the LUKS2
+    UUID, device and inode recorded once it was formatted (a file that existed before, or
+    was not yet recorded, stays), the key file by its content digest, mode and owner
+    (:func:`qubes_seal.fsutil.remove_if_ours`)."""
+    import os
+
+    from .fsutil import remove_if_ours, same_file
     from .luks.container import Container
 
     data = journal.data
     path = Path(journal.doc["container"])
     notes: list[str] = []
-    ours = False
-    if path.exists():
+    uuid = data.get("uuid")
+    formatted = False  # the init's container (by its UUID) is at ``path``
+    if uuid is not None and os.path.lexists(path):
         try:
-            ours = data.get("uuid") is None or Container(path).uuid == data["uuid"]
+            formatted = Container(path).uuid == uuid
         except (QubesSealError, OSError):
-            ours = data.get("uuid") is None
-    if ours and path.is_file() and not data.get("existed"):
+            formatted = False
+    if data.get("existed"):
+        if formatted:
+            notes.append(
+                f"{path} holds an unfinished container (it existed before, so it is not "
+                "removed): run 'qubes-seal init --force' again"
+            )
+    elif formatted and same_file(path, data.get("dev"), data.get("ino")):
         path.unlink()
         notes.append(f"removed the unfinished container {path}")
-    elif path.exists() and ours:
+    elif os.path.lexists(path):
         notes.append(
-            f"{path} holds an unfinished container (it existed before, so it is not removed): "
-            "run 'qubes-seal init --force' again"
+            f"left {path}: the journal does not prove this init created it (remove it "
+            "yourself if it is the unfinished container)"
         )
     handle = data.get("nv_handle")
     if handle is not None and tcti is not None:
@@ -479,9 +502,12 @@ def repair_init(journal: Any, *, tcti: str | None) -> tuple[str, list[str]]:
             if tpm.nv_undefine_counter(int(handle)):
                 notes.append(f"removed its rollback counter 0x{int(handle):08x}")
     key_file = data.get("key_file")
-    if key_file and Path(key_file).exists():
-        Path(key_file).unlink()
-        notes.append(f"removed {key_file}: its recovery key belonged to the removed container")
+    if key_file and os.path.lexists(key_file):
+        why = remove_if_ours(Path(key_file), sha256=data.get("key_file_sha256"))
+        if why is None:
+            notes.append(f"removed {key_file}: its recovery key belonged to the removed container")
+        else:
+            notes.append(f"left {key_file}: {why}")
     notes.append("nothing was kept: run 'qubes-seal init' again")
     return "rolled back", notes
 

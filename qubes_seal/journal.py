@@ -9,6 +9,12 @@ key) is already in the container before the journal says the step is done; the j
 names what exists (keyslot numbers, the public token, files), so that ``repair`` can roll the
 operation forward or back without asking anything it cannot check.
 
+The record is read only from a checked state directory (owned by the effective uid, nobody
+else can write to it or above it: :func:`qubes_seal.fsutil.check_private_dir`).  Even so,
+``repair`` removes only what the record *proves* the operation created: a file by its
+device, inode and content digest, a container by its LUKS2 UUID and inode, a keyslot by its
+KDF salt (see :mod:`qubes_seal.rotate`); anything else is left, and ``repair`` says so.
+
 Fault injection (a test hook): ``QUBES_SEAL_CRASH_AT=STEP`` makes the process kill itself
 with SIGKILL at the step boundary named ``STEP`` (:func:`crash_point`), as a power cut would
 stop it.  Nothing secret is involved: in production the variable is unset and the hook does
@@ -25,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CorruptState, UsageError
-from .fsutil import atomic_write
+from .fsutil import atomic_write, check_private_dir, fsync_dir
 
 JOURNAL_NAME = "journal.json"
 FORMAT = "qubes-seal/journal"
@@ -44,7 +50,10 @@ def journal_path(state_dir: Path) -> Path:
 
 
 def read(state_dir: Path) -> dict[str, Any] | None:
-    """The interrupted operation's record, or None when there is none."""
+    """The interrupted operation's record, or None when there is none (nor a state
+    directory).  A state directory others could write to is refused first."""
+    if check_private_dir(Path(state_dir)) is None:
+        return None
     path = journal_path(state_dir)
     try:
         raw = path.read_bytes()
@@ -129,12 +138,11 @@ class Journal:
 
     def finish(self) -> None:
         """The operation is complete (or rolled back): remove the record."""
-        journal_path(self.state_dir).unlink(missing_ok=True)
-        dfd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        real = check_private_dir(self.state_dir)
+        if real is None:
+            return
+        journal_path(real).unlink(missing_ok=True)
+        fsync_dir(real)
 
     def _write(self) -> None:
         data = json.dumps(self.doc, indent=2, sort_keys=True).encode("utf-8") + b"\n"

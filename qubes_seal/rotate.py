@@ -21,6 +21,15 @@ only from the journal: before the new token is in the container it rolls back (r
 new keyslot, puts the old token back); after, it rolls forward (removes the old keyslot).
 Neither needs a secret; a roll-forward leaves the transitional digest D1 accepted by a token
 whose authValue is the new one (harmless; the next ``reseal`` drops it).
+
+The header copies live in memory only (:class:`qubes_seal.fsutil.MemoryFile`, an anonymous
+``memfd`` that cryptsetup reaches as ``/proc/PID/fd/N``), zeroed when closed: they hold the
+old keyslots, which a copy left on disk (even unlinked) would keep openable by the old
+passphrase or recovery key after the rotation.  No step needs them after a crash: ``repair``
+reads the container and the journal only.  ``repair`` removes only what the journal proves
+the rotation made: the new keyslot (by its KDF salt, recorded at ``staged``), the old one
+(by the salt recorded at ``begun``), the new key file (by the digest of its content,
+recorded at ``begun``, and its mode and owner); anything else is left and named.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import os
-import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,14 +58,17 @@ from .chain import (
     unbundle,
 )
 from .errors import AuthorizationError, CorruptState, UsageError
+from .fsutil import MemoryFile, key_file_digest, remove_if_ours
+from .fsutil import write_key_file as _write_key_file
 from .journal import Journal, crash_point
 from .secret import Secret
 from .state import PcrState
 from .token import store_token
 
 Progress = Callable[[str], None]
-HEADER_COPY = "rotate-header.img"
-HEADER_COPY2 = "rotate-header-final.img"
+#: The names under which older versions kept the header copies in the state directory
+#: (removed, zeroed first, by ``repair`` and after each rotation).
+LEGACY_COPIES = ("rotate-header.img", "rotate-header-final.img")
 OPS = ("rotate-passphrase", "rotate-master", "rotate-recovery")
 
 
@@ -162,11 +174,28 @@ def _seal_token(
                 )
 
 
-def _backup_header(path: Path, dest: Path) -> None:
-    from .luks import cryptsetup
+def _header_image(path: Path) -> bytes:
+    """What ``cryptsetup luksHeaderBackup`` writes: both header copies and the keyslots area
+    (rounded up to 4 KiB), read straight from the container (cryptsetup would only write it
+    to a new file)."""
+    from .luks.header import read_header
 
-    dest.unlink(missing_ok=True)
-    cryptsetup.run(["luksHeaderBackup", str(path)], options=["--header-backup-file", str(dest)])
+    header = read_header(path)
+    size = -(-(2 * header.hdr_size + header.keyslots_size) // 4096) * 4096
+    with open(path, "rb") as f:
+        data = f.read(size)
+    if len(data) != size:
+        raise CorruptState(f"{path} is shorter than its LUKS2 header")
+    return data
+
+
+def slot_salt(path: Path, slot: int) -> str | None:
+    """The KDF salt of keyslot ``slot`` (random, public, unique): what proves a keyslot."""
+    from .luks.header import read_header
+
+    kdf = read_header(path).keyslots.get(slot, {}).get("kdf", {})
+    salt = kdf.get("salt") if isinstance(kdf, dict) else None
+    return salt if isinstance(salt, str) else None
 
 
 def _restore_header(path: Path, source: Path) -> None:
@@ -214,29 +243,45 @@ def _stage(
     add: Callable[[Path], int],
     old_slot: int,
     new_key: Secret,
-) -> tuple[Path, int, bytes, bytes]:
-    """The header copy with the new keyslot; its digest (D1) and the final one (D2)."""
+) -> tuple[MemoryFile, int, bytes, bytes]:
+    """The header copy (in memory; the caller closes it) with the new keyslot; its digest
+    (D1) and the final one (D2)."""
     from .luks.container import Container
     from .luks.header import header_digest
 
-    copy = Path(state_dir) / HEADER_COPY
-    final = Path(state_dir) / HEADER_COPY2
-    _backup_header(path, copy)
-    new_slot = add(copy)
-    d1 = header_digest(copy)
-    final.unlink(missing_ok=True)
-    shutil.copyfile(copy, final)
+    copy = MemoryFile("qubes-seal-header", _header_image(path))
     try:
-        Container(final).kill_slot(old_slot, existing=new_key)
-        d2 = header_digest(final)
-    finally:
-        final.unlink(missing_ok=True)
+        new_slot = add(copy.path)
+        d1 = header_digest(copy.path)
+        with MemoryFile("qubes-seal-header-final", copy.read()) as final:
+            Container(final.path).kill_slot(old_slot, existing=new_key)
+            d2 = header_digest(final.path)
+    except BaseException:
+        copy.close()
+        raise
     return copy, new_slot, d1, d2
 
 
 def _cleanup(state_dir: Path) -> None:
-    for name in (HEADER_COPY, HEADER_COPY2):
-        (Path(state_dir) / name).unlink(missing_ok=True)
+    """Header copies an older version left in the state directory: zeroed, then removed (a
+    regular file of ours only; a link is removed, never followed)."""
+    for name in LEGACY_COPIES:
+        path = Path(state_dir) / name
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            path.unlink(missing_ok=True)  # a link (or worse): removed, not followed
+            continue
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_nlink == 1:
+                os.pwrite(fd, bytes(st.st_size), 0)
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        path.unlink(missing_ok=True)
 
 
 # -- passphrase and master secret ------------------------------------------------------------
@@ -318,6 +363,7 @@ def rotate_tpm_key(
     params0 = KdfParams.from_json(old.kdf)
     params1 = kdf_params or dataclasses.replace(params0, salt=new_salt())
     secrets: list[Secret | None] = [master0, auth0, proof, tkey]
+    copy: MemoryFile | None = None
     try:
         progress("checking the current passphrase (Argon2id)")
         a0, mix0 = derive(passphrase, params0)
@@ -337,6 +383,7 @@ def rotate_tpm_key(
         journal = Journal.begin(
             state_dir, op, path, uuid=container.uuid, token_id=token_id,
             old_token=old.raw, slots_before=container.slots(), old_slot=old.tpm_keyslot,
+            old_slot_salt=slot_salt(path, old.tpm_keyslot),
         )  # fmt: skip
         crash_point("begun")
         progress("adding the new keyslot to a copy of the header")
@@ -349,9 +396,10 @@ def rotate_tpm_key(
         keep = copy_token(old)
         _seal_token(keep, tcti=tcti, master=master0, auth=auth0, proof=proof,
                     states=_states(old.sealed, [d0, d1]), signer=signer)  # fmt: skip
-        store_token(Container(copy), keep, tkey, token_id=token_id)
-        journal.mark("staged", new_slot=new_slot)
-        _restore_header(path, copy)
+        store_token(Container(copy.path), keep, tkey, token_id=token_id)
+        journal.mark("staged", new_slot=new_slot, new_slot_salt=slot_salt(copy.path, new_slot))
+        _restore_header(path, copy.path)
+        copy.close()
         journal.mark("keyslot-added")
         progress("sealing the new secret")
         new = Token(
@@ -375,6 +423,8 @@ def rotate_tpm_key(
         _cleanup(state_dir)
         return RotateResult(op, new_slot, old.tpm_keyslot, new)
     finally:
+        if copy is not None:
+            copy.close()
         ap.close()
         for s in secrets:
             if s is not None:
@@ -414,11 +464,14 @@ def rotate_recovery(
         parallelism=max(1, min(4, params.parallelism)),
     )
     rkey = recovery.generate()
+    copy: MemoryFile | None = None
     try:
         journal = Journal.begin(
             state_dir, "rotate-recovery", path, uuid=container.uuid, token_id=token_id,
             old_token=old.raw, slots_before=container.slots(),
-            old_slot=old.recovery_keyslot, key_file=None if key_file is None else str(key_file),
+            old_slot=old.recovery_keyslot, old_slot_salt=slot_salt(path, old.recovery_keyslot),
+            key_file=None if key_file is None else str(key_file),
+            key_file_sha256=None if key_file is None else key_file_digest(rkey),
         )  # fmt: skip
         crash_point("begun")
         d0 = header_digest(path)
@@ -430,9 +483,10 @@ def rotate_recovery(
         token = copy_token(old)
         _seal_token(token, tcti=tcti, master=master, auth=auth, proof=proof,
                     states=_states(old.sealed, [d0, d1, d2]), signer=signer)  # fmt: skip
-        store_token(Container(copy), token, tkey, token_id=token_id)
-        journal.mark("staged", new_slot=new_slot)
-        _restore_header(path, copy)
+        store_token(Container(copy.path), token, tkey, token_id=token_id)
+        journal.mark("staged", new_slot=new_slot, new_slot_salt=slot_salt(copy.path, new_slot))
+        _restore_header(path, copy.path)
+        copy.close()
         journal.mark("keyslot-added")
         # The token that names the new recovery keyslot, authenticated now: once the key is
         # delivered, 'repair' rolls forward by importing it (it holds no key to make one).
@@ -452,6 +506,8 @@ def rotate_recovery(
         _cleanup(state_dir)
         return RotateResult("rotate-recovery", new_slot, old.recovery_keyslot, token)
     finally:
+        if copy is not None:
+            copy.close()
         ap.close()
         for s in (vk, master, auth, proof, rkey, tkey):
             if s is not None:
@@ -551,17 +607,9 @@ def rotate_signer(
 
 
 def write_key_file(path: Path, key: Secret) -> None:
-    """Write a recovery key to a new file, mode 0600 (an existing file is never replaced)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        raise UsageError(f"{path} exists: refusing to overwrite it") from None
-    except OSError as exc:
-        raise UsageError(f"cannot create {path}: {exc.strerror}") from exc
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.reveal() + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Write a recovery key to a new file, mode 0600: never an existing file, never through a
+    symbolic link; its directory is left as it is (:func:`qubes_seal.fsutil.write_key_file`)."""
+    _write_key_file(path, key)
 
 
 # -- repair ----------------------------------------------------------------------------------
@@ -658,6 +706,21 @@ def repair(state_dir: Path, *, tcti: str | None = None) -> RepairResult | None:
     return RepairResult(journal.op, step, action, notes)
 
 
+def _resealed_only(current: dict[str, Any], old: Any) -> bool:
+    """Whether ``old`` (the journal's old token) differs from ``current`` only as a rotation
+    before its commit makes it differ: the sealed object (same rollback counter) and proof."""
+    if not isinstance(old, dict) or not isinstance(old.get("sealed"), dict):
+        return False
+
+    def rest(t: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in t.items() if k not in ("sealed", "proof", "mac", "keyslots")}
+
+    def counter(t: dict[str, Any]) -> Any:
+        return (t["sealed"].get("nv") or {}).get("handle")
+
+    return rest(current) == rest(old) and counter(current) == counter(old)
+
+
 def _repair_rotation(journal: Journal, *, tcti: str | None) -> tuple[str, list[str]]:
     """A keyslot rotation (passphrase, master, recovery): decided from the container itself
     (which keyslot the token names), rolled forward or back."""
@@ -682,13 +745,26 @@ def _repair_rotation(journal: Journal, *, tcti: str | None) -> tuple[str, list[s
         assert new_slot is not None
         if int(new_slot) not in container.slots():
             raise CorruptState("the new keyslot named by the journal is missing")
+        if slot_salt(path, int(new_slot)) != data.get("new_slot_salt"):
+            raise CorruptState(
+                f"keyslot {new_slot} is not the one the interrupted rotation added (its salt "
+                "differs from the journal's): nothing was changed",
+                hint="Inspect the container (cryptsetup luksDump) and the journal.",
+            )
         forward_doc = data.get("forward_token")
         if journal.op == "rotate-recovery" and current.recovery_keyslot != int(new_slot):
             if not isinstance(forward_doc, dict):
                 raise CorruptState("the journal lacks the token that names the new recovery key")
             container.import_token(forward_doc, token_id=token_id, replace=True)
             current = read_token(container)[1]
-        kill_slot_unchecked(path, old_slot)
+        if old_slot in container.slots():
+            if old_slot in (current.tpm_keyslot, current.recovery_keyslot):
+                notes.append(f"left keyslot {old_slot}: the token still names it")
+            elif slot_salt(path, old_slot) != data.get("old_slot_salt"):
+                notes.append(f"left keyslot {old_slot}: the journal does not prove it is the "
+                             "old one (its salt differs)")  # fmt: skip
+            else:
+                kill_slot_unchecked(path, old_slot)
         if tcti is not None and settle_counter(tcti, current.sealed):
             notes.append("the rollback counter was incremented: older sealed objects are revoked")
         action = "completed"
@@ -698,13 +774,26 @@ def _repair_rotation(journal: Journal, *, tcti: str | None) -> tuple[str, list[s
     else:
         extra = [s for s in container.slots() if s not in slots_before]
         for s in extra:
-            kill_slot_unchecked(path, s)
+            salt = data.get("new_slot_salt")
+            if new_slot is not None and s == int(new_slot) and salt and slot_salt(path, s) == salt:
+                kill_slot_unchecked(path, s)
+            else:
+                notes.append(f"left keyslot {s}: the journal does not prove this rotation "
+                             "added it")  # fmt: skip
         if current.raw != data["old_token"]:
-            container.import_token(data["old_token"], token_id=token_id, replace=True)
+            if _resealed_only(current.raw or {}, data["old_token"]):
+                container.import_token(data["old_token"], token_id=token_id, replace=True)
+            else:
+                notes.append("left the token: the journal's old token differs from it in more "
+                             "than its sealed object (the rotation never changes the rest "
+                             "before it commits)")  # fmt: skip
         key_file = data.get("key_file")
-        if key_file and journal.did("begun") and Path(key_file).exists() and extra:
-            Path(key_file).unlink()
-            notes.append(f"removed {key_file}: the new recovery key it held was not kept")
+        if key_file and os.path.lexists(key_file):
+            why = remove_if_ours(Path(key_file), sha256=data.get("key_file_sha256"))
+            if why is None:
+                notes.append(f"removed {key_file}: the new recovery key it held was not kept")
+            else:
+                notes.append(f"left {key_file}: {why}")
         action = "rolled back" if extra or journal.step != "begun" else "nothing to do"
         if journal.op == "rotate-recovery":
             notes.append("the old recovery key remains valid")

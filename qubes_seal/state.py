@@ -264,7 +264,11 @@ def save(state: SealedState, state_dir: Path) -> Path:
 
 
 def load(state_dir: Path) -> SealedState:
-    """Read the state; a missing, unreadable or corrupted file is a clear error."""
+    """Read the state; a missing, unreadable or corrupted file is a clear error, and so is a
+    state directory others could write to (:func:`qubes_seal.fsutil.check_private_dir`)."""
+    from .fsutil import check_private_dir
+
+    check_private_dir(state_dir)
     path = state_path(state_dir)
     try:
         data = path.read_bytes()

@@ -128,7 +128,8 @@ def register(sub: Any) -> None:
     )  # fmt: skip
     p.add_argument(
         "--recovery-key-file", metavar="FILE", type=Path,
-        help="write the recovery key to FILE (mode 0600) instead of showing it",
+        help="write the recovery key to FILE instead of showing it: a new file, mode 0600 "
+        "(an existing file or a symbolic link is refused; FILE's directory is not changed)",
     )  # fmt: skip
     p.add_argument("--force", action="store_true", default=env_bool("QUBES_SEAL_FORCE"),
                    help="overwrite an existing container (its keys are lost)")  # fmt: skip
@@ -296,7 +297,7 @@ def _progress(args: argparse.Namespace) -> Any:
 
 def cmd_init(args: argparse.Namespace) -> int:
     from .. import chain, launch
-    from ..fsutil import atomic_write
+    from ..fsutil import refuse_existing, write_key_file
     from ..tpm.seal import parse_pcr_list
     from .main import emit
     from .prompt import ask
@@ -307,8 +308,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     )
     pcrs = parse_pcr_list(args.pcrs) if args.pcrs else list(policy.pcrs)
     size = parse_size(args.size)
-    if args.recovery_key_file is not None and args.recovery_key_file.exists():
-        raise UsageError(f"{args.recovery_key_file} exists: refusing to overwrite it")
+    if args.recovery_key_file is not None:
+        refuse_existing(args.recovery_key_file)
     passphrase = ask("passphrase", path=args.passphrase_file, confirm=True)
     params = _kdf_params(args)
     from ..luks.container import PbkdfCost
@@ -351,7 +352,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     ]
     with result.recovery_key as rkey:
         if args.recovery_key_file is not None:
-            atomic_write(args.recovery_key_file, rkey.reveal() + b"\n", mode=0o600)
+            write_key_file(args.recovery_key_file, rkey)  # new, mode 0600; the dir untouched
             doc["recovery_key_file"] = str(args.recovery_key_file)
             lines.append(f"  recovery key written to {args.recovery_key_file} (mode 0600)")
         else:

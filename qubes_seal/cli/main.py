@@ -165,7 +165,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         metavar="DIR",
         type=Path,
         default=Path(env("QUBES_SEAL_STATE_DIR", DEFAULT_STATE_DIR)),
-        help=f"where the sealed state lives (default {DEFAULT_STATE_DIR}) [QUBES_SEAL_STATE_DIR]",
+        help=f"where the sealed state and the journal live (default {DEFAULT_STATE_DIR}); it "
+        "must be owned by root and writable by nobody else, nor may the directories above it "
+        "be (exit 7 otherwise) [QUBES_SEAL_STATE_DIR]",
     )
     sub: Any = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     if only is not None:

@@ -73,7 +73,8 @@ def register(sub: Any) -> None:
     add_unlock_options(rp, kdf=False)
     rp.add_argument(
         "--recovery-key-file", metavar="FILE", type=Path,
-        help="write the new recovery key to FILE (created, mode 0600; never overwritten)",
+        help="write the new recovery key to FILE (created, mode 0600; an existing file or a "
+        "symbolic link is refused; FILE's directory is not changed)",
     )  # fmt: skip
     rp.set_defaults(func=cmd_rotate)
 
@@ -124,6 +125,10 @@ def register(sub: Any) -> None:
         "        created, its NV counter and the recovery key file are removed; run init again\n"
         "  reseal, revoke, domain add|remove|rotate  completed: the counter increment, and\n"
         "        after a destroyed key the token re-signed (needs this boot's unlock)\n\n"
+        "Only what the journal proves the operation made is removed (a keyslot by its salt,\n"
+        "a container by its UUID and inode, a key file by its content digest); anything else\n"
+        "is left, and named. The state directory must be root's and writable by nobody else\n"
+        "(exit 7 otherwise).\n\n"
         "With no journal and --container, the container's missing counter increment (if\n"
         "any) is made.",
     )  # fmt: skip
@@ -161,8 +166,10 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     what = args.rotate_command
     progress = _progress(args)
     rk_file = args.recovery_key_file if what == "recovery" else None
-    if rk_file is not None and rk_file.exists():
-        raise UsageError(f"{rk_file} exists: refusing to overwrite it")
+    if rk_file is not None:
+        from ..fsutil import refuse_existing
+
+        refuse_existing(rk_file)
     _ensure_unlocked(args)
     doc: dict[str, Any] = {"rotated": what, "container": str(args.container)}
     lines: list[str] = []
