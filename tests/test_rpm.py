@@ -296,6 +296,7 @@ FORBIDDEN_IN_SCRIPTLETS = (
 def test_scriptlets_touch_no_tpm_and_never_reseal(built: Built) -> None:
     scripts = rpm_q(built.rpm, "--scripts")
     assert "systemctl" in scripts
+    assert not re.search(r"%[{a-z_]", scripts), "an unexpanded macro in a scriptlet"
     body = [
         line
         for line in scripts.splitlines()
@@ -328,3 +329,24 @@ def test_build_rpm_usage() -> None:
     assert "unknown argument" in bad.stderr
     good = subprocess.run([str(BUILD), "--help"], capture_output=True, text=True, timeout=30)
     assert good.returncode == 0 and "--outdir" in good.stdout
+
+
+def test_build_rpm_without_rpmbuild_and_apt_skipped(tmp_path: Path) -> None:
+    """QUBES_SEAL_SKIP_APT=1 and no rpmbuild on PATH: a clear refusal, no apt-get."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("dirname", "id", "sed", "head"):
+        found = shutil.which(tool)
+        assert found is not None
+        (bin_dir / tool).symlink_to(found)
+    env = {"PATH": str(bin_dir), "QUBES_SEAL_SKIP_APT": "1", "HOME": str(tmp_path)}
+    out = subprocess.run(
+        ["/bin/bash", str(BUILD), "--outdir", str(tmp_path / "dist")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 1
+    assert "rpmbuild is missing" in out.stderr
+    assert not (tmp_path / "dist").exists()
