@@ -319,6 +319,14 @@ def test_requires_fedora_names(built: Built) -> None:
     requires = {line.split()[0] for line in rpm_q(built.rpm, "--requires").splitlines()}
     missing = [name for name in FEDORA_REQUIRES if name not in requires]
     assert not missing, f"missing Requires: {missing}"
+    # pyproject.toml's lower bounds, on the Fedora names.
+    lines = set(rpm_q(built.rpm, "--requires").splitlines())
+    fedora = {"tpm2-pytss": "python3-tpm2-pytss", "cryptography": "python3-cryptography",
+              "argon2-cffi": "python3-argon2-cffi", "pyudev": "python3-pyudev"}  # fmt: skip
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for dependency in project["dependencies"]:
+        name, _, bound = dependency.partition(">=")
+        assert f"{fedora[name]} >= {bound}" in lines, dependency
     # No Debian names slipped in.
     assert not requires & {"python3-tpm2-pytss-dev", "cryptsetup-bin", "libtss2-dev", "tpm2-tools"}
 
