@@ -169,7 +169,14 @@ def register(sub: Any) -> None:
         "open the container with the recovery key when the TPM says no",
         "Open the container with the recovery key (no TPM involved) and hand it over.\n"
         "With --reseal (or answering yes on a terminal), seal a new master secret to this\n"
-        "boot: a new passphrase keyslot replaces the old one.",
+        "boot: a new passphrase keyslot replaces the old one.\n\n"
+        "The token is checked with the container's key: when it is authentic, its keystore\n"
+        "generation is enforced (an older copy of the keys is refused, exit 3); when it is\n"
+        "missing or was rewritten (exit 7 at unlock), the container still opens and says\n"
+        "that the keys' freshness could not be checked. --reseal then writes a new,\n"
+        "authenticated token from trusted inputs only: this boot's PCRs, dom0's launch\n"
+        "policy (/etc/qubes-seal/launch.toml: PCR 13, 17, 18; a measured launch required),\n"
+        "the keystore's signing key and the rollback counter the keystore records.",
     )
     container_opt(p)
     keyring_opt(p)

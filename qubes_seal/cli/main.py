@@ -254,18 +254,18 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         "      --initramfs /boot/initramfs-6.6.img\n"
         "  qubes-seal predict --txt-log txt.log --grub-cfg /boot/grub2/grub.cfg \\\n"
         "      --entry 'Qubes, with Xen 4.19 and Linux 6.6 (tboot)'\n\n"
-        "With --container (in a boot that unlocked it), also the signed approval of the\n"
-        "predicted state: PolicyPCR of PCR 13 (this header), 17, 18, then PolicyNV (counter <=\n"
-        "its next value), signed (ECDSA P-256) by the dom0 key kept in the keystore.\n"
-        "That approval needs every file vouched for by dom0 (see 'reseal'), or a typed\n"
-        "confirmation at a terminal.",
+        "With --container, also a preview of the approval 'reseal --predict' would sign:\n"
+        "PolicyPCR of PCR 13 (this header), 17, 18 (dom0's launch policy), then PolicyNV\n"
+        "(counter <= its next value). A preview is never signed: a signature shown now would\n"
+        "become valid at the next counter increment, approving a boot nobody confirmed.\n"
+        "The preview, like the approval, needs every file vouched for by dom0 (see\n"
+        "'reseal'), or a typed confirmation at a terminal.",
     )
     add_component_options(p)
     add_vouch_options(p)
     add_container_option(
-        p, optional=True, help_="also sign the predicted state with this container's dom0 "
-        "policy-signing key (needs this boot's unlock): the approval 'reseal --predict' "
-        "stores, shown and not written",
+        p, optional=True, help_="also preview the approval of the predicted state for this "
+        "container (the approved policy and counter bound; never a signature)",
     )  # fmt: skip
     p.set_defaults(func=cmd_predict)
 
@@ -276,8 +276,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         "A container (--container) uses signed policies: the sealed object stays as it is\n"
         "and the dom0 policy-signing key, read from the keystore through this boot's\n"
         "unlock, signs each accepted state; then the TPM's rollback counter moves on, so\n"
-        "every older signature and token is void. No unseal, no passphrase. A token from\n"
-        "before signed policies is sealed once more, signed (needs this boot's TPM unlock).\n"
+        "every older signature and token is void. No unseal, no passphrase. The token's MAC\n"
+        "is checked first (exit 7 if it was rewritten: 'recover --reseal'), and the states\n"
+        "are rebuilt from this boot's PCRs and the prediction, over dom0's launch policy\n"
+        "(/etc/qubes-seal/launch.toml: PCR 13, 17, 18), never from the token.\n"
         "The state directory's sealed.json (no container) is sealed again: the TPM must\n"
         "release the secret in this boot first (PolicyOR of the states).\n"
         "No trust on first use either way: only an accepted boot approves another.\n\n"
