@@ -342,6 +342,15 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _wipe(unlocked: Any) -> None:
+    """Wipe what an open container left in this process: every key of its keystore and its
+    volume key (a core file or a memory read after this finds zeros)."""
+    try:
+        unlocked.keystore.wipe()
+    finally:
+        unlocked.close()
+
+
 def cmd_unlock(args: argparse.Namespace) -> int:
     from .. import chain
     from .main import emit
@@ -373,7 +382,7 @@ def cmd_unlock(args: argparse.Namespace) -> int:
         )  # fmt: skip
         emit(args, doc, text)
     finally:
-        unlocked.close()
+        _wipe(unlocked)
     return 0
 
 
@@ -384,8 +393,10 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
     rkey = ask("recovery key", path=args.recovery_key_file)
     unlocked = chain.recover(args.container, recovery_key=rkey, keyring=_keyring(args))
-    n = len(unlocked.keystore.list())
-    unlocked.close()
+    try:
+        n = len(unlocked.keystore.list())
+    finally:
+        _wipe(unlocked)
     doc: dict[str, Any] = {"recovered": True, "domains": n, "resealed": False}
     lines = [f"opened {args.container} with the recovery key: {n} domain key(s) intact"]
     reseal = args.reseal
@@ -581,7 +592,7 @@ def _cmd_domain(args: argparse.Namespace, journal: Any) -> int:
                 if show_key:
                     doc["key"] = d.key.reveal().hex()
         finally:
-            unlocked.close()
+            _wipe(unlocked)
     revoke_note = ""
     if action == "remove" or (action == "rotate" and args.commit):
         # The destroyed key is still in older copies of the container: void them.

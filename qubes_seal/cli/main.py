@@ -741,6 +741,9 @@ def cmd_reseal(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ..hardening import no_core_dumps
+
+    no_core_dumps()  # before any secret: a crash leaves no core file (issue 13)
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         name = command_in(argv)

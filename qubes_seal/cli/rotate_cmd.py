@@ -137,7 +137,7 @@ def _ensure_unlocked(args: argparse.Namespace) -> None:
     """Unlock with the current passphrase when this boot left no hand-over."""
     from .. import chain, handover
     from ..luks.container import Container
-    from .container_cmd import _progress
+    from .container_cmd import _progress, _wipe
     from .prompt import ask
 
     uuid = Container(args.container).uuid
@@ -149,7 +149,7 @@ def _ensure_unlocked(args: argparse.Namespace) -> None:
         args.container, tcti=args.tpm, keyring=args.keyring, progress=_progress(args),
         passphrase=lambda: ask("current passphrase", path=args.passphrase_file),
     )  # fmt: skip
-    unlocked.close()
+    _wipe(unlocked)
 
 
 def cmd_rotate(args: argparse.Namespace) -> int:

@@ -865,6 +865,9 @@ def serve(
     ready: Callable[[Server], None] | None = None,
 ) -> int:
     """Run the daemon until SIGTERM/SIGINT; returns the exit status."""
+    from ..hardening import no_core_dumps
+
+    no_core_dumps()  # it holds every domain key: no core file, no ptrace (also the CLI's)
     configure_logging()
     cfg = config_mod.load(config_path)
     service = KeyService(cfg, container=container, keyring=keyring, config_path=config_path)
