@@ -115,7 +115,8 @@ def cli(box: Box, *args: str, **env: str) -> Result:
 def test_status_shows_and_lock_stale_drops(own_session_keyring: None, box: Box) -> None:
     box.boot()
     res = cli(box, "unlock", "--passphrase-file", str(box.pw),
-              **{handover.RS_LIFETIME_ENV: "3"})  # fmt: skip
+              **{handover.RS_LIFETIME_ENV: "20"})  # fmt: skip
+    left_at = time.monotonic()  # the bundle was left before the command returned
     assert res.code == 0, res.err
     ours = Container(box.container).uuid
     theirs = str(uuid.uuid4())  # a test's, or the container before a re-init
@@ -138,8 +139,8 @@ def test_status_shows_and_lock_stale_drops(own_session_keyring: None, box: Box) 
     assert res.code == 0, res.err
     assert res.out.count(theirs) == 2
     assert {k.container_uuid for k in handover.listing("session")} == {ours}
-    # The reseal bundle of this unlock is gone after its lifetime (3 s here)...
-    time.sleep(3.5)
+    # The reseal bundle of this unlock is gone after its lifetime (20 s here)...
+    time.sleep(max(0.0, left_at + 21 - time.monotonic()))
     assert handover.get(ours, keyring="session", kind="rs") is None
     assert "EXPIRED" in cli(box, "status").out
     # ...and a rotation says why it cannot run, instead of failing on PCR 13.
