@@ -25,7 +25,13 @@ and wipes the keys from its memory.
 (``selectors``, every socket non-blocking): one request per connection, at most
 ``MAX_REQUEST`` bytes within ``request_timeout`` seconds.  A slow, silent or garbage-sending
 client costs one registered socket until its deadline, and nobody waits for it; answering a
-key request takes tens of microseconds, so one thread serves thousands a second.
+key request takes tens of microseconds, so one thread serves thousands a second.  Waiting
+connections are counted per user (``SO_PEERCRED`` uid): a user over
+``max-connections-per-caller``, or the user holding most when the server is full, loses its
+oldest waiting connection to the newcomer, so hoarding starves only the hoarder.  A request
+is parsed by :func:`.protocol.decode`, which raises nothing but ``ProtocolError`` (nesting
+is bounded before ``json`` recurses); any other exception of one connection is logged and
+closes that connection only.
 Peers are identified with ``SO_PEERCRED``: root, or a member of the configured
 group (Qubes runs dom0's qrexec services as the first member of group ``qubes``).
 """
