@@ -28,16 +28,28 @@ from qubes_seal.luks.container import Container
 from qubes_seal.secret import Secret
 
 KEYCTL_JOIN_SESSION_KEYRING = 1
+KEYCTL_LINK = 8
+
+
+def new_session_keyring() -> None:
+    """Join a new anonymous session keyring, with root's user keyring linked into it as in
+    the default (user-session) keyring: through that link this process and its children
+    still *possess* the user keyring's keys, which updating or re-permitting a hand-over
+    there needs (the other tests of this process use it)."""
+    _, keyctl = handover._syscalls()
+    handover._call(keyctl, KEYCTL_JOIN_SESSION_KEYRING, ctypes.c_char_p(None))
+    handover._call(keyctl, KEYCTL_LINK, ctypes.c_long(handover.KEY_SPEC_USER_KEYRING),
+                   ctypes.c_long(handover.KEY_SPEC_SESSION_KEYRING))  # fmt: skip
 
 
 @pytest.fixture
 def own_session_keyring() -> Iterator[None]:
-    """A new, empty session keyring for this process and the commands it starts."""
-    _, keyctl = handover._syscalls()
-    handover._call(keyctl, KEYCTL_JOIN_SESSION_KEYRING, ctypes.c_char_p(None))
+    """A new session keyring for this process and the commands it starts, with no
+    hand-over key in it; another new one afterwards (what this test left is dropped)."""
+    new_session_keyring()
     assert handover.listing("session") == []
     yield
-    handover._call(keyctl, KEYCTL_JOIN_SESSION_KEYRING, ctypes.c_char_p(None))
+    new_session_keyring()
 
 
 def leave(container_uuid: str, kind: str) -> None:
