@@ -30,7 +30,7 @@ from machine import CHEAP_KDF, PASSPHRASE, U1, U2, Box
 from qubes_seal import chain
 from qubes_seal.service import client
 from qubes_seal.service.daemon import RECHECK_UNLOCKED
-from qubes_seal.service.protocol import MAX_REQUEST
+from qubes_seal.service.protocol import MAX_REQUEST, ProtocolError, decode
 from qubes_seal.sim.swtpm import Swtpm
 from qubes_seal.sim.txt_launch import sample_modules, txt_launch
 
@@ -527,3 +527,175 @@ def test_daemon_refuses_a_bad_config(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "served by both 'a' and 'b'" in proc.stderr
     assert not d.socket.exists()
+
+
+# -- attacks on the daemon (issue 13): a member of the service group, from its side ----------
+
+
+def test_decode_refuses_deep_nesting_without_recursing() -> None:
+    # The line of the attack: 3 KB, nested 1,500 deep; json.loads alone raises RecursionError.
+    deep = b'{"op":' + b"[" * 1500 + b"]" * 1500 + b"}"
+    with pytest.raises(RecursionError):
+        json.loads(b"[" * 100_000 + b"]" * 100_000)
+    for line in (deep, b'{"a":' * 1500 + b"1" + b"}" * 1500, b"[" * MAX_REQUEST):
+        with pytest.raises(ProtocolError, match="nested deeper"):
+            decode(line)
+    # Brackets inside a string are not nesting; 16 levels are the limit.
+    assert decode(b'{"op":"' + b"[{" * 1000 + b'"}')["op"].startswith("[{")
+    assert decode(b'{"op":' + b"[" * 15 + b"]" * 15 + b"}")["op"] == [[[[[[[[[[[[[[[]]]]]]]]]]]]]]]
+    # Nothing but ProtocolError leaves decode, whatever the bytes.
+    for line in (b"\xff\xfe", b'{"op": 1e999999}', b"\x00", b"{" * 17, b'{"a": "\\ud800"}'):
+        with contextlib.suppress(ProtocolError):
+            decode(line)
+
+
+def half_sent(sock: Path, data: bytes) -> bytes:
+    """Send ``data`` (no newline), close the sending side, return all the daemon sends."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(str(sock))
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        buf = b""
+        while chunk := s.recv(4096):
+            buf += chunk
+    return buf
+
+
+def test_hostile_requests_cannot_stop_the_daemon(keybox: Box, daemon: Daemon) -> None:
+    daemon.start()
+    keys = unlocked_with_keys(keybox, daemon)
+    assert daemon.proc is not None
+    pid = daemon.request({"op": "status"})["pid"]
+    deep = b'{"op":' + b"[" * 1500 + b"]" * 1500 + b"}\n"  # 3 KB: it used to kill the daemon
+    hostile = [
+        (deep, "bad-request", "nested deeper"),
+        (b'{"op":"get-key","caller":"sys-storage","domain":' + b"{" * 1200 + b"\n",
+         "bad-request", "nested deeper"),
+        (b'{"a":' * 800 + b"1" + b"}" * 800 + b"\n", "too-large", "larger than"),
+        (b'{"op":[]}\n', "bad-request", "unknown op"),  # unhashable op
+        (b'{"op":{"get-key":1}}\n', "bad-request", "unknown op"),
+        (b'{"op":"get-key","caller":{"a":[1]},"domain":[[]]}\n', "bad-request", "invalid"),
+        (b'{"op":"show","name":[1],"qube_uuid":{}}\n', "bad-request", "invalid"),
+        (b'{"op":"get-key","which":[],"caller":"sys-storage","domain":"work"}\n',
+         "bad-request", "which"),
+        (b"\xff\xfe\x00{\n", "bad-request", "not a JSON line"),
+        (os.urandom(3000).replace(b"\n", b"") + b"\n", "bad-request", "malformed"),
+        (b"x" * (MAX_REQUEST * 4), "too-large", "larger than"),
+    ]  # fmt: skip
+    for data, name, message in hostile:
+        answer = raw(daemon.socket, data)
+        assert answer["ok"] is False and answer["error"] == name, (data[:60], answer)
+        assert message in answer["message"], answer
+        # The same daemon process answers the next legitimate request at once.
+        assert get_key(daemon.socket, "sys-storage", "work").stdout == keys["work"]
+    # A half-sent request, the sending side closed: no answer, logged, nothing else.
+    assert half_sent(daemon.socket, b'{"op":"get-key","caller":"sys-st') == b""
+    # A half-sent request left open: answered when its time is up (request-timeout 1 s).
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(str(daemon.socket))
+        s.sendall(b'{"op":"get-key","caller":"sys-storage","domain":"wo')
+        assert get_key(daemon.socket, "sys-storage", "personal").stdout == keys["personal"]
+        answer = json.loads(s.recv(4096).partition(b"\n")[0])
+        assert answer["error"] == "bad-request" and "in time" in answer["message"]
+    assert daemon.proc.poll() is None
+    assert daemon.request({"op": "status"})["pid"] == pid == daemon.proc.pid
+    log = daemon.log()
+    assert "Traceback" not in log and "internal error" not in log
+    assert "nested deeper than" in log and "disconnected mid-request" in log
+
+
+HOLDER = """\
+import json, resource, socket, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+held = []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sys.argv[1])
+    held.append(s)
+print("holding", flush=True)
+sys.stdin.read()  # until the test is done
+busy = 0
+for s in held:
+    s.setblocking(False)
+    try:
+        busy += b'"busy"' in s.recv(4096)
+    except BlockingIOError:
+        pass
+print(json.dumps({"busy": busy}), flush=True)
+"""
+
+
+@contextlib.contextmanager
+def public_dir() -> Iterator[Path]:
+    """A directory user 65534 can reach (a test's tmp_path is in a 0700 directory)."""
+    path = Path(tempfile.mkdtemp(prefix="qs-keyd-"))
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def test_idle_connections_of_one_user_starve_nobody(keybox: Box) -> None:
+    """1,100 idle connections from uid 65534 (a member of the service group, "nogroup"
+    here), held well past any timeout: root and another process of uid 65534 still get
+    their keys at once.  Connections are counted per user (SO_PEERCRED uid); over the cap,
+    the user's oldest waiting connection is closed for the newcomer."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to connect as another user")
+    extra = '\ngroup = "nogroup"\n'
+    configs = {
+        "per-user cap (default 256)": "request-timeout = 60.0" + extra,
+        "total cap": "request-timeout = 60.0\nmax-connections = 100\n"
+        "max-connections-per-caller = 5000" + extra,
+    }
+    with public_dir() as pub:
+        exe = pub / SERVICE.name
+        shutil.copy2(SERVICE, exe)
+        os.chmod(exe, 0o755)
+        holder = pub / "holder.py"
+        holder.write_text(HOLDER)
+        for n, (what, service_cfg) in enumerate(configs.items()):
+            (pub / str(n)).mkdir(mode=0o755)
+            d = Daemon(pub / str(n), keybox.container,
+                       config=CONFIG.replace("request-timeout = 1.0", service_cfg))  # fmt: skip
+            d.start()
+            try:
+                if n == 0:
+                    assert keybox.unlock().code == 0
+                    assert keybox.cli("domain", "add", "personal").code == 0
+                want = bytes.fromhex(d.request({"op": "show", "name": "personal",
+                                                "show_key": True})["key"])  # fmt: skip
+                attacker = subprocess.Popen(
+                    [sys.executable, "-I", str(holder), str(d.socket), "1100"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, user=65534, group=65534,
+                    extra_groups=[], cwd=pub,
+                )  # fmt: skip
+                assert attacker.stdout is not None and attacker.stdin is not None
+                assert attacker.stdout.readline() == b"holding\n", what
+                time.sleep(0.3)
+                t0 = time.perf_counter()
+                mine = get_key(d.socket, "sys-storage", "personal")  # root
+                elapsed = time.perf_counter() - t0
+                assert mine.returncode == 0 and mine.stdout == want, (what, mine.stderr)
+                assert elapsed < 5, (what, elapsed)
+                same_uid = subprocess.run(
+                    [str(exe), "personal"], capture_output=True, timeout=30, user=65534,
+                    group=65534, extra_groups=[],
+                    env={"QREXEC_REMOTE_DOMAIN": "sys-storage", "QUBES_SEAL_SOCKET": str(d.socket)},
+                )  # fmt: skip
+                assert same_uid.returncode == 0, (what, same_uid.stderr)
+                assert same_uid.stdout == want
+                out, _ = attacker.communicate(b"", timeout=30)
+                busy = json.loads(out)["busy"]
+                # Only the newest stay: 256 per user, or 100 in all.
+                assert busy >= 1100 - (256 if n == 0 else 100), (what, busy)
+                counts = d.request({"op": "status"})["requests"]
+                assert counts["busy"] >= busy
+                assert "closed to make room (uid 65534" in d.log()
+                assert "Traceback" not in d.log()
+            finally:
+                d.stop()

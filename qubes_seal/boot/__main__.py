@@ -2,6 +2,9 @@
 
 import sys
 
-from .sequence import main
+from ..hardening import no_core_dumps
+
+no_core_dumps()  # first, before the passphrase and the keys: a crash leaves no core file
+from .sequence import main  # noqa: E402
 
 sys.exit(main())

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import QubesSealError, UsageError
 
 SIZE_RE = re.compile(r"^(\d+)([KMG]?)i?B?$", re.IGNORECASE)
 DEFAULT_SIZE = "16M"
@@ -217,9 +217,16 @@ def register(sub: Any) -> None:
     ap.set_defaults(func=cmd_attest)
 
     p = add_command(sub, "lock", "drop this boot's hand-over of the container's key",
-                    "Unlink the volume key from the kernel keyring.")  # fmt: skip
+                    "Unlink the volume key and the reseal bundle from the kernel keyring: the\n"
+                    "key service locks (and wipes the keys from its memory). They cannot be\n"
+                    "handed over again in this boot without the recovery key.\n\n"
+                    "--stale keeps this container's hand-over and drops the others: another\n"
+                    "container's (an older or re-initialised one, a test's) and expired ones,\n"
+                    "as 'qubes-seal status' lists them.")  # fmt: skip
     container_opt(p)
     keyring_opt(p)
+    p.add_argument("--stale", action="store_true",
+                   help="drop only the stale hand-over keys, keep this container's")  # fmt: skip
     p.set_defaults(func=cmd_lock)
 
     p = add_command(
@@ -384,6 +391,15 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _wipe(unlocked: Any) -> None:
+    """Wipe what an open container left in this process: every key of its keystore and its
+    volume key (a core file or a memory read after this finds zeros)."""
+    try:
+        unlocked.keystore.wipe()
+    finally:
+        unlocked.close()
+
+
 def cmd_unlock(args: argparse.Namespace) -> int:
     from .. import chain
     from .main import emit
@@ -415,7 +431,7 @@ def cmd_unlock(args: argparse.Namespace) -> int:
         )  # fmt: skip
         emit(args, doc, text)
     finally:
-        unlocked.close()
+        _wipe(unlocked)
     return 0
 
 
@@ -427,11 +443,12 @@ def cmd_recover(args: argparse.Namespace) -> int:
     policy = launch.load(unsafe_no_measured_launch=args.unsafe_no_measured_launch)
     rkey = ask("recovery key", path=args.recovery_key_file)
     unlocked = chain.recover(args.container, recovery_key=rkey, keyring=_keyring(args))
-    n = len(unlocked.keystore.list())
-    problem = unlocked.token_problem
-    generation = unlocked.keystore.generation
-    unlocked.keystore.wipe()
-    unlocked.close()
+    try:
+        n = len(unlocked.keystore.list())
+        problem = unlocked.token_problem
+        generation = unlocked.keystore.generation
+    finally:
+        _wipe(unlocked)
     doc: dict[str, Any] = {"recovered": True, "domains": n, "resealed": False,
                            "token_authentic": problem is None,
                            "keystore_generation": generation}  # fmt: skip
@@ -531,9 +548,32 @@ def cmd_lock(args: argparse.Namespace) -> int:
     from .. import chain
     from .main import emit
 
-    dropped = chain.lock(args.container, keyring=args.keyring if args.keyring != "none" else "user")
+    keyring = args.keyring if args.keyring != "none" else "user"
+    if args.stale:
+        return _lock_stale(args, keyring)
+    dropped = chain.lock(args.container, keyring=keyring)
     emit(args, {"dropped": dropped},
          "dropped the hand-over" if dropped else "no hand-over in this boot")  # fmt: skip
+    return 0
+
+
+def _lock_stale(args: argparse.Namespace, keyring: str) -> int:
+    from .. import handover
+    from ..luks.container import Container
+    from .main import emit
+
+    try:
+        uuid = Container(args.container).uuid
+    except QubesSealError as exc:  # a typo must not drop the real hand-over: refuse
+        raise UsageError(
+            f"cannot read the UUID of {args.container}: {exc.message}",
+            hint="Name the container whose hand-over stays (--container); 'qubes-seal status' "
+            "lists the keys.",
+        ) from None
+    dropped = handover.drop_stale(uuid, keyring=keyring)
+    emit(args, {"dropped": [k.describe() for k in dropped], "kept_uuid": uuid},
+         "\n".join([f"dropped {k.describe()}" for k in dropped]
+                   or ["no stale hand-over key"]))  # fmt: skip
     return 0
 
 
@@ -635,7 +675,7 @@ def _cmd_domain(args: argparse.Namespace, journal: Any) -> int:
                 if show_key:
                     doc["key"] = d.key.reveal().hex()
         finally:
-            unlocked.close()
+            _wipe(unlocked)
     revoke_note = ""
     if action == "remove" or (action == "rotate" and args.commit):
         # The destroyed key is still in older copies of the container: void them.

@@ -225,7 +225,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         "whether a measured launch happened, and each sealed PCR: expected, current, match.\n"
         "With a container (--container, or the default one when it exists): its policy\n"
         "(signed or not), its accepted boot states and which one this boot matches, and the\n"
-        "rollback counter against the token's bound (settled, increment pending, revoked).",
+        "rollback counter against the token's bound (settled, increment pending, revoked).\n"
+        "Then the hand-over keys in the kernel keyring (QUBES_SEAL_KEYRING, default user):\n"
+        "STALE marks another container's or an expired one ('qubes-seal lock --stale').",
     )
     add_container_option(p, optional=True, help_="also describe this container's token")
     p.set_defaults(func=cmd_status)
@@ -505,6 +507,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     doc["journal"], journal_line = journal.summary(args.state_dir)
     lines.append(journal_line)
+    from .. import handover
+
+    ours = container_doc.get("uuid") if container_doc else None
+    doc["handover"], handover_lines = handover.summary(
+        ours if isinstance(ours, str) else None, env("QUBES_SEAL_KEYRING", "user")
+    )
+    lines += handover_lines
     from ..service import client as key_service
 
     doc["key_service"], service_lines = key_service.summary()
@@ -813,6 +822,9 @@ def cmd_reseal(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ..hardening import no_core_dumps
+
+    no_core_dumps()  # before any secret: a crash leaves no core file (issue 13)
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         name = command_in(argv)

@@ -142,7 +142,7 @@ def _ensure_unlocked(args: argparse.Namespace) -> None:
     """Unlock with the current passphrase when this boot left no hand-over."""
     from .. import chain, handover
     from ..luks.container import Container
-    from .container_cmd import _progress
+    from .container_cmd import _progress, _wipe
     from .prompt import ask
 
     uuid = Container(args.container).uuid
@@ -150,11 +150,20 @@ def _ensure_unlocked(args: argparse.Namespace) -> None:
     if rs is not None:
         rs.wipe()
         return
+    vk = handover.get(uuid, keyring=args.keyring)
+    if vk is not None:  # unlocked in this boot, PCR 13 capped: no second unlock possible
+        vk.wipe()
+        raise UsageError(
+            "this boot's reseal hand-over has expired: a rotation needs it, and PCR 13, capped "
+            "at the unlock, allows no second unlock in this boot",
+            hint=f"Reboot and rotate within {handover.RS_LIFETIME // 60} minutes of the unlock "
+            f"(the lifetime: {handover.RS_LIFETIME_ENV}, docs/DESIGN.md, 'The hand-over').",
+        )
     unlocked = chain.unlock(
         args.container, tcti=args.tpm, keyring=args.keyring, progress=_progress(args),
         passphrase=lambda: ask("current passphrase", path=args.passphrase_file),
     )  # fmt: skip
-    unlocked.close()
+    _wipe(unlocked)
 
 
 def cmd_rotate(args: argparse.Namespace) -> int:

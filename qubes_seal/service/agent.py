@@ -533,6 +533,9 @@ def _std_fds_open() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ..hardening import no_core_dumps
+
+    no_core_dumps()  # the keys pass through pipes, never this process; still: no core
     args = build_parser().parse_args(argv)
     _std_fds_open()
     try:

@@ -17,6 +17,7 @@
     group = "qubes"                # the group admitted to the socket (default "qubes")
     request-timeout = 2.0          # seconds a client has to send its request (default 2)
     max-connections = 1024         # connections served at once (default 1024)
+    max-connections-per-caller = 256  # of them, held by one user (SO_PEERCRED uid; 256)
 
 Every name is checked with Qubes' own rules (:func:`~qubes_seal.keystore.validate_name`).
 Fail closed: a domain served by two storage domains, a storage domain that serves itself, an
@@ -40,12 +41,13 @@ DEFAULT_BURST = 100
 DEFAULT_GROUP = "qubes"
 DEFAULT_REQUEST_TIMEOUT = 2.0
 DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_MAX_CONNECTIONS_PER_CALLER = 256
 
 TABLES = {
     "storage-domains": None,
     "domain-uuids": None,
     "rate-limit": {"rate", "burst"},
-    "service": {"group", "request-timeout", "max-connections"},
+    "service": {"group", "request-timeout", "max-connections", "max-connections-per-caller"},
 }
 
 
@@ -64,6 +66,7 @@ class ServiceConfig:
     group: str = DEFAULT_GROUP
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_connections_per_caller: int = DEFAULT_MAX_CONNECTIONS_PER_CALLER
     source: str = "<defaults>"
 
     @property
@@ -180,6 +183,14 @@ def parse(doc: dict[str, Any], *, source: str = "<config>") -> ServiceConfig:
             _number(
                 svc.get("max-connections", DEFAULT_MAX_CONNECTIONS),
                 "[service] max-connections",
+                source,
+                integer=True,
+            )
+        ),
+        max_connections_per_caller=int(
+            _number(
+                svc.get("max-connections-per-caller", DEFAULT_MAX_CONNECTIONS_PER_CALLER),
+                "[service] max-connections-per-caller",
                 source,
                 integer=True,
             )

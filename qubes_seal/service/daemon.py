@@ -25,7 +25,13 @@ and wipes the keys from its memory.
 (``selectors``, every socket non-blocking): one request per connection, at most
 ``MAX_REQUEST`` bytes within ``request_timeout`` seconds.  A slow, silent or garbage-sending
 client costs one registered socket until its deadline, and nobody waits for it; answering a
-key request takes tens of microseconds, so one thread serves thousands a second.
+key request takes tens of microseconds, so one thread serves thousands a second.  Waiting
+connections are counted per user (``SO_PEERCRED`` uid): a user over
+``max-connections-per-caller``, or the user holding most when the server is full, loses its
+oldest waiting connection to the newcomer, so hoarding starves only the hoarder.  A request
+is parsed by :func:`.protocol.decode`, which raises nothing but ``ProtocolError`` (nesting
+is bounded before ``json`` recurses); any other exception of one connection is logged and
+closes that connection only.
 Peers are identified with ``SO_PEERCRED``: root, or a member of the configured
 group (Qubes runs dom0's qrexec services as the first member of group ``qubes``).
 """
@@ -38,6 +44,7 @@ import logging
 import os
 import pwd
 import re
+import resource
 import selectors
 import signal
 import socket
@@ -286,6 +293,8 @@ class KeyService:
     def handle(self, request: dict[str, Any], peer: Peer, *, admin: bool) -> dict[str, Any]:
         """The answer to one request from ``peer`` (``admin``: the peer may administer)."""
         op = request.get("op")
+        if not isinstance(op, str):
+            op = None  # a list or an object would not even hash: refused as unknown below
         if op == "get-key":
             answer = self._get_key(request, peer)
         elif op in ADMIN_OPS:
@@ -437,12 +446,30 @@ ACCEPT_BATCH = 64  # connections accepted per wake-up, before reading the open o
 SEND_TIMEOUT = 0.5
 
 
+#: file descriptors kept beyond ``max-connections``: the listening socket, the log, the
+#: container, the keyring look-ups
+SPARE_FDS = 64
+
+
 @dataclass
 class _Conn:
     peer: Peer
     deadline: float
     buf: bytearray = field(default_factory=bytearray)
     registered: bool = False  # with the selector (most connections are answered at accept)
+
+
+def _raise_fd_limit(wanted: int) -> int:
+    """Raise the soft ``RLIMIT_NOFILE`` towards ``wanted`` (within the hard limit); the
+    soft limit afterwards.  systemd starts services with a soft limit of 1024, fewer than
+    the default ``max-connections`` plus the daemon's own files."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+    return int(wanted if soft == resource.RLIM_INFINITY else soft)
 
 
 class Server:
@@ -454,7 +481,11 @@ class Server:
         cfg = service.config
         self.timeout = cfg.request_timeout
         self.max_connections = cfg.max_connections
+        self.per_caller = cfg.max_connections_per_caller
         self._conns: dict[socket.socket, _Conn] = {}
+        # uid -> its open connections, oldest first (dicts keep insertion order)
+        self._by_uid: dict[int, dict[socket.socket, None]] = {}
+        self._evicted: Counter[int] = Counter()  # uid -> closed for room, not yet logged
         self._sel: selectors.BaseSelector | None = None
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -519,6 +550,11 @@ class Server:
         sock.listen(socket.SOMAXCONN)
         sock.settimeout(0.25)
         self._sock = sock
+        limit = _raise_fd_limit(self.max_connections + SPARE_FDS)
+        if limit < self.max_connections + SPARE_FDS:
+            self.max_connections = max(1, limit - SPARE_FDS)
+            log.warning("file descriptor limit %d: at most %d connections at once", limit,
+                        self.max_connections)  # fmt: skip
 
     # -- peers -------------------------------------------------------------------------------
 
@@ -567,6 +603,7 @@ class Server:
                 now = time.monotonic()
                 if now >= next_sweep:
                     self._sweep(now)
+                    self._log_evictions()
                     next_sweep = now + SWEEP_INTERVAL
         finally:
             for conn in list(self._conns):
@@ -588,41 +625,80 @@ class Server:
             except OSError as exc:
                 log.error("accept failed: %s", exc)
                 return
-            conn.setblocking(False)
             try:
-                peer = peer_of(conn)
-            except OSError:
-                conn.close()
-                continue
-            if not self._admitted(peer):
-                log.warning("connection from %s refused: not root, not in the service group",
-                            peer)  # fmt: skip
-                self._reply(conn, error("forbidden", "not allowed to use the key service"))
-                conn.close()
-                continue
-            if len(self._conns) >= self.max_connections:
-                log.warning("connection from %s refused: %d connections open", peer,
-                            len(self._conns))  # fmt: skip
-                self._reply(conn, error("busy", "the key service is busy: try again"))
-                conn.close()
-                continue
-            state = _Conn(peer, time.monotonic() + self.timeout)
-            self._conns[conn] = state
-            # Most clients have sent their request by now: answer it without a trip through
-            # the selector; the others are registered and read when they are ready.
-            if self._readable(conn, state):
-                continue
-            assert self._sel is not None
-            self._sel.register(conn, selectors.EVENT_READ, state)
-            state.registered = True
+                self._admit(conn)
+            except Exception:  # one connection's bug, not the server's: logged, closed
+                log.exception("internal error accepting a connection")
+                self._close(conn)
+
+    def _admit(self, conn: socket.socket) -> None:
+        """Identify, admit, make room, then answer or register one accepted connection."""
+        conn.setblocking(False)
+        try:
+            peer = peer_of(conn)
+        except OSError:
+            conn.close()
+            return
+        if not self._admitted(peer):
+            log.warning("connection from %s refused: not root, not in the service group",
+                        peer)  # fmt: skip
+            self._reply(conn, error("forbidden", "not allowed to use the key service"))
+            conn.close()
+            return
+        # Room for the newcomer: over its own cap, the caller's oldest connection goes; the
+        # server full, the oldest connection of the caller holding most.  Every connection
+        # held here is one still waiting for its request (an answered one is closed at
+        # once), so a caller that hoards idle connections recycles its own, and a newcomer,
+        # whoever it is, is always read.
+        mine = self._by_uid.get(peer.uid)
+        if mine is not None and len(mine) >= self.per_caller:
+            self._evict(next(iter(mine)))
+        elif len(self._conns) >= self.max_connections:
+            heaviest = max(self._by_uid, key=lambda uid: len(self._by_uid[uid]))
+            self._evict(next(iter(self._by_uid[heaviest])))
+        state = _Conn(peer, time.monotonic() + self.timeout)
+        self._conns[conn] = state
+        self._by_uid.setdefault(peer.uid, {})[conn] = None
+        # Most clients have sent their request by now: answer it without a trip through
+        # the selector; the others are registered and read when they are ready.
+        if self._readable(conn, state):
+            return
+        assert self._sel is not None
+        self._sel.register(conn, selectors.EVENT_READ, state)
+        state.registered = True
+
+    def _evict(self, conn: socket.socket) -> None:
+        """Close a connection still waiting for its request to make room (``busy``)."""
+        state = self._conns.get(conn)
+        if state is not None:
+            self._evicted[state.peer.uid] += 1
+            self.service._count("requests", "busy")
+        message = "too many connections waiting: one of the oldest, closed for room; try again"
+        self._reply(conn, error("busy", message))
+        self._close(conn)
+
+    def _log_evictions(self) -> None:
+        """One log line per user and sweep for the connections closed to make room."""
+        for uid, n in self._evicted.items():
+            held = len(self._by_uid.get(uid, ()))
+            log.warning("%d waiting connection(s) of uid %d closed to make room (uid %d holds "
+                        "%d, at most %d per user, %d in all)", n, uid, uid, held,
+                        self.per_caller, self.max_connections)  # fmt: skip
+        self._evicted.clear()
 
     def _close(self, conn: socket.socket) -> None:
         # Only a registered connection is unregistered: selectors' KeyError for one that is
         # not builds a repr of the socket, a measurable share of a request's CPU.
         state = self._conns.pop(conn, None)
-        if state is not None and state.registered and self._sel is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self._sel.unregister(conn)
+        if state is not None:
+            mine = self._by_uid.get(state.peer.uid)
+            if mine is not None:
+                mine.pop(conn, None)
+                if not mine:
+                    del self._by_uid[state.peer.uid]
+            if state.registered and self._sel is not None:
+                with contextlib.suppress(KeyError, ValueError):
+                    self._sel.unregister(conn)
         conn.close()
 
     def _sweep(self, now: float) -> None:
@@ -636,7 +712,20 @@ class Server:
                 self._close(conn)
 
     def _readable(self, conn: socket.socket, state: _Conn) -> bool:
-        """Read what ``conn`` has; True when the connection is finished (and closed)."""
+        """Read what ``conn`` has; True when the connection is finished (and closed).
+
+        Whatever goes wrong with one request stays with it: an unexpected exception is
+        logged, answered ``internal`` and closes that connection only."""
+        try:
+            return self._read(conn, state)
+        except Exception:
+            log.exception("internal error serving %s", state.peer)
+            self.service._count("requests", "internal")
+            self._reply(conn, error("internal", "internal error of the key service (see its log)"))
+            self._close(conn)
+            return True
+
+    def _read(self, conn: socket.socket, state: _Conn) -> bool:
         try:
             chunk = conn.recv(MAX_REQUEST + 1 - len(state.buf))
         except BlockingIOError:
@@ -670,7 +759,7 @@ class Server:
 
     def _answer(self, line: bytes, peer: Peer) -> dict[str, Any]:
         try:
-            request = decode(line)
+            request = decode(line)  # raises ProtocolError and nothing else
         except ProtocolError as exc:
             log.warning("request from %s refused: %s", peer, exc)
             self.service._count("requests", "bad-request")
@@ -782,6 +871,9 @@ def serve(
     ready: Callable[[Server], None] | None = None,
 ) -> int:
     """Run the daemon until SIGTERM/SIGINT; returns the exit status."""
+    from ..hardening import no_core_dumps
+
+    no_core_dumps()  # it holds every domain key: no core file, no ptrace (also the CLI's)
     configure_logging()
     cfg = config_mod.load(config_path)
     service = KeyService(cfg, container=container, keyring=keyring, config_path=config_path)

@@ -44,6 +44,7 @@ WHICH_KEYS = (CURRENT, PREVIOUS)
 SERVICES = {SERVICE_NAME: CURRENT, PREVIOUS_SERVICE_NAME: PREVIOUS}
 
 MAX_REQUEST = 4096  # bytes, newline included: a request is a few names
+MAX_DEPTH = 16  # nesting of arrays and objects in a line: a request has 1, an answer 4
 MAX_RESPONSE = 65536  # a client reads at most this much (a list of many domains)
 KEY_HEX_CHARS = 128  # 64 key bytes
 
@@ -87,11 +88,51 @@ class ProtocolError(ValueError):
     """A line that is not one JSON object."""
 
 
+def nesting(text: str) -> int:
+    """How deep arrays and objects nest in ``text`` (JSON), brackets inside strings ignored.
+
+    A loop over the characters, not a parse: it cannot recurse, whatever the input."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
 def decode(line: bytes) -> dict[str, Any]:
-    """The JSON object of one request or answer line; :class:`ProtocolError` otherwise."""
+    """The JSON object of one request or answer line; :class:`ProtocolError` otherwise, and
+    nothing else, whatever the bytes.
+
+    ``json`` parses recursively: a line nested a few thousand deep raises ``RecursionError``
+    (not a ``ValueError``), which once stopped the daemon.  So the nesting is measured first,
+    without recursion (:func:`nesting`, only when the line holds more than
+    :data:`MAX_DEPTH` brackets at all: a request holds one), and a deeper line is refused
+    before ``json`` sees it.  Every other failure of the parse is a :class:`ProtocolError`
+    too.  The line is decoded as UTF-8 first: ``json.loads`` on bytes would also accept
+    UTF-16 and UTF-32, which the protocol does not.
+    """
     try:
-        doc = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("not a JSON line (UnicodeDecodeError)") from None
+    if text.count("[") + text.count("{") > MAX_DEPTH and nesting(text) > MAX_DEPTH:
+        raise ProtocolError(f"nested deeper than {MAX_DEPTH}")
+    try:
+        doc = json.loads(text)
+    except Exception as exc:  # ValueError; RecursionError, MemoryError: never past here
         raise ProtocolError(f"not a JSON line ({type(exc).__name__})") from None
     if not isinstance(doc, dict):
         raise ProtocolError("not a JSON object")
