@@ -58,6 +58,7 @@ __all__ = [
     "TxtState",
     "capture",
     "decode_errorcode",
+    "parse_heap",
     "read_state",
 ]
 
@@ -711,10 +712,15 @@ def read_state(path: str = DEV_MEM) -> TxtState:
         data = mem.read(regs.heap_base, regs.heap_size, "the TXT heap")
     finally:
         mem.close()
-    heap = _Heap(data, regs.heap_base)
+    parse_heap(state, data)
+    return state
+
+
+def parse_heap(state: TxtState, data: bytes) -> None:
+    """Walk the heap's bytes (read at ``state.registers.heap_base``) into ``state``."""
+    heap = _Heap(data, state.registers.heap_base)
     state.tables = walk_tables(heap)
     find_log(heap, state.tables[2], state)
-    return state
 
 
 def capture(path: str = DEV_MEM) -> TxtState:

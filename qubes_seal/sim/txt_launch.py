@@ -289,6 +289,7 @@ def build_heap(
     *,
     layout: str = LAYOUT_CRYPTO_AGILE,
     heap_layout: HeapLayout | None = None,
+    spec_id: eventlog.SpecId | None = None,
 ) -> tuple[bytes, bytes]:
     """The TXT heap after a launch that logged ``events``, and the log capture returns.
 
@@ -302,7 +303,7 @@ def build_heap(
     buffer = bytearray(h.log_buffer_size)
     phys = h.log_phys_addr
     if layout == LAYOUT_CRYPTO_AGILE:
-        log = eventlog.write(list(events), banks)
+        log = eventlog.write(list(events), spec_id.banks if spec_id else banks, spec_id=spec_id)
         if len(log) > h.tcg_log_size:
             raise ValueError(f"a {len(log)}-byte log does not fit tboot's TCG buffer")
         buffer[: len(log)] = log
@@ -397,6 +398,7 @@ def write_memory_image(
     layout: str = LAYOUT_CRYPTO_AGILE,
     heap_layout: HeapLayout | None = None,
     registers: txt_heap.TxtRegisters | None = None,
+    spec_id: eventlog.SpecId | None = None,
 ) -> MemoryImage:
     """Write the memory image of a launch that logged ``events`` (a sparse file).
 
@@ -407,6 +409,6 @@ def write_memory_image(
     h = heap_layout or HeapLayout()
     regs = registers or machine_registers(layout=h)
     regs = replace(regs, heap_base=h.heap_base, heap_size=h.heap_size)
-    heap, captured = build_heap(events, layout=layout, heap_layout=h)
+    heap, captured = build_heap(events, layout=layout, heap_layout=h, spec_id=spec_id)
     write_image(path, regs, heap)
     return MemoryImage(path, layout, regs, heap, h.log_phys_addr, captured)
