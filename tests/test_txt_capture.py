@@ -150,6 +150,13 @@ def test_capture_text_output_and_existing_directory_left_alone(tmp_path: Path) -
     assert (shared / "log").read_bytes() == image.log
 
 
+def test_out_in_a_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
+    image = tl.write_memory_image(tmp_path / "m.img", launch_events())
+    r = run(NO_TPM, tmp_path, "eventlog", "capture", "--mem", str(image.path), "--out",
+            str(tmp_path / "missing" / "log"))  # fmt: skip
+    assert r.code == EXIT_ERROR and "cannot write" in r.err
+
+
 def test_help_teaches_what_dev_mem_needs(tmp_path: Path) -> None:
     r = run(NO_TPM, tmp_path, "eventlog", "capture", "--help")
     assert r.code == 0
@@ -559,6 +566,8 @@ def _outcome(heap: bytes) -> None:
         # What is captured lies inside the heap.
         p = state.pointer
         assert H.heap_base <= p.phys_addr < H.heap_base + len(heap)
+        if p.element_type != txt_heap.EXT_EVENT_LOG_POINTER2:  # type 7 is rewritten
+            assert state.log in heap
 
 
 STRUCTURE = [0, 8, OS_SINIT, OS_SINIT + 8, ELEMENTS, ELEMENTS + 4, ELEMENTS + 8, ELEMENTS + 16,
