@@ -307,6 +307,70 @@ def test_real_dump_captured_log_replays_to_the_readme_values(tmp_path: Path) -> 
     }
 
 
+T460P = REAL / "tbootdevel_2022-01-31_lenovo-t460p_tboot-1.10.3_tpm12_txt-stat.txt"
+
+
+def _container_events(lines: list[str]) -> list[el.Event]:
+    """The TXT Event Container events tboot printed (PCRIndex, Type, Digest, Data)."""
+    events: list[el.Event] = []
+    i = 0
+    while i < len(lines):
+        if not lines[i].endswith("\t Event:"):
+            i += 1
+            continue
+        pcr = int(lines[i + 1].split(":")[-1])
+        etype = int(lines[i + 2].split(":")[-1], 16)
+        digest = bytes.fromhex(lines[i + 3].split("Digest:")[1])
+        m = re.search(r"Data: (\d+) bytes", lines[i + 4])
+        assert m
+        size, data, i = int(m.group(1)), b"", i + 4
+        while len(data) < size:
+            i += 1
+            data += bytes.fromhex(lines[i].strip())
+        events.append(el.Event(pcr, etype, {"sha1": digest}, data))
+        i += 1
+    return events
+
+
+@pytest.mark.skipif(not T460P.exists(), reason=f"no {T460P}")
+def test_real_tpm12_container_layout_and_size(tmp_path: Path) -> None:
+    """The T460p (TPM 1.2): type 5 pointer to a TXT Event Container, "EventsOffset:
+    [48,296]", the tables where tboot printed them (SinitMleData version 8 there)."""
+    text = T460P.read_text()
+    lines = text.splitlines()
+    start = lines.index("TBOOT: \t\t\t  EventsOffset: [48,296]")
+    end = next(i for i in range(start, len(lines)) if "sinit_mle_data (@" in lines[i])
+    events = _container_events(lines[start:end])
+    assert [e.event_type for e in events] == [0x402, 0x401, 0x403, 0x404]
+    launched = text.index("measured launch succeeded")
+    tables = {
+        m.group(1): (int(m.group(2), 16), int(m.group(3), 16))
+        for m in re.finditer(
+            r"TBOOT: (\w+_data) \(@(0x[0-9a-f]+), (0x[0-9a-f]+)\):", text[launched:]
+        )
+    }
+    versions = {
+        m.group(1): int(m.group(2))
+        for m in re.finditer(r"TBOOT: (\w+_data) \(@.*\n.*version: (\d+)", text[launched:])
+    }
+    layout = tl.HeapLayout(heap_base=0xB8F20000, sinit_mle_version=8)
+    image = tl.write_memory_image(tmp_path / "t460p.img", events, layout=tl.LAYOUT_TPM12,
+                                  heap_layout=layout)  # fmt: skip
+    state = txt_heap.capture(str(image.path))
+    p = state.pointer
+    assert p is not None and p.element_type == 5 and p.format == "txt-tpm12-container"
+    assert (p.phys_addr, p.allocated) == (0xB8F30176, 20480)  # elog_addr, "Size: 20480"
+    assert (p.first_record_offset, p.next_record_offset) == (48, 296)
+    assert {t.name: (t.phys_addr, t.size) for t in state.tables} == tables
+    assert {t.name: t.version for t in state.tables} == versions
+    assert [e.size for e in state.elements] == [16, 8]  # "EVENT_LOG_POINTER: size: 16"
+    assert el.parse_txt_event_container(state.log).events == events
+    code, _, err, log = capture_cli(tmp_path, image.path)
+    assert code == 0, err
+    doc = run(NO_TPM, tmp_path, "eventlog", "replay", "--json", "--txt", str(log)).json()
+    assert sorted(doc["pcrs"]["sha1"]) == ["17", "18"]  # the mapping event on 255 skipped
+
+
 FAILED = [
     # file, error code, tboot's decoding as the file prints it
     ("tbootdevel_2020-01-15_dell-poweredge-r730_tpm2_SENTER-failed-0xc0033451_tboot-log.txt",
