@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import re
 import stat
 import struct
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -62,7 +65,7 @@ def test_capture_of_the_launch_replays_to_the_swtpm_pcrs(swtpm: Swtpm, tmp_path:
     code, out, err, log = capture_cli(tmp_path, image, "--json")
     assert code == 0, err
     assert log.read_bytes() == result.log
-    doc = __import__("json").loads(out)
+    doc = json.loads(out)
     assert doc["senter_done"] is True and doc["error_code"] == 0
     assert doc["log"]["format"] == "crypto-agile"
     assert doc["log"]["phys_addr"] == 0xB9F30176
@@ -77,6 +80,22 @@ def test_capture_of_the_launch_replays_to_the_swtpm_pcrs(swtpm: Swtpm, tmp_path:
     assert replayed["pcrs"]["sha256"]["18"] == actual[18].hex() == result.expected[18].hex()
     verify = run(swtpm.tcti, tmp_path, "eventlog", "verify", "--txt", str(log))
     assert verify.code == 0, verify.err
+
+
+def test_the_txt_launch_command_writes_the_image(swtpm: Swtpm, tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[1] / "swtpm-fixtures" / "txt-launch"
+    image = tmp_path / "machine.img"
+    res = subprocess.run(
+        [sys.executable, str(script), "--port", str(swtpm.port), "--sample", "--mem-image",
+         str(image), "--json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    pcrs = json.loads(res.stdout)["pcrs"]["sha256"]
+    code, _, err, log = capture_cli(tmp_path, image)
+    assert code == 0, err
+    replayed = run(NO_TPM, tmp_path, "eventlog", "replay", "--json", "--txt", str(log)).json()
+    assert replayed["pcrs"]["sha256"] == pcrs
 
 
 def test_txt_launch_without_image_is_unchanged(swtpm: Swtpm) -> None:
@@ -120,7 +139,7 @@ def test_every_layout_captures_and_replays(tmp_path: Path, layout: str, events: 
     code, out, err, log = capture_cli(tmp_path, image.path, "--json")
     assert code == 0, err
     assert log.read_bytes() == image.log
-    doc = __import__("json").loads(out)
+    doc = json.loads(out)
     assert doc["log"]["format"] == fmt
     assert doc["log"]["element_type"] == element
     # Whatever the layout, each bank replays to what the events imply.
@@ -421,7 +440,7 @@ def test_real_failed_or_disabled_launches_are_no_launch(tmp_path: Path, name: st
     code, out, err, log = capture_cli(tmp_path, image, "--json")
     assert code == EXIT_MEASUREMENT, err
     assert "no TXT measured launch" in err
-    doc = __import__("json").loads(out)
+    doc = json.loads(out)
     assert doc["error_code"] == regs.errorcode
     assert doc["senter_done"] == regs.senter_done
     assert doc["log"] is None and doc["measured_launch"] is False
@@ -437,7 +456,7 @@ def test_senter_not_done_is_exit_3(tmp_path: Path) -> None:
     code, out, err, log = capture_cli(tmp_path, image.path, "--json")
     assert code == EXIT_MEASUREMENT
     assert "SENTER was not done" in err and "0xc0003c11" in err
-    doc = __import__("json").loads(out)
+    doc = json.loads(out)
     assert doc["senter_done"] is False and doc["error_code"] == 0xC0003C11
     assert not log.exists()
 
