@@ -136,17 +136,19 @@ def register(sub: Any) -> None:
         "eventlog",
         formatter_class=Formatter,
         epilog=EXIT_CODES,
-        help="read the firmware's or a TXT event log: list, replay, verify against the TPM",
+        help="read the firmware's or a TXT event log: capture, list, replay, verify",
         description=(
             "Read a TCG event log and list its events, replay it to PCR values, or compare\n"
             "that replay with the TPM's PCRs.\n\n"
             f"FILE defaults to the firmware (SRTM) log, {FIRMWARE_LOG}.\n"
-            "Linux does not expose the TXT (DRTM) event log: give the copy captured from the\n"
-            "TXT heap with --txt FILE; it is replayed as a dynamic launch (PCR 17-22 start at\n"
-            "zero, not 0xFF). Formats: TCG crypto-agile (TCG_PCR_EVENT2), legacy SHA-1\n"
-            "(TCG_PCClientPCREvent), and tboot's TPM 1.2 TXT Event Container.\n\n"
+            "Linux does not expose the TXT (DRTM) event log: `eventlog capture` copies it from\n"
+            "the TXT heap (/dev/mem); give that copy with --txt FILE; it is replayed as a\n"
+            "dynamic launch (PCR 17-22 start at zero, not 0xFF).\nFormats: TCG crypto-agile "
+            "(TCG_PCR_EVENT2), legacy SHA-1 (TCG_PCClientPCREvent), and\ntboot's TPM 1.2 TXT "
+            "Event Container.\n\n"
             "examples:\n"
             "  qubes-seal eventlog show\n"
+            "  qubes-seal eventlog capture    # -> /run/qubes-seal/txt-event.log\n"
             "  qubes-seal eventlog replay --json --txt txt-log.bin\n"
             "  qubes-seal --tpm swtpm:port=2321 eventlog verify --txt txt-log.bin"
         ),
@@ -541,11 +543,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
     ]
     if state.no_launch:
         emit(args, doc, "\n".join(lines))
-        raise txt_heap.TxtNoLaunch(
-            f"no TXT measured launch: {state.no_launch} (TXT.ERRORCODE "
-            f"0x{regs.errorcode:08x}: {txt_heap.decode_errorcode(regs.errorcode)}); "
-            f"nothing written to {out}"
-        )
+        raise txt_heap.no_launch_error(state)
     pointer = state.pointer
     assert pointer is not None
     # Into a directory of its own (the default /run/qubes-seal) it is private; a directory

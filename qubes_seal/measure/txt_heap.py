@@ -58,6 +58,7 @@ __all__ = [
     "TxtState",
     "capture",
     "decode_errorcode",
+    "no_launch_error",
     "parse_heap",
     "read_state",
 ]
@@ -727,9 +728,14 @@ def capture(path: str = DEV_MEM) -> TxtState:
     """:func:`read_state`, raising :class:`TxtNoLaunch` when there is no log to capture."""
     state = read_state(path)
     if state.no_launch:
-        raise TxtNoLaunch(
-            f"no TXT measured launch: {state.no_launch} "
-            f"(TXT.ERRORCODE 0x{state.registers.errorcode:08x}: "
-            f"{decode_errorcode(state.registers.errorcode)})"
-        )
+        raise no_launch_error(state)
     return state
+
+
+def no_launch_error(state: TxtState) -> TxtNoLaunch:
+    """The exit-3 error for a state without a log: why, and TXT.ERRORCODE in tboot's words."""
+    code = state.registers.errorcode
+    return TxtNoLaunch(
+        f"no TXT measured launch: {state.no_launch} "
+        f"(TXT.ERRORCODE 0x{code:08x}: {decode_errorcode(code)})"
+    )
