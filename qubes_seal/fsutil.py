@@ -166,16 +166,24 @@ def fsync_dir(directory: Path) -> None:
         os.close(dfd)
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o600, private_dir: bool = True) -> None:
     """Write ``data`` to ``path`` atomically: temp file, fsync, rename, fsync of the directory.
 
-    ``path``'s directory is a checked private directory (:func:`ensure_private_dir`).  The
+    ``path``'s directory is a checked private directory (:func:`ensure_private_dir`), or,
+    with ``private_dir=False`` (a directory the user named, for a file that is not secret:
+    the captured TXT event log), an existing directory used as it is.  The
     temporary file is new (``O_EXCL|O_NOFOLLOW``, a random name, ``mode`` from the start) and
     every step names it relative to the directory opened once: a planted link is neither
     followed nor written through.  A crash leaves either the old file or the new one.
     """
-    directory = ensure_private_dir(path.parent)
-    dfd = _open_dir(directory)
+    if private_dir:
+        directory = ensure_private_dir(path.parent)
+    else:
+        directory = Path(os.path.realpath(path.parent))
+    try:
+        dfd = _open_dir(directory)
+    except OSError as exc:
+        raise QubesSealError(f"cannot write {path}: {directory}: {exc.strerror}") from exc
     try:
         tmp = f".{path.name}.{secrets.token_hex(8)}.tmp"
         try:

@@ -1,4 +1,4 @@
-"""``qubes-seal eventlog show|replay|verify [FILE]``: reading TCG and TXT event logs.
+"""``qubes-seal eventlog show|replay|verify [FILE]``, ``eventlog capture``: TCG and TXT logs.
 
 A thin layer over :mod:`qubes_seal.measure.eventlog`: read one log (the firmware's, a copy
 of it, or with ``--txt`` a TXT event log captured from the TXT heap), then list its events,
@@ -22,6 +22,50 @@ if TYPE_CHECKING:
 
 #: Where Linux exposes the firmware's (SRTM) event log; TPM 2.0 logs are crypto-agile.
 FIRMWARE_LOG = "/sys/kernel/security/tpm0/binary_bios_measurements"
+
+#: Where ``eventlog capture`` writes this boot's TXT event log (the reseal unit reads it).
+CAPTURED_TXT_LOG = "/run/qubes-seal/txt-event.log"
+
+CAPTURE_DESCRIPTION = f"""\
+Read this boot's TXT (DRTM) event log from physical memory, as tboot's txt-stat does,
+and write it to --out (default {CAPTURED_TXT_LOG}), replayable with
+`qubes-seal eventlog replay --txt FILE`.
+
+What is read: the TXT public registers at 0xFED30000 (TXT.STS: was SENTER done?
+TXT.ERRORCODE, decoded as tboot decodes it; TXT.HEAP.BASE/SIZE), then the TXT heap
+(BiosData, OsMleData, OsSinitData, SinitMleData), the event-log pointer element in
+OsSinitData (type 8: TCG crypto-agile log; type 7: tboot's per-bank "legacy TPM2" logs,
+written out as one crypto-agile log; type 5: the TPM 1.2 TXT Event Container), and the
+log's records from its first to its next record offset. Every size, offset and address is
+checked: the log must lie inside the heap; a garbage or hostile heap is refused (exit 7)
+and nothing is written.
+
+--mem FILE reads a memory image instead of /dev/mem: byte offset = physical address (a
+sparse file with the registers at 0xFED30000 and the heap where TXT.HEAP.BASE points).
+
+Reading /dev/mem needs (exit 1 otherwise, with the reason):
+  - root with CAP_SYS_RAWIO: as another user, "permission denied (not root)";
+  - no kernel lockdown: under lockdown=integrity or confidentiality (Secure Boot often
+    enables it) opening /dev/mem fails, "the kernel is locked down";
+  - CONFIG_STRICT_DEVMEM lets /dev/mem reach only what is not System RAM. The TXT
+    registers and a heap that tboot reserved in the e820 map qualify; older kernels refuse
+    the rest with "operation not permitted", newer ones read it as zeros, which shows as
+    a corrupt heap (exit 7).
+Under Xen, dom0's /dev/mem reaches these regions. Capture early (the initramfs), once.
+
+The output is written atomically, mode 0644: the log is not secret (PCR values and digests
+of public boot files), and the tools that predict the next boot read it.
+
+exit 3: TXT says no measured launch happened (SENTER not done, TXT disabled, or no log
+pointer / an empty log). --json prints the facts in every case:
+  {{"senter_done": bool, "error_code": int, "error": "tboot's words",
+   "log": {{"format": ..., "phys_addr": int, "size": int, ...}} or null,
+   "registers": {{...}}, "heap": {{table: {{"phys_addr", "size", "version"}}}}, "out": path}}
+
+examples:
+  qubes-seal eventlog capture
+  qubes-seal eventlog capture --mem machine.img --out txt.log --json
+  qubes-seal eventlog replay --txt /run/qubes-seal/txt-event.log"""
 
 #: Every bank this command can read from a TPM (TPM_ALG_ID names of the TCG registry).
 TPM_BANKS = ("sha1", "sha256", "sha384", "sha512", "sm3_256")
@@ -92,17 +136,19 @@ def register(sub: Any) -> None:
         "eventlog",
         formatter_class=Formatter,
         epilog=EXIT_CODES,
-        help="read the firmware's or a TXT event log: list, replay, verify against the TPM",
+        help="read the firmware's or a TXT event log: capture, list, replay, verify",
         description=(
             "Read a TCG event log and list its events, replay it to PCR values, or compare\n"
             "that replay with the TPM's PCRs.\n\n"
             f"FILE defaults to the firmware (SRTM) log, {FIRMWARE_LOG}.\n"
-            "Linux does not expose the TXT (DRTM) event log: give the copy captured from the\n"
-            "TXT heap with --txt FILE; it is replayed as a dynamic launch (PCR 17-22 start at\n"
-            "zero, not 0xFF). Formats: TCG crypto-agile (TCG_PCR_EVENT2), legacy SHA-1\n"
-            "(TCG_PCClientPCREvent), and tboot's TPM 1.2 TXT Event Container.\n\n"
+            "Linux does not expose the TXT (DRTM) event log: `eventlog capture` copies it from\n"
+            "the TXT heap (/dev/mem); give that copy with --txt FILE; it is replayed as a\n"
+            "dynamic launch (PCR 17-22 start at zero, not 0xFF).\nFormats: TCG crypto-agile "
+            "(TCG_PCR_EVENT2), legacy SHA-1 (TCG_PCClientPCREvent), and\ntboot's TPM 1.2 TXT "
+            "Event Container.\n\n"
             "examples:\n"
             "  qubes-seal eventlog show\n"
+            "  qubes-seal eventlog capture    # -> /run/qubes-seal/txt-event.log\n"
             "  qubes-seal eventlog replay --json --txt txt-log.bin\n"
             "  qubes-seal --tpm swtpm:port=2321 eventlog verify --txt txt-log.bin"
         ),
@@ -153,6 +199,23 @@ def register(sub: Any) -> None:
                 "replays) [QUBES_SEAL_BANK]",
             )  # fmt: skip
         p.set_defaults(func=func)
+
+    p = add_command(
+        actions,
+        "capture",
+        "read this boot's TXT event log from the TXT heap (/dev/mem) into a file",
+        CAPTURE_DESCRIPTION,
+    )
+    p.add_argument(
+        "--mem", metavar="FILE", default=env("QUBES_SEAL_MEM", "/dev/mem"),
+        help="physical memory to read, addressed like /dev/mem (default /dev/mem) "
+        "[QUBES_SEAL_MEM]",
+    )  # fmt: skip
+    p.add_argument(
+        "--out", metavar="FILE", default=env("QUBES_SEAL_TXT_LOG_OUT", CAPTURED_TXT_LOG),
+        help=f"where to write the log (default {CAPTURED_TXT_LOG}) [QUBES_SEAL_TXT_LOG_OUT]",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_capture)
 
 
 # -- reading -----------------------------------------------------------------------------------
@@ -453,4 +516,44 @@ def cmd_verify(args: argparse.Namespace) -> int:
             "incomplete, or something extended these PCRs without logging it. Do not base "
             "a prediction or a policy on it.",
         )
+    return 0
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..fsutil import atomic_write
+    from ..measure import txt_heap
+    from .main import emit
+
+    state = txt_heap.read_state(args.mem)
+    out = Path(args.out)
+    doc = state.to_json()
+    doc["out"] = str(out) if state.log else None
+    regs = state.registers
+    lines = [
+        f"TXT registers ({args.mem}): STS 0x{regs.sts:08x} (SENTER done: "
+        f"{'yes' if regs.senter_done else 'no'}), ERRORCODE 0x{regs.errorcode:08x} "
+        f"({txt_heap.decode_errorcode(regs.errorcode)}), DIDVID 0x{regs.didvid:016x}",
+        f"  TXT.HEAP.BASE 0x{regs.heap_base:x}, TXT.HEAP.SIZE 0x{regs.heap_size:x}",
+    ]
+    lines += [
+        f"  {t.name} @0x{t.phys_addr:x}, size 0x{t.size:x}, version {t.version}"
+        for t in state.tables
+    ]
+    if state.no_launch:
+        emit(args, doc, "\n".join(lines))
+        raise txt_heap.no_launch_error(state)
+    pointer = state.pointer
+    assert pointer is not None
+    # Into a directory of its own (the default /run/qubes-seal) it is private; a directory
+    # the user names is left as it is.
+    atomic_write(out, state.log, mode=0o644, private_dir=out == Path(CAPTURED_TXT_LOG))
+    lines.append(
+        f"  event log: {pointer.format} (element type {pointer.element_type}) at "
+        f"0x{pointer.phys_addr:x}, records [{pointer.first_record_offset}, "
+        f"{pointer.next_record_offset})"
+    )
+    lines.append(f"wrote {len(state.log)} bytes to {out}")
+    emit(args, doc, "\n".join(lines))
     return 0

@@ -909,6 +909,8 @@ def write_sha1(events: Sequence[Event]) -> bytes:
 # --- Replay and verification ---------------------------------------------------------------
 
 DRTM_PCRS = range(17, 23)
+#: The "PCR" SINIT's EVTYPE_PCRMAPPING (0x401) event names: no PCR, nothing is extended.
+PCR_MAPPING_INDEX = 0xFF
 HCRTM_LOCALITY = 4
 NUM_PCRS = 24
 
@@ -968,6 +970,10 @@ def _replay(log: EventLog, drtm: bool) -> tuple[dict[str, dict[int, bytes]], dic
                 seen_locality = True
                 locality = loc
             continue
+        if event.event_type == EVTYPE_PCRMAPPING and pcr == PCR_MAPPING_INDEX:
+            # SINIT's PCR-mapping event names "PCR 255": it records which mapping SINIT
+            # used and extends nothing (real-drtm txt-stat dump, event 2).
+            continue
         if not 0 <= pcr < NUM_PCRS:
             raise EventLogError(f"event {index} extends PCR {pcr}, beyond PCR 23")
         if pcr == 0:
@@ -1004,7 +1010,8 @@ def _replay(log: EventLog, drtm: bool) -> tuple[dict[str, dict[int, bytes]], dic
 def replay(log: EventLog, *, drtm: bool = False) -> dict[str, dict[int, bytes]]:
     """Replay a log: the final value per bank and per PCR the log extends.
 
-    EV_NO_ACTION events are not extended.  A StartupLocality EV_NO_ACTION event makes PCR 0
+    EV_NO_ACTION events are not extended, nor is SINIT's PCR-mapping event (0x401) on
+    "PCR 255".  A StartupLocality EV_NO_ACTION event makes PCR 0
     start at ``00..00 || locality``, and so does an EV_EFI_HCRTM_EVENT as PCR 0's first
     event, with locality 4; PCR 17-22 start at zero for a DRTM (TXT) log (``drtm=True``) and
     at 0xFF otherwise; other PCRs start at zero.  A StartupLocality or H-CRTM event after
