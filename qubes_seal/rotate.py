@@ -780,8 +780,12 @@ def _repair_rotation(journal: Journal, *, tcti: str | None) -> tuple[str, list[s
             else:
                 notes.append(f"left keyslot {s}: the journal does not prove this rotation "
                              "added it")  # fmt: skip
-        if current.raw != data["old_token"]:
-            if _resealed_only(current.raw or {}, data["old_token"]):
+        old_doc = data["old_token"]
+        if current.raw != old_doc:
+            if not isinstance(old_doc, dict) or "mac" not in old_doc:
+                notes.append("left the token: the journal's old token carries no MAC (it was "
+                             "not recorded by qubes-seal)")  # fmt: skip
+            elif _resealed_only(current.raw or {}, old_doc):
                 container.import_token(data["old_token"], token_id=token_id, replace=True)
             else:
                 notes.append("left the token: the journal's old token differs from it in more "

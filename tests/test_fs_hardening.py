@@ -201,7 +201,7 @@ def test_a_planted_rotation_journal_kills_no_keyslot_of_the_real_container(box: 
     state = box.dir / "state"
     container = Container(box.container)
     token_id, token = chain.read_token(container)
-    common = dict(uuid=container.uuid, token_id=token_id, old_token=token.to_json())
+    common = dict(uuid=container.uuid, token_id=token_id, old_token=token.raw)
     plant_journal(state, "rotate-passphrase", box.container, **common, slots_before=[0],
                   old_slot=0, new_slot=1)  # fmt: skip
     res = cli(box, "repair", "--json")
@@ -215,7 +215,7 @@ def test_a_planted_rotation_journal_kills_no_keyslot_of_the_real_container(box: 
     assert container.slots() == [0, 1]
     (state / journal.JOURNAL_NAME).unlink()
     # An "old token" that would point the unlock at another keyslot is not put back.
-    forged = {**token.to_json(), "recovery_keyslot": 0, "tpm_keyslot": 1}
+    forged = {**(token.raw or {}), "recovery_keyslot": 0, "tpm_keyslot": 1}
     plant_journal(state, "rotate-passphrase", box.container, **{**common, "old_token": forged},
                   slots_before=[0, 1], old_slot=0, new_slot=2)  # fmt: skip
     res = cli(box, "repair", "--json")
