@@ -120,6 +120,7 @@ COMMAND_MODULES = {
     "vouch_cmd": ("vouch",),
     "tpm_cmd": ("tpm",),
     "grow_cmd": ("grow",),
+    "doctor_cmd": ("doctor",),
 }
 ALL_COMMANDS = frozenset(INLINE_COMMANDS).union(*COMMAND_MODULES.values())
 

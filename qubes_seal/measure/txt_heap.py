@@ -61,6 +61,7 @@ __all__ = [
     "no_launch_error",
     "parse_heap",
     "read_state",
+    "registers_at",
 ]
 
 DEV_MEM = "/dev/mem"
@@ -479,6 +480,16 @@ def read_registers(mem: _Memory) -> TxtRegisters:
         for name, off in REG.items()
     }
     return TxtRegisters(**values)
+
+
+def registers_at(path: str = DEV_MEM) -> TxtRegisters:
+    """Only the public registers of the memory at ``path`` (``doctor``: after a corrupt heap,
+    the registers still say whether TXT is on and which chipset this is)."""
+    mem = _Memory(path)
+    try:
+        return read_registers(mem)
+    finally:
+        mem.close()
 
 
 class _Heap:
