@@ -238,12 +238,39 @@ def _cpu_flags(ctx: Context) -> tuple[set[str] | None, str, str]:
     return flags, vendor, ""
 
 
+def _under_xen(ctx: Context) -> bool:
+    """dom0 (or any Xen guest): Xen's CPUID policy hides SMX from its guests' cpuinfo."""
+    try:
+        kind = ctx.path("sys/hypervisor/type").read_text().strip()
+    except OSError:
+        kind = ""
+    return kind == "xen" or ctx.path("proc/xen").is_dir()
+
+
+def _smx(ctx: Context) -> bool | None:
+    """The CPU has SMX: True, False, or None when unknown (no cpuinfo; under Xen, which
+    hides the flag from dom0 whether or not the CPU has it)."""
+    flags, _, _ = _cpu_flags(ctx)
+    if flags is None:
+        return None
+    if "smx" in flags:
+        return True
+    return None if _under_xen(ctx) else False
+
+
 def check_smx(ctx: Context) -> Check:
     flags, vendor, error = _cpu_flags(ctx)
     if flags is None:
         return Check("cpu-smx", None, f"not checked: {error}")
     if "smx" in flags:
         return Check("cpu-smx", True, "the CPU has SMX (safer mode extensions, GETSEC)")
+    if vendor != "AuthenticAMD" and _under_xen(ctx):
+        return Check(
+            "cpu-smx",
+            None,
+            "not checked: under Xen, dom0's /proc/cpuinfo never shows 'smx' (Xen hides it "
+            "from its guests); txt-enabled and txt-launch read the hardware instead",
+        )
     if vendor == "AuthenticAMD":
         return Check(
             "cpu-smx",
@@ -271,8 +298,7 @@ class TxtFacts:
 
 
 def _txt_facts(ctx: Context) -> TxtFacts:
-    flags, _, _ = _cpu_flags(ctx)
-    facts = TxtFacts(smx=None if flags is None else "smx" in flags)
+    facts = TxtFacts(smx=_smx(ctx))
     try:
         facts.state = txt_heap.read_state(ctx.mem)
     except txt_heap.TxtHeapError as exc:
@@ -285,9 +311,10 @@ def _txt_facts(ctx: Context) -> TxtFacts:
 
 
 def _txt_enabled(facts: TxtFacts) -> bool:
-    """TXT is on: SMX and the heap and SINIT regions the BIOS sets up (zero when TXT is off)."""
+    """TXT is on: the heap the BIOS sets up (zero when TXT is off, and on the real machines
+    whose registers are garbage), and SMX unless it cannot be known (under Xen)."""
     regs = facts.state.registers if facts.state else None
-    return bool(facts.smx and regs is not None and regs.heap_base and regs.heap_size)
+    return bool(facts.smx is not False and regs is not None and regs.heap_base and regs.heap_size)
 
 
 def check_txt_enabled(ctx: Context) -> Check:
@@ -315,8 +342,9 @@ def check_txt_enabled(ctx: Context) -> Check:
     if facts.smx is None:
         return Check(
             "txt-enabled",
-            None,
-            "the TXT heap is set up, but whether the CPU has SMX could not be read",
+            True,
+            f"TXT enabled: heap {regs.heap_base:#x} ({regs.heap_size:#x} bytes), chipset "
+            f"DIDVID {regs.didvid:#x} (SMX not visible here: under Xen, or no cpuinfo)",
         )
     return Check(
         "txt-enabled",
@@ -352,8 +380,6 @@ def check_txt_launch(ctx: Context) -> Check:
     if not _txt_enabled(facts):
         why = "no SMX" if facts.smx is False else "TXT is off"
         sts = f" (TXT.STS reads {facts.state.registers.sts:#x}: garbage)" if facts.state else ""
-        if facts.smx is None:
-            why = "TXT is off or SMX unknown"
         return Check(
             "txt-launch",
             False,
@@ -836,8 +862,10 @@ def check_initramfs(ctx: Context) -> Check:
             "initramfs",
             False,
             f"{image.name} (the newest initramfs) lacks our dracut module ({', '.join(missing)})",
-            "sudo dracut -f --kver <version> (the qubes-seal package installs the module in "
-            "/usr/lib/dracut/modules.d/90qubes-seal; dracut adds it when a container exists).",
+            "Create /etc/qubes-seal/boot.toml (from /usr/share/qubes-seal/boot.toml.example): "
+            "dracut includes the module only when it exists; then sudo dracut -f (dracut "
+            "says why it skipped the module: 'qubes_seal is not importable', a missing "
+            "binary).",
         )
     return Check("initramfs", True, f"{image.name} carries our dracut module")
 

@@ -386,6 +386,24 @@ def test_no_dev_mem_is_not_checked(tmp_path: Path) -> None:
     assert checks["txt-launch"].ok is None
 
 
+def _dom0(r: Path) -> None:
+    (r / "proc/xen").mkdir(parents=True)
+    _no_smx(r)
+
+
+def test_dom0_under_xen_hides_smx_and_the_hardware_answers(tmp_path: Path) -> None:
+    root = healthy_root(tmp_path / "root")
+    _dom0(root)
+    checks = by_id(ctx_for(root, good_launch(tmp_path / "mem.img")))
+    assert checks["cpu-smx"].ok is None and "Xen" in checks["cpu-smx"].summary
+    assert checks["txt-enabled"].ok is True
+    assert checks["txt-launch"].ok is True and "launched" in checks["txt-launch"].summary
+    mem = tmp_path / "failed.img"
+    write_image(mem, machine_registers(senter_done=False, errorcode=0xC0003C11))
+    launch = doctor.check_txt_launch(ctx_for(root, mem))
+    assert launch.ok is False and "0xc0003c11" in launch.summary
+
+
 def test_garbage_registers_claiming_a_launch_without_smx(tmp_path: Path) -> None:
     """A good launch's memory, but the CPU has no SMX: never "launched"."""
     root = healthy_root(tmp_path / "root")
@@ -429,8 +447,11 @@ REAL_NO_LAUNCH = {
 }
 
 
+@pytest.mark.parametrize("xen", [False, True])
 @pytest.mark.parametrize("name", list(REAL_NO_LAUNCH))
-def test_real_garbage_registers_never_read_as_launched(tmp_path: Path, name: str) -> None:
+def test_real_garbage_registers_never_read_as_launched(
+    tmp_path: Path, name: str, xen: bool
+) -> None:
     if not REAL.is_dir():
         pytest.skip("../shared/testdata/real-drtm is not here")
     regs = real_registers(name)
@@ -438,6 +459,8 @@ def test_real_garbage_registers_never_read_as_launched(tmp_path: Path, name: str
     root = healthy_root(tmp_path / "root")
     if not REAL_NO_LAUNCH[name]:
         _no_smx(root)
+    if xen:  # dom0: SMX unknowable from cpuinfo, the registers alone must not convince
+        _dom0(root)
     mem = tmp_path / "mem.img"
     write_image(mem, regs)
     checks = by_id(ctx_for(root, mem))

@@ -15,8 +15,10 @@ SRK's public part, the TXT registers and heap are read from --mem.
   tpm-lockout       not in dictionary-attack lockout (every unlock fails then)
   tpm-lockout-auth  the lockout authorization is set (a warning while it is empty)
   srk               the SRK at 0x81000001 is the one the container's token pins
-  cpu-smx           /proc/cpuinfo has the 'smx' flag (GETSEC: Intel TXT)
-  txt-enabled       the firmware set TXT up (TXT.HEAP.BASE/SIZE non-zero, and SMX)
+  cpu-smx           /proc/cpuinfo has the 'smx' flag (GETSEC: Intel TXT); not checked
+                    under Xen, which hides it from dom0
+  txt-enabled       the firmware set TXT up (TXT.HEAP.BASE/SIZE non-zero, and SMX
+                    unless Xen hides it)
   txt-launch        this boot's launch: done, or why not (TXT.ERRORCODE decoded as
                     tboot does). Without SMX or with TXT off the registers are garbage
                     (txt-stat may still say "measured launch: TRUE"): never "launched"
