@@ -358,3 +358,52 @@ def test_state_file_round_trip_keeps_the_tickets(swtpm: Swtpm) -> None:
         doc["signed"]["tickets"] = bad
         with pytest.raises(CorruptState, match="malformed"):
             SealedState.from_dict(doc)
+
+
+def test_tpm2_clear_voids_the_ticket(swtpm: Swtpm) -> None:
+    """TPM 2.0 Part 3, PolicyAuthorize: the ticket is HMAC(ownerProof, ...), and TPM2_Clear
+    draws a new ownerProof.  A ticket from before the clear is refused after it (as after a
+    reboot it is accepted: test_the_ticket_survives_a_reboot); a new one is accepted."""
+    from tpm2_pytss import (
+        ESYS_TR,
+        TPM2_ALG,
+        TPM2_SE,
+        TPML_PCR_SELECTION,
+        TPMT_SYM_DEF,
+        TPMT_TK_VERIFIED,
+        TSS2_Exception,
+    )
+
+    ref = b"r" * 16
+    with PolicySigner.generate() as signer, Tpm(swtpm.tcti) as tpm:
+        esys = tpm.esys
+
+        def session_at_approved() -> tuple[object, bytes]:
+            sess = esys.start_auth_session(
+                ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY,
+                TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256,
+            )  # fmt: skip
+            esys.policy_pcr(sess, b"", TPML_PCR_SELECTION.parse("sha256:16,23"))
+            return sess, bytes(esys.policy_get_digest(sess))
+
+        def ticket_now(approved: bytes) -> TPMT_TK_VERIFIED:
+            digest = authorization_digest(approved, ref)
+            (t,) = verification_tickets(tpm, signer.public(), [digest], [signer.sign(digest)])
+            return TPMT_TK_VERIFIED.unmarshal(t)[0]
+
+        sess, approved = session_at_approved()
+        esys.flush_context(sess)
+        before = ticket_now(approved)
+        esys.clear(ESYS_TR.RH_PLATFORM)
+        sess, again = session_at_approved()
+        try:
+            assert again == approved
+            with pytest.raises(TSS2_Exception) as refused:
+                esys.policy_authorize(sess, approved, signer.name(), before, ref)
+            # TPM_RC_VALUE on parameter 4, checkTicket: the HMAC, not anything else
+            assert int(refused.value.rc) & 0xFFF == 0x084 | 0x040 | 0x400, hex(refused.value.rc)
+            after = ticket_now(approved)
+            assert bytes(after.digest) != bytes(before.digest)
+            esys.policy_authorize(sess, approved, signer.name(), after, ref)
+        finally:
+            esys.flush_context(sess)
