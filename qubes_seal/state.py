@@ -28,7 +28,12 @@ state carries that key's signature of its approved policy (PolicyPCR, then Polic
 ``nv`` bound)::
 
       "signed": {"signer_public": "<base64 TPM2B_PUBLIC>", "signer_name": "<hex>",
-                 "policy_ref": "<hex>", "signatures": ["<hex r||s>", ...]}
+                 "policy_ref": "<hex>", "signatures": ["<hex r||s>", ...],
+                 "tickets": ["<hex TPMT_TK_VERIFIED>", ...]}
+
+``tickets`` (optional; absent in older tokens): for each signature, the TPM's verification
+ticket obtained when dom0 signed the state, so that the boot skips the signature check.
+Untrusted input: the TPM checks the ticket's HMAC itself, and a refused one costs a fallback.
 
 The private blob is encrypted by the TPM under the SRK: it is useless without that TPM.  The
 file is still written with mode 0600 in a 0700 directory, atomically.
@@ -99,20 +104,31 @@ class SignedPolicy:
     generation of sealed objects, ``signatures`` one ECDSA ``r || s`` per accepted PCR state,
     over ``H(approvedPolicy || policyRef)``; the approved policy is PolicyPCR of the state,
     then PolicyNV (counter <= the ``nv`` bound).
+
+    ``tickets`` (empty in older tokens): one marshalled TPMT_TK_VERIFIED per signature, the
+    TPM's own record that it verified that signature (owner hierarchy: valid across reboots
+    until TPM2_Clear).  The boot hands it to TPM2_PolicyAuthorize instead of verifying the
+    signature again; the TPM checks its HMAC, so a forged or stale one only costs the
+    fallback to TPM2_VerifySignature.  So nothing about them is checked here: a state without
+    a ticket (fewer tickets than signatures), or a malformed one, is verified by signature.
     """
 
     public: bytes
     name: bytes
     policy_ref: bytes
     signatures: tuple[bytes, ...]
+    tickets: tuple[bytes, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "signer_public": base64.b64encode(self.public).decode(),
             "signer_name": self.name.hex(),
             "policy_ref": self.policy_ref.hex(),
             "signatures": [s.hex() for s in self.signatures],
         }
+        if self.tickets:  # older readers and older MACs: absent, not empty
+            doc["tickets"] = [t.hex() for t in self.tickets]
+        return doc
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> SignedPolicy:
@@ -121,6 +137,7 @@ class SignedPolicy:
             name=bytes.fromhex(doc["signer_name"]),
             policy_ref=bytes.fromhex(doc["policy_ref"]),
             signatures=tuple(bytes.fromhex(s) for s in doc["signatures"]),
+            tickets=tuple(bytes.fromhex(t) for t in doc.get("tickets", [])),
         )
         from .tpm.marshal import name_from_public
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import struct
+from pathlib import Path
 
 import pytest
 
@@ -30,7 +32,7 @@ from qubes_seal.tpm import esys as _esys
 from qubes_seal.tpm.device import Tpm
 from qubes_seal.tpm.esys import Esys
 from qubes_seal.tpm.marshal import marshal_signature, name_from_public
-from qubes_seal.tpm.seal import resign, seal_to_states
+from qubes_seal.tpm.seal import resign, seal_to_states, verification_tickets
 from qubes_seal.tpm.unseal import unseal
 
 PCRS = [16, 23]  # resettable, extendable from locality 0: no launch needed
@@ -86,22 +88,140 @@ def test_object_policy_matches_the_tpm(swtpm: Swtpm) -> None:
             assert got.reveal() == b"s" * 32
 
 
+#: The boot with the ticket stored in the token: no LoadExternal, VerifySignature, FlushContext.
+TICKET_PATH = [
+    "PCR_Read", "Load", "StartAuthSession", "PolicyPCR", "PolicyNV", "PolicyAuthorize",
+    "PolicyAuthValue", "Unseal", "FlushContext",
+]  # fmt: skip
+#: A token without a ticket (older tokens, a malformed ticket): the signature is verified.
+SIGNATURE_PATH = [
+    "PCR_Read", "LoadExternal", "VerifySignature", "FlushContext", "Load",
+    "StartAuthSession", "PolicyPCR", "PolicyNV", "PolicyAuthorize", "PolicyAuthValue",
+    "Unseal", "FlushContext",
+]  # fmt: skip
+#: A ticket the TPM refuses: that session is flushed, the signature verified, a new session.
+FALLBACK_PATH = [
+    "PCR_Read", "Load", "StartAuthSession", "PolicyPCR", "PolicyNV", "PolicyAuthorize",
+    "FlushContext", "LoadExternal", "VerifySignature", "FlushContext",
+    "StartAuthSession", "PolicyPCR", "PolicyNV", "PolicyAuthorize", "PolicyAuthValue",
+    "Unseal", "FlushContext",
+]  # fmt: skip
+
+
+def _commands(proxy: CountingProxy) -> list[str]:
+    # libtpms answers TPM_RC_RETRY to the first DA-protected authorization after its start:
+    # that one Unseal is resubmitted (see test_auth.py).
+    c = proxy.commands
+    return [x for i, x in enumerate(c) if i == 0 or x != "Unseal" or c[i - 1] != "Unseal"]
+
+
+def _with_tickets(state: SealedState, tickets: tuple[bytes, ...]) -> SealedState:
+    assert state.signed is not None
+    return dataclasses.replace(state, signed=dataclasses.replace(state.signed, tickets=tickets))
+
+
+def _unseal_counted(state: SealedState, proxy: CountingProxy) -> list[str]:
+    proxy.reset()
+    with unseal(state, tcti=proxy.tcti, auth=Secret(AUTH)) as got:
+        assert got.reveal() == b"s" * 32
+    return _commands(proxy)
+
+
 def test_signed_unseal_commands_and_no_leak(swtpm: Swtpm, swtpm_proxy: CountingProxy) -> None:
+    """With the ticket stored when dom0 signed: 9 commands, counted on the wire."""
     with PolicySigner.generate() as signer:
         state = _seal(swtpm, signer)
         _settle(swtpm, state)
-        swtpm_proxy.reset()
-        with unseal(state, tcti=swtpm_proxy.tcti, auth=Secret(AUTH)):
-            pass
-    # libtpms answers TPM_RC_RETRY to the first DA-protected authorization after its start:
-    # that one Unseal is resubmitted (see test_auth.py).
-    names = [c for i, c in enumerate(swtpm_proxy.commands) if i == 0 or c != "Unseal" or
-             swtpm_proxy.commands[i - 1] != "Unseal"]  # fmt: skip
-    assert names == [
-        "PCR_Read", "LoadExternal", "VerifySignature", "FlushContext", "Load",
-        "StartAuthSession", "PolicyPCR", "PolicyNV", "PolicyAuthorize", "PolicyAuthValue",
-        "Unseal", "FlushContext",
-    ], names  # fmt: skip
+        assert state.signed is not None and len(state.signed.tickets) == 1
+        assert _unseal_counted(state, swtpm_proxy) == TICKET_PATH
+        # An older token, without tickets: the signature is verified at boot.
+        assert _unseal_counted(_with_tickets(state, ()), swtpm_proxy) == SIGNATURE_PATH
+
+
+def test_the_ticket_survives_a_reboot(swtpm: Swtpm) -> None:
+    """libtpms: an owner-hierarchy TPMT_TK_VERIFIED is an HMAC under ownerProof, which is in
+    NV: a ticket from before the reboot is accepted by PolicyAuthorize after it."""
+    with PolicySigner.generate() as signer:
+        state = _seal(swtpm, signer)
+        _settle(swtpm, state)
+        swtpm.reboot()  # PCR 16 and 23 come back to the values they were sealed to (zeros)
+        with CountingProxy(swtpm.port) as proxy:
+            assert _unseal_counted(state, proxy) == TICKET_PATH
+        swtpm.reboot(orderly=False)  # a power cut: the same
+        with CountingProxy(swtpm.port) as proxy:
+            assert _unseal_counted(state, proxy) == TICKET_PATH
+
+
+def test_a_refused_ticket_falls_back_to_the_signature(
+    swtpm: Swtpm, swtpm_proxy: CountingProxy, tmp_path: Path
+) -> None:
+    with PolicySigner.generate() as signer:
+        state = _seal(swtpm, signer)
+        _settle(swtpm, state)
+        assert state.signed is not None and state.nv is not None
+        ticket = state.signed.tickets[0]
+        # A flipped bit in the HMAC: PolicyAuthorize refuses it, the signature still verifies.
+        corrupted = ticket[:-1] + bytes([ticket[-1] ^ 1])
+        assert _unseal_counted(_with_tickets(state, (corrupted,)), swtpm_proxy) == FALLBACK_PATH
+        # A ticket of another TPM (another ownerProof: what a TPM2_Clear leaves behind).
+        approved = approved_policy(
+            state.pcr_states[0].values, PCRS, nv=(state.nv.name, state.nv.bound)
+        )
+        digest = authorization_digest(approved, state.signed.policy_ref)
+        with Swtpm(tmp_path / "other") as other, Tpm(other.tcti) as tpm:
+            (foreign,) = verification_tickets(
+                tpm, signer.public(), [digest], state.signed.signatures
+            )
+        assert foreign != ticket and foreign[:8] == ticket[:8]
+        assert _unseal_counted(_with_tickets(state, (foreign,)), swtpm_proxy) == FALLBACK_PATH
+        # A genuine ticket of this TPM, but for another digest (another state's approval).
+        with Tpm(swtpm.tcti) as tpm:
+            other_digest = hashlib.sha256(b"another approval").digest()
+            (misplaced,) = verification_tickets(
+                tpm, signer.public(), [other_digest], [signer.sign(other_digest)]
+            )
+        assert _unseal_counted(_with_tickets(state, (misplaced,)), swtpm_proxy) == FALLBACK_PATH
+        # Malformed, or not an owner ticket (a NULL ticket, which proves nothing): not even
+        # sent to the TPM; the signature is verified.
+        null = struct.pack(">HIH", 0x8022, 0x40000007, 0)
+        for bad in (b"", ticket[:7], ticket + b"\0", b"\0" * 100, null):
+            assert _unseal_counted(_with_tickets(state, (bad,)), swtpm_proxy) == SIGNATURE_PATH
+
+
+def test_a_forged_ticket_with_a_forged_signature_unseals_nothing(
+    swtpm: Swtpm, swtpm_proxy: CountingProxy
+) -> None:
+    """The evil maid writes the whole token: a new PCR state, a made-up signature and a
+    made-up ticket for it.  PolicyAuthorize refuses the ticket, VerifySignature the
+    signature: the refusal is the same as without the ticket."""
+    with PolicySigner.generate() as signer, PolicySigner.generate() as maid:
+        state = _seal(swtpm, signer)
+        _settle(swtpm, state)
+        assert state.signed is not None and state.nv is not None
+        with Tpm(swtpm.tcti) as tpm:
+            tpm.extend_pcr(23, hashlib.sha256(b"evil").digest())
+            evil = PcrState("evil", _values(tpm))
+            approved = approved_policy(evil.values, PCRS, nv=(state.nv.name, state.nv.bound))
+            digest = authorization_digest(approved, state.signed.policy_ref)
+            # A genuine ticket of this TPM for the digest, but under the maid's key: the
+            # ticket binds the key's name, and the object names the dom0 key.
+            (maids,) = verification_tickets(tpm, maid.public(), [digest], [maid.sign(digest)])
+        for forged_ticket in (
+            struct.pack(">HIH", 0x8022, 0x40000001, 32) + hashlib.sha256(digest).digest(),
+            maids,
+        ):
+            forged = dataclasses.replace(
+                state,
+                pcr_states=[evil],
+                signed=dataclasses.replace(
+                    state.signed, signatures=(maid.sign(digest),), tickets=(forged_ticket,)
+                ),
+            )
+            swtpm_proxy.reset()
+            with pytest.raises(CorruptState, match="does not verify"):
+                unseal(forged, tcti=swtpm_proxy.tcti, auth=Secret(AUTH))
+            assert "Unseal" not in swtpm_proxy.commands
+            assert _commands(swtpm_proxy)[:7] == FALLBACK_PATH[:7]
 
 
 def test_a_new_state_needs_a_signature_not_a_new_object(swtpm: Swtpm) -> None:
@@ -147,11 +267,15 @@ def test_forged_and_foreign_signatures_are_refused(swtpm: Swtpm) -> None:
         state = _seal(swtpm, signer)
         _settle(swtpm, state)
         assert state.signed is not None and state.nv is not None
-        # A flipped bit in the signature: VerifySignature refuses.
+        # A flipped bit in the signature, without the ticket: VerifySignature refuses.  (With
+        # this TPM's genuine ticket the unseal goes on: the ticket is the TPM's own record that
+        # it verified the genuine signature of this very approval, and the bytes of the
+        # signature are no longer needed.)
         sig = bytearray(state.signed.signatures[0])
         sig[5] ^= 1
         forged = dataclasses.replace(
-            state, signed=dataclasses.replace(state.signed, signatures=(bytes(sig),))
+            state,
+            signed=dataclasses.replace(state.signed, signatures=(bytes(sig),), tickets=()),
         )
         with pytest.raises(CorruptState, match="does not verify"):
             unseal(forged, tcti=swtpm.tcti, auth=Secret(AUTH))
@@ -209,3 +333,77 @@ def test_state_file_round_trip_keeps_the_signatures(swtpm: Swtpm) -> None:
     doc["signed"]["signatures"] = []
     with pytest.raises(CorruptState, match="one signature per"):
         SealedState.from_dict(doc)
+
+
+def test_state_file_round_trip_keeps_the_tickets(swtpm: Swtpm) -> None:
+    with PolicySigner.generate() as signer:
+        state = _seal(swtpm, signer)
+    assert state.signed is not None and state.signed.tickets
+    again = SealedState.from_json(state.to_json())
+    assert again.signed == state.signed
+    # Older tokens have no "tickets": they load, with none.
+    doc = state.to_dict()
+    del doc["signed"]["tickets"]
+    old = SealedState.from_dict(doc)
+    assert old.signed is not None and old.signed.tickets == ()
+    assert "tickets" not in old.to_dict()["signed"]
+    # Tickets prove nothing by themselves (the TPM checks them at boot): a state with none,
+    # or a surplus one, loads; only what is not hex at all is a malformed token.
+    for fine in ([], ["00", "00"], ["00" * 100]):
+        doc = state.to_dict()
+        doc["signed"]["tickets"] = fine
+        assert SealedState.from_dict(doc).signed is not None
+    for bad in (["zz"], "0", [None]):
+        doc = state.to_dict()
+        doc["signed"]["tickets"] = bad
+        with pytest.raises(CorruptState, match="malformed"):
+            SealedState.from_dict(doc)
+
+
+def test_tpm2_clear_voids_the_ticket(swtpm: Swtpm) -> None:
+    """TPM 2.0 Part 3, PolicyAuthorize: the ticket is HMAC(ownerProof, ...), and TPM2_Clear
+    draws a new ownerProof.  A ticket from before the clear is refused after it (as after a
+    reboot it is accepted: test_the_ticket_survives_a_reboot); a new one is accepted."""
+    from tpm2_pytss import (
+        ESYS_TR,
+        TPM2_ALG,
+        TPM2_SE,
+        TPML_PCR_SELECTION,
+        TPMT_SYM_DEF,
+        TPMT_TK_VERIFIED,
+        TSS2_Exception,
+    )
+
+    ref = b"r" * 16
+    with PolicySigner.generate() as signer, Tpm(swtpm.tcti) as tpm:
+        esys = tpm.esys
+
+        def session_at_approved() -> tuple[object, bytes]:
+            sess = esys.start_auth_session(
+                ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY,
+                TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256,
+            )  # fmt: skip
+            esys.policy_pcr(sess, b"", TPML_PCR_SELECTION.parse("sha256:16,23"))
+            return sess, bytes(esys.policy_get_digest(sess))
+
+        def ticket_now(approved: bytes) -> TPMT_TK_VERIFIED:
+            digest = authorization_digest(approved, ref)
+            (t,) = verification_tickets(tpm, signer.public(), [digest], [signer.sign(digest)])
+            return TPMT_TK_VERIFIED.unmarshal(t)[0]
+
+        sess, approved = session_at_approved()
+        esys.flush_context(sess)
+        before = ticket_now(approved)
+        esys.clear(ESYS_TR.RH_PLATFORM)
+        sess, again = session_at_approved()
+        try:
+            assert again == approved
+            with pytest.raises(TSS2_Exception) as refused:
+                esys.policy_authorize(sess, approved, signer.name(), before, ref)
+            # TPM_RC_VALUE on parameter 4, checkTicket: the HMAC, not anything else
+            assert int(refused.value.rc) & 0xFFF == 0x084 | 0x040 | 0x400, hex(refused.value.rc)
+            after = ticket_now(approved)
+            assert bytes(after.digest) != bytes(before.digest)
+            esys.policy_authorize(sess, approved, signer.name(), after, ref)
+        finally:
+            esys.flush_context(sess)

@@ -742,6 +742,39 @@ def _digest(data: bytes) -> TPM2B_DIGEST:
     return out
 
 
+TPM2_ST_VERIFIED = 0x8022
+TPM2_RH_OWNER = 0x40000001
+
+
+def marshal_ticket(ticket: TPMT_TK_VERIFIED) -> bytes:
+    """A TPMT_TK_VERIFIED in its wire form (TPM 2.0 Part 2): tag, hierarchy, TPM2B_DIGEST."""
+    size: int = min(ticket.digest.size, len(ticket.digest.buffer))
+    return (
+        int(ticket.tag).to_bytes(2, "big")
+        + int(ticket.hierarchy).to_bytes(4, "big")
+        + size.to_bytes(2, "big")
+        + bytes(ticket.digest.buffer[:size])
+    )
+
+
+def unmarshal_ticket(data: bytes) -> TPMT_TK_VERIFIED:
+    """A marshalled TPMT_TK_VERIFIED (from the token: untrusted, the TPM checks its HMAC);
+    ValueError unless it is a well-formed owner-hierarchy verification ticket."""
+    if len(data) < 8:
+        raise ValueError("truncated TPMT_TK_VERIFIED")
+    tag, hierarchy = int.from_bytes(data[:2], "big"), int.from_bytes(data[2:6], "big")
+    size = int.from_bytes(data[6:8], "big")
+    if tag != TPM2_ST_VERIFIED or hierarchy != TPM2_RH_OWNER:
+        raise ValueError("not an owner-hierarchy TPMT_TK_VERIFIED")
+    if size > ctypes.sizeof(TPMU_HA) or len(data) != 8 + size:
+        raise ValueError("malformed TPMT_TK_VERIFIED")
+    ticket = TPMT_TK_VERIFIED()
+    ticket.tag, ticket.hierarchy = tag, hierarchy
+    ticket.digest.size = size
+    ctypes.memmove(ctypes.addressof(ticket.digest.buffer), data[8:], size)
+    return ticket
+
+
 def unmarshal_signature(data: bytes) -> TPMT_SIGNATURE:
     """A marshalled TPMT_SIGNATURE, parsed by libtss2-mu; ValueError when malformed."""
     lib = load()

@@ -19,6 +19,7 @@ from ..policy import (
 from ..secret import Secret
 from ..state import NvBinding, PcrState, SealedState, SignedPolicy
 from .device import Tpm
+from .marshal import marshal_signature
 
 if TYPE_CHECKING:
     from ..signer import PolicySigner
@@ -77,7 +78,7 @@ def seal_to_states(
         from ..signer import POLICY_REF_SIZE  # not on the boot path
 
         ref = secrets.token_bytes(POLICY_REF_SIZE)
-        signed = sign_states(signer, ref, pcrs=pcrs, states=states, bank=bank, nv=nv)
+        signed = sign_states(signer, ref, pcrs=pcrs, states=states, bank=bank, nv=nv, tpm=tpm)
         digest = signed_object_policy(signer.name(), ref, with_auth=auth is not None)
     else:
         digest, _ = sealing_policy(
@@ -114,18 +115,49 @@ def sign_states(
     states: Sequence[PcrState],
     bank: str,
     nv: NvBinding,
+    tpm: Tpm | None = None,
 ) -> SignedPolicy:
     """The signer's approval of each state: ECDSA over ``H(approvedPolicy || policyRef)``,
-    the approved policy being PolicyPCR of the state then PolicyNV (counter <= ``nv.bound``)."""
-    signatures = tuple(
-        signer.sign(
-            authorization_digest(
-                approved_policy(s.values, pcrs, bank=bank, nv=(nv.name, nv.bound)), policy_ref
-            )
+    the approved policy being PolicyPCR of the state then PolicyNV (counter <= ``nv.bound``).
+
+    With ``tpm`` (the machine's own TPM), also the TPM's verification ticket of each
+    signature (:func:`verification_tickets`), which lets the boot skip TPM2_VerifySignature.
+    """
+    digests = [
+        authorization_digest(
+            approved_policy(s.values, pcrs, bank=bank, nv=(nv.name, nv.bound)), policy_ref
         )
         for s in states
-    )
-    return SignedPolicy(signer.public(), signer.name(), policy_ref, signatures)
+    ]
+    signatures = tuple(signer.sign(d) for d in digests)
+    tickets = () if tpm is None else verification_tickets(tpm, signer.public(), digests, signatures)
+    return SignedPolicy(signer.public(), signer.name(), policy_ref, signatures, tickets)
+
+
+def verification_tickets(
+    tpm: Tpm, public: bytes, digests: Sequence[bytes], signatures: Sequence[bytes]
+) -> tuple[bytes, ...]:
+    """The TPM's TPMT_TK_VERIFIED for each signature over its digest (marshalled).
+
+    TPM2_LoadExternal of the public key in the owner hierarchy, one TPM2_VerifySignature per
+    signature, TPM2_FlushContext.  The ticket is ``HMAC(ownerProof, TPM_ST_VERIFIED || digest
+    || keyName)``: ownerProof never leaves the TPM and changes only with TPM2_Clear, so the
+    ticket stays valid across reboots and nobody else can make one.
+    """
+    from tpm2_pytss import ESYS_TR, TPM2B_PUBLIC, TPMT_SIGNATURE  # dom0 only
+
+    with tpm._tss("TPM2_LoadExternal of the policy-signing key"):
+        key = tpm.esys.load_external(TPM2B_PUBLIC.unmarshal(public)[0], None, ESYS_TR.OWNER)
+    try:
+        tickets = []
+        for digest, signature in zip(digests, signatures, strict=True):
+            sig = TPMT_SIGNATURE.unmarshal(marshal_signature(signature))[0]
+            with tpm._tss("TPM2_VerifySignature of a boot-state signature"):
+                got = tpm.esys.verify_signature(key, digest, sig)
+            tickets.append(bytes(got.marshal()))  # TPMT_TK_VERIFIED, wire form
+        return tuple(tickets)
+    finally:
+        tpm.esys.flush_context(key)
 
 
 def resign(
@@ -158,7 +190,7 @@ def resign(
     nv = dataclasses.replace(state.nv, bound=tpm.nv_read_counter(state.nv) + 1)
     signed = sign_states(
         signer, state.signed.policy_ref, pcrs=selection, states=states, bank=state.pcr_bank,
-        nv=nv,
+        nv=nv, tpm=tpm,
     )  # fmt: skip
     return dataclasses.replace(state, pcrs=selection, pcr_states=list(states), nv=nv, signed=signed)
 

@@ -14,15 +14,25 @@ Sequence (TPM 2.0 Part 3 command names)::
     TPM2_FlushContext    the sealed object
 
 Under signed policies (``state.signed``; the container's tokens) the PCR values are not in
-the object's policy but in signed approvals, and the sequence becomes::
+the object's policy but in signed approvals, and the sequence becomes (9 commands)::
 
     TPM2_PCR_Read        which accepted state is this boot? (none: refused, with the diff)
+    TPM2_Load, TPM2_StartAuthSession, TPM2_PolicyPCR, TPM2_PolicyNV (as above)
+    TPM2_PolicyAuthorize the session's digest is the approved one, signed by the key: the
+                         ticket stored with the state (TPMT_TK_VERIFIED, made by this TPM's
+                         TPM2_VerifySignature when dom0 signed the state)
+    TPM2_PolicyAuthValue, TPM2_Unseal, TPM2_FlushContext (as above)
+
+The ticket is ``HMAC(ownerProof, TPM_ST_VERIFIED || H(approvedPolicy || policyRef) ||
+keyName)``; PolicyAuthorize recomputes it, and ownerProof never leaves the TPM (it changes
+with TPM2_Clear only).  The token is untrusted before the unlock, so the ticket proves nothing
+until the TPM accepts it.  A token without a ticket, or a ticket the TPM refuses (forged,
+corrupted, from before a TPM2_Clear), costs the signature check (12 commands; after a refusal
+the session is flushed and a new one started)::
+
     TPM2_LoadExternal    the dom0 policy-signing public key (owner hierarchy)
     TPM2_VerifySignature that state's signature -> a validation ticket
     TPM2_FlushContext    the public key
-    TPM2_Load, TPM2_StartAuthSession, TPM2_PolicyPCR, TPM2_PolicyNV (as above)
-    TPM2_PolicyAuthorize the session's digest is the approved one, signed by the key
-    TPM2_PolicyAuthValue, TPM2_Unseal, TPM2_FlushContext (as above)
 
 The SRK is not read from the TPM: its public area travels in the sealed state as a serialized
 ESYS_TR, recorded at sealing time (the pin).  A different key at 0x81000001 cannot decrypt the
@@ -88,9 +98,19 @@ class _NoAcceptedState(Exception):
         self.current = current
 
 
-def _approve(tpm: Esys, state: SealedState) -> tuple[bytes, _esys.TPMT_TK_VERIFIED]:
-    """Signed policies: this boot's accepted state, its approved policy and the TPM's ticket
-    for its signature (the public key is loaded, used once and flushed)."""
+class _Approval:
+    """Signed policies: this boot's accepted state (its index), its approved policy, and the
+    ticket stored with it when dom0 signed it (None: absent or malformed)."""
+
+    def __init__(self, index: int, approved: bytes, stored: _esys.TPMT_TK_VERIFIED | None):
+        self.index = index
+        self.approved = approved
+        self.stored = stored
+
+
+def _approve(tpm: Esys, state: SealedState) -> _Approval:
+    """Signed policies: which accepted state is this boot (TPM2_PCR_Read), its approved
+    policy, and its stored verification ticket if the token has one."""
     signed = state.signed
     if signed is None or state.nv is None:  # hostile input, never an assert
         raise CorruptState(
@@ -122,24 +142,47 @@ def _approve(tpm: Esys, state: SealedState) -> tuple[bytes, _esys.TPMT_TK_VERIFI
         bank=state.pcr_bank,
         nv=(state.nv.name, state.nv.bound),
     )
+    stored = None
+    if index < len(signed.tickets):
+        try:  # untrusted: PolicyAuthorize checks its HMAC; malformed means "no ticket"
+            stored = _esys.unmarshal_ticket(signed.tickets[index])
+        except ValueError:
+            stored = None
+    return _Approval(index, approved, stored)
+
+
+def _verify(tpm: Esys, state: SealedState, approval: _Approval) -> _esys.TPMT_TK_VERIFIED:
+    """The TPM's ticket for this state's signature: TPM2_LoadExternal of the public key,
+    TPM2_VerifySignature, TPM2_FlushContext."""
+    signed = state.signed
+    if signed is None:  # _approve checked it; hostile input is never an assert
+        raise CorruptState("the token's signed policy is missing")
     try:
         public = _esys.unmarshal_public(signed.public)
-        signature = _esys.unmarshal_signature(marshal.marshal_signature(signed.signatures[index]))
+        signature = _esys.unmarshal_signature(
+            marshal.marshal_signature(signed.signatures[approval.index])
+        )
     except ValueError:
         raise CorruptState("the sealed state's signing key or signature is corrupted") from None
     key = tpm.load_external(public)
     try:
-        ticket = tpm.verify_signature(
-            key, authorization_digest(approved, signed.policy_ref), signature
+        return tpm.verify_signature(
+            key, authorization_digest(approval.approved, signed.policy_ref), signature
         )
     finally:
         tpm.flush_context(key)
-    return approved, ticket
 
 
 def _unseal(state: SealedState, *, tcti: str, auth: Secret | None) -> Secret:
     with Esys(tcti) as tpm:
         approval = _approve(tpm, state) if state.signed is not None else None
+        # The stored ticket when there is one (no LoadExternal, VerifySignature, FlushContext);
+        # otherwise the signature is verified now.
+        ticket = None
+        if approval is not None:
+            ticket = (
+                approval.stored if approval.stored is not None else _verify(tpm, state, approval)
+            )
         try:
             pub = _esys.unmarshal_public(state.public)
         except ValueError:
@@ -150,17 +193,10 @@ def _unseal(state: SealedState, *, tcti: str, auth: Secret | None) -> Secret:
             raise CorruptState("the sealed state's private area is corrupted") from None
         srk = obj = sess = nv = ESYS_TR_NONE
         session_open = False
-        try:
-            try:
-                srk = tpm.tr_deserialize(state.srk_esys_tr)
-            except TssError:
-                raise CorruptState("the sealed state's SRK record is corrupted") from None
-            if state.nv is not None:
-                try:
-                    nv = tpm.tr_deserialize(state.nv.esys_tr)
-                except TssError:
-                    raise CorruptState("the sealed state's NV counter is corrupted") from None
-            obj = tpm.load(srk, priv, pub)
+
+        def policy(ticket: _esys.TPMT_TK_VERIFIED | None) -> None:
+            """A new policy session through PolicyPCR, PolicyOR or PolicyAuthorize, PolicyNV."""
+            nonlocal sess, session_open
             sess = tpm.start_auth_session(srk, TPM2_SE_POLICY)
             session_open = True
             # encrypt: the TPM encrypts the unsealed data; continueSession clear: flushed after
@@ -175,12 +211,37 @@ def _unseal(state: SealedState, *, tcti: str, auth: Secret | None) -> Secret:
                     tpm.policy_or(sess, list(branches))
             if state.nv is not None:
                 tpm.policy_nv(sess, nv, counter_bound(state.nv.bound))
-            if approval is not None and state.signed is not None:
-                approved, ticket = approval
+            if approval is not None and state.signed is not None and ticket is not None:
                 tpm.policy_authorize(
-                    sess, approved, state.signed.policy_ref, state.signed.name,
+                    sess, approval.approved, state.signed.policy_ref, state.signed.name,
                     ticket,
                 )  # fmt: skip
+
+        try:
+            try:
+                srk = tpm.tr_deserialize(state.srk_esys_tr)
+            except TssError:
+                raise CorruptState("the sealed state's SRK record is corrupted") from None
+            if state.nv is not None:
+                try:
+                    nv = tpm.tr_deserialize(state.nv.esys_tr)
+                except TssError:
+                    raise CorruptState("the sealed state's NV counter is corrupted") from None
+            obj = tpm.load(srk, priv, pub)
+            try:
+                policy(ticket)
+            except TssError as refused:
+                if (
+                    approval is None
+                    or ticket is not approval.stored
+                    or refused.action != "TPM2_PolicyAuthorize"
+                ):
+                    raise
+                # The stored ticket is refused (forged, corrupted, from before a TPM2_Clear):
+                # it proves nothing, so verify the signature and start over in a new session.
+                tpm.flush_context(sess)
+                session_open = False
+                policy(_verify(tpm, state, approval))
             if auth is not None:
                 tpm.policy_auth_value(sess)
                 tpm.tr_set_auth(obj, auth.reveal())
