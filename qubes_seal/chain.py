@@ -841,13 +841,7 @@ def refresh_token(
                     "that would revoke every accepted boot state: no boot could unlock any more",
                     hint="Keep one state, or run 'qubes-seal revoke' (this boot only).",
                 )
-        if sorted(token.sealed.pcrs) != policy.selection:
-            raise UsageError(
-                f"the token's states cover PCR {token.sealed.pcrs}, dom0's launch policy "
-                f"selects {policy.selection}: they cannot simply be signed again",
-                hint="Run 'qubes-seal reseal' (this boot's measurements, dom0's selection).",
-            )
-        policy.check_states(keep)
+        policy.check_kept_states(token.sealed.pcrs, keep)
         with Tpm(tcti) as tpm:
             token.sealed = resign(tpm, token.sealed, ap.signer, keep)
             _refresh_proof(tpm, token, ap.signer, keep)

@@ -75,6 +75,17 @@ class LaunchPolicy:
                     f"{value[:4].hex()}…, a boot without a TXT measured launch"
                 )
 
+    def check_kept_states(self, pcrs: Sequence[int], states: Sequence[PcrState]) -> None:
+        """States kept from the (authenticated) token, to be signed again: they must cover
+        dom0's selection and describe measured launches."""
+        if sorted(pcrs) != self.selection:
+            raise UsageError(
+                f"the token's states cover PCR {sorted(pcrs)}, dom0's launch policy selects "
+                f"{self.selection}: they cannot simply be signed again",
+                hint="Run 'qubes-seal reseal' first (this boot's measurements, dom0's selection).",
+            )
+        self.check_states(states)
+
     @property
     def selection(self) -> list[int]:
         """The selection every accepted state is signed over (dom0's, checked)."""

@@ -116,14 +116,7 @@ def _states(sealed: Any, digests: list[bytes]) -> list[PcrState]:
     in ``digests``; they must pass dom0's launch policy (its selection, a measured launch)."""
     from . import launch
 
-    policy = launch.load()
-    if sorted(sealed.pcrs) != policy.selection:
-        raise UsageError(
-            f"the token's states cover PCR {sealed.pcrs}, dom0's launch policy selects "
-            f"{policy.selection}",
-            hint="Run 'qubes-seal reseal' (this boot's measurements, dom0's selection) first.",
-        )
-    policy.check_states(sealed.pcr_states)
+    launch.load().check_kept_states(sealed.pcrs, sealed.pcr_states)
     if PCR13 not in sealed.pcrs:
         return list(sealed.pcr_states)
     out: list[PcrState] = []
@@ -558,14 +551,7 @@ def rotate_signer(
             )
         from . import launch
 
-        policy = launch.load()
-        if sorted(old_sealed.pcrs) != policy.selection:
-            raise UsageError(
-                f"the token's states cover PCR {old_sealed.pcrs}, dom0's launch policy "
-                f"selects {policy.selection}",
-                hint="Run 'qubes-seal reseal' first.",
-            )
-        policy.check_states(old_sealed.pcr_states)
+        launch.load().check_kept_states(old_sealed.pcrs, old_sealed.pcr_states)
         old = ensure_signer(unlocked, trusted=trusted_signer(old_sealed))
         old.wipe()
         journal = Journal.begin(
