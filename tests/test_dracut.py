@@ -99,11 +99,15 @@ def test_module_list_is_computed_from_the_boot_path() -> None:
                  "qubes_seal.tpm.esys", "qubes_seal.luks.payload", "qubes_seal.recovery",
                  "qubes_seal.kdf.derivation", "qubes_seal.keystore.slots"):  # fmt: skip
         assert name in ours, name
-    # Not on the boot path: the CLI, the simulator, the service, the event-log parser, and
-    # sealing (imports marked "# not on the boot path": it needs tpm2-pytss's ESAPI).
-    elsewhere = ("qubes_seal.cli", "qubes_seal.sim", "qubes_seal.service", "qubes_seal.measure",
+    # The TXT event-log capture (boot/capture.py): the heap reader and the log parser.
+    assert {"qubes_seal.boot.capture", "qubes_seal.measure.txt_heap",
+            "qubes_seal.measure.eventlog"} <= ours  # fmt: skip
+    # Not on the boot path: the CLI, the simulator, the service, tboot's digests (gzip, lzma),
+    # and sealing (imports marked "# not on the boot path": it needs tpm2-pytss's ESAPI).
+    elsewhere = ("qubes_seal.cli", "qubes_seal.sim", "qubes_seal.service", "qubes_seal.measure.",
                  "qubes_seal.tpm.seal", "qubes_seal.tpm.device")  # fmt: skip
-    assert not [n for n in ours if n.startswith(elsewhere)]
+    capture = {"qubes_seal.measure.txt_heap", "qubes_seal.measure.eventlog"}
+    assert not [n for n in ours - capture if n.startswith(elsewhere)]
     assert {"pyudev", "argon2.low_level", "tomllib", "getpass"} <= set(closure["imports"])
     # The boot path reaches the TPM through ctypes and does its own AES-XTS and HKDF: the
     # tpm2-pytss and cryptography wheels (20 MiB with what they link) stay out of the image.
