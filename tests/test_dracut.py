@@ -295,11 +295,13 @@ def test_boot_sequence_runs_inside_the_unpacked_image(chroot: Chroot, swtpm: Swt
         f'tpm = "{swtpm.tcti}"\n'
         'ask = "systemd"\n'
         'console = "/console.log"\n'
+        'txt_mem = "/mem.img"\n'
         "timeout = 10.0\n"
     )
     chain.lock(container)  # a reboot: root's keyring starts empty (init's hand-over is gone)
     swtpm.reboot()
-    txt_launch(swtpm, sample_modules())
+    # The launch leaves the TXT registers and heap in memory: the image's /dev/mem.
+    launch = txt_launch(swtpm, sample_modules(), image_path=root / "mem.img")
     uuid = Container(container).uuid
     assert handover.get(uuid) is None
 
@@ -328,6 +330,9 @@ def test_boot_sequence_runs_inside_the_unpacked_image(chroot: Chroot, swtpm: Swt
         assert "No module named" not in console + err
         assert console.index("otter in the reeds") < console.index("container open")
         assert "RESULT: unlocked with the TPM and passphrase" in console
+        # This boot's TXT event log, captured, checked against PCR 17/18, in /run.
+        assert "TXT event log captured" in console, console
+        assert (root / "run/qubes-seal/txt-event.log").read_bytes() == launch.log
         # dom0's root volume key, on the ramfs the boot mounted in the chroot's /run.
         key = root / "run/cryptsetup-keys.d/luks-dom0root.key"
         assert key.stat().st_mode & 0o777 == 0o400
