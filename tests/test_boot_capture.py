@@ -257,3 +257,22 @@ def test_check_against_tpm_needs_a_bank_the_log_extends(swtpm: Swtpm) -> None:
         )[1]
         check = check_against_tpm(sha1_only, tpm)
     assert not check.agree and check.banks == ("sha1",)
+
+
+def test_capture_imports_neither_tpm2_pytss_nor_cryptography(swtpm: Swtpm, tmp_path: Path) -> None:
+    """The initramfs holds neither: the capture and its check use the ctypes ESAPI only."""
+    tl.txt_launch(swtpm, tl.sample_modules(), image_path=tmp_path / "mem.img")
+    code = (
+        "import io, sys\n"
+        "from qubes_seal.boot.capture import capture_at_boot\n"
+        "from qubes_seal.boot.sequence import BootConfig, Console\n"
+        f"cfg = BootConfig(tpm={swtpm.tcti!r}, txt_mem={str(tmp_path / 'mem.img')!r},\n"
+        f"                 txt_log={str(tmp_path / 'txt.log')!r})\n"
+        "out = io.StringIO()\n"
+        "capture_at_boot(cfg, Console(out))\n"
+        "print(out.getvalue())\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('tpm2_pytss', 'cryptography'))))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "TXT event log captured" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stdout.rstrip().endswith("[]"), proc.stdout
