@@ -64,6 +64,8 @@ WRONG = [
     ("recovery_ask = 1.5", "recovery_ask", "a string"),
     ("keys_dir = 2024-01-01", "keys_dir", "a string"),  # a TOML date
     ("console = 0", "console", "a string"),
+    ("txt_mem = false", "txt_mem", "a string"),
+    ('txt_log = ["/run/qubes-seal/txt-event.log"]', "txt_log", "a string"),
 ]
 
 

@@ -99,11 +99,15 @@ def test_module_list_is_computed_from_the_boot_path() -> None:
                  "qubes_seal.tpm.esys", "qubes_seal.luks.payload", "qubes_seal.recovery",
                  "qubes_seal.kdf.derivation", "qubes_seal.keystore.slots"):  # fmt: skip
         assert name in ours, name
-    # Not on the boot path: the CLI, the simulator, the service, the event-log parser, and
-    # sealing (imports marked "# not on the boot path": it needs tpm2-pytss's ESAPI).
-    elsewhere = ("qubes_seal.cli", "qubes_seal.sim", "qubes_seal.service", "qubes_seal.measure",
+    # The TXT event-log capture (boot/capture.py): the heap reader and the log parser.
+    assert {"qubes_seal.boot.capture", "qubes_seal.measure.txt_heap",
+            "qubes_seal.measure.eventlog"} <= ours  # fmt: skip
+    # Not on the boot path: the CLI, the simulator, the service, tboot's digests (gzip, lzma),
+    # and sealing (imports marked "# not on the boot path": it needs tpm2-pytss's ESAPI).
+    elsewhere = ("qubes_seal.cli", "qubes_seal.sim", "qubes_seal.service", "qubes_seal.measure.",
                  "qubes_seal.tpm.seal", "qubes_seal.tpm.device")  # fmt: skip
-    assert not [n for n in ours if n.startswith(elsewhere)]
+    capture = {"qubes_seal.measure.txt_heap", "qubes_seal.measure.eventlog"}
+    assert not [n for n in ours - capture if n.startswith(elsewhere)]
     assert {"pyudev", "argon2.low_level", "tomllib", "getpass"} <= set(closure["imports"])
     # The boot path reaches the TPM through ctypes and does its own AES-XTS and HKDF: the
     # tpm2-pytss and cryptography wheels (20 MiB with what they link) stay out of the image.
@@ -291,11 +295,13 @@ def test_boot_sequence_runs_inside_the_unpacked_image(chroot: Chroot, swtpm: Swt
         f'tpm = "{swtpm.tcti}"\n'
         'ask = "systemd"\n'
         'console = "/console.log"\n'
+        'txt_mem = "/mem.img"\n'
         "timeout = 10.0\n"
     )
     chain.lock(container)  # a reboot: root's keyring starts empty (init's hand-over is gone)
     swtpm.reboot()
-    txt_launch(swtpm, sample_modules())
+    # The launch leaves the TXT registers and heap in memory: the image's /dev/mem.
+    launch = txt_launch(swtpm, sample_modules(), image_path=root / "mem.img")
     uuid = Container(container).uuid
     assert handover.get(uuid) is None
 
@@ -324,6 +330,9 @@ def test_boot_sequence_runs_inside_the_unpacked_image(chroot: Chroot, swtpm: Swt
         assert "No module named" not in console + err
         assert console.index("otter in the reeds") < console.index("container open")
         assert "RESULT: unlocked with the TPM and passphrase" in console
+        # This boot's TXT event log, captured, checked against PCR 17/18, in /run.
+        assert "TXT event log captured" in console, console
+        assert (root / "run/qubes-seal/txt-event.log").read_bytes() == launch.log
         # dom0's root volume key, on the ramfs the boot mounted in the chroot's /run.
         key = root / "run/cryptsetup-keys.d/luks-dom0root.key"
         assert key.stat().st_mode & 0o777 == 0o400

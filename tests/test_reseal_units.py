@@ -189,6 +189,18 @@ def test_wrapper_fails_loudly(tmp_path: Path) -> None:
     assert not m["argv"].exists()
 
 
+def test_wrapper_never_predicts_from_an_unverified_log(tmp_path: Path) -> None:
+    """A log the boot found in memory but the TPM contradicted (an evil maid's heap) is kept
+    only as .unverified: the unit says so and predicts nothing from it."""
+    m = setup_machine(tmp_path)
+    m["log"].rename(f"{m['log']}.unverified")
+    res = run_wrapper(m)
+    assert res.returncode == 1
+    assert "did not replay to the TPM's PCR 17/18" in res.stderr
+    assert ".unverified" in res.stderr and "Nothing was resealed" in res.stderr
+    assert not m["argv"].exists()
+
+
 def test_wrapper_does_nothing_when_nothing_is_sealed(tmp_path: Path) -> None:
     m = setup_machine(tmp_path)
     (m["state"] / "sealed.json").unlink()

@@ -55,6 +55,8 @@ class BootConfig:
     unsafe_test_mode: bool = False
     keys_dir: str = str(KEYS_DIR)
     console: str = "/dev/console"
+    txt_mem: str = "/dev/mem"  # the TXT registers and heap; empty: no log captured
+    txt_log: str = "/run/qubes-seal/txt-event.log"  # the captured log, if it replays
 
     @classmethod
     def load(cls, path: Path | None) -> BootConfig:
@@ -107,6 +109,8 @@ CONFIG_KEYS: dict[str, tuple[type, tuple[float, float] | tuple[str, ...] | None]
     "unsafe_test_mode": (bool, None),
     "keys_dir": (str, None),
     "console": (str, None),
+    "txt_mem": (str, None),
+    "txt_log": (str, None),
 }
 _TYPE_NAMES = {str: "a string", bool: "a boolean (true or false, unquoted)",
                int: "an integer", float: "a number"}  # fmt: skip
@@ -373,6 +377,7 @@ def _sequence(cfg: BootConfig, console: Console, container: Path, started: float
     from ..luks.container import Container
     from ..policy import launch_happened
     from ..tpm.esys import Esys
+    from .capture import capture_at_boot
 
     # dom0's boot configuration (measured into PCR 17 with the initramfs) decides whether a
     # measured launch is required, never the token (an evil maid can rewrite it).
@@ -387,6 +392,7 @@ def _sequence(cfg: BootConfig, console: Console, container: Path, started: float
         return _recover(cfg, console, container, error, started)
     if not require_launch:
         console.say("WARNING: unsafe test mode: no measured launch required")
+    capture_at_boot(cfg, console)  # this boot's TXT event log, for reseal; never raises
     try:
         _, token = chain.read_token(Container(container))
     except QubesSealError as exc:  # removed, unknown version, malformed: the recovery prompt

@@ -228,9 +228,24 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         "(signed or not), its accepted boot states and which one this boot matches, and the\n"
         "rollback counter against the token's bound (settled, increment pending, revoked).\n"
         "Then the hand-over keys in the kernel keyring (QUBES_SEAL_KEYRING, default user):\n"
-        "STALE marks another container's or an expired one ('qubes-seal lock --stale').",
+        "STALE marks another container's or an expired one ('qubes-seal lock --stale').\n"
+        "TXT, as tboot's txt-stat reads it from --mem: SENTER done, TXT.ERRORCODE decoded,\n"
+        "the heap and its event-log pointer; and whether the log the boot captured\n"
+        "(--txt-log) replays to the TPM's PCR 17/18 (an .unverified file: it did not).",
     )
     add_container_option(p, optional=True, help_="also describe this container's token")
+    p.add_argument(
+        "--mem", metavar="FILE", default=env("QUBES_SEAL_MEM", "/dev/mem"),
+        help="read the TXT registers and heap here, as txt-stat does: SENTER done, "
+        "TXT.ERRORCODE decoded, heap, event-log pointer (default /dev/mem; a memory image "
+        "addressed like it works too; unreadable: one line, not an error) [QUBES_SEAL_MEM]",
+    )  # fmt: skip
+    p.add_argument(
+        "--txt-log", metavar="FILE",
+        default=env("QUBES_SEAL_TXT_LOG", "/run/qubes-seal/txt-event.log"),
+        help="the TXT event log the boot captured: does it replay to the TPM's PCR 17/18? "
+        "(default /run/qubes-seal/txt-event.log) [QUBES_SEAL_TXT_LOG]",
+    )  # fmt: skip
     p.set_defaults(func=cmd_status)
 
     p = command("pcrs", "print the TPM's PCR values", "Print PCR values of one bank.")
@@ -416,6 +431,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             from .status_container import summary
 
             container_doc, container_lines = summary(container, tpm)
+        from . import status_txt
+
+        txt_doc, txt_lines = status_txt.summary(args.mem, args.txt_log, tpm)
     launched = launch_happened(current[DRTM_PCR])
     doc: dict[str, Any] = {
         "tpm": {"tcti": args.tpm, "reachable": True, "dictionary_attack": da},
@@ -504,6 +522,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     doc["container"] = container_doc
     lines += container_lines
+    doc["txt"] = txt_doc
+    lines += txt_lines
     from .. import journal
 
     doc["journal"], journal_line = journal.summary(args.state_dir)

@@ -22,7 +22,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(eventlog, name)
     if name in __all__:
-        from qubes_seal.measure import tboot
+        from qubes_seal.measure import tboot  # not on the boot path
 
         return getattr(tboot, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
