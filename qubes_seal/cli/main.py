@@ -579,6 +579,16 @@ def add_component_options(p: argparse.ArgumentParser, *, required: bool = True) 
         help="files are measured as they are (GRUB --nounzip); by default gzip "
         "and xz files are measured decompressed, as GRUB loads them",
     )
+    g.add_argument(
+        "--tboot", metavar="FILE", type=Path,
+        help="the next boot's tboot (tboot.gz): SINIT's MLE_HASH is recomputed from it "
+        "(default: from the --entry's multiboot2 line; else tboot is taken as unchanged)",
+    )  # fmt: skip
+    g.add_argument(
+        "--tboot-cmdline", metavar="STR", default="",
+        help="tboot's command line as measured (the words after its path on the multiboot2 "
+        "line, e.g. 'logging=serial,memory,vga'); part of the MLE hash",
+    )  # fmt: skip
     g.add_argument("--grub-cfg", metavar="FILE", type=Path, help="read the entry from grub.cfg")
     g.add_argument("--entry", metavar="TITLE", help="the menuentry title in --grub-cfg")
     g.add_argument("--boot-dir", metavar="DIR", type=Path, default=Path("/boot"),
@@ -644,6 +654,44 @@ def next_boot(args: argparse.Namespace) -> tuple[list[Any], list[tuple[str, Path
     return components, [(c.name, getattr(args, c.name), c.cmdline) for c in components]
 
 
+def next_tboot(
+    args: argparse.Namespace, files: list[tuple[str, Path, bytes | None]]
+) -> tuple[Any, str]:
+    """The next boot's tboot (``NextTboot``, or None: taken as unchanged) and a sentence
+    saying which.  ``--tboot FILE`` wins; else the GRUB entry's multiboot2 line, when its
+    file is a tboot image.  The tboot row of ``files`` gets the command line to vouch for."""
+    from ..measure import grub
+    from ..measure.mle import NotAnMleImage, TbootImage
+    from ..measure.predict import NextTboot
+
+    if args.tboot is not None:
+        image = TbootImage.from_file(args.tboot)
+        cmdline = args.tboot_cmdline.encode()
+        files[:] = [f for f in files if f[0] != "tboot"]
+        files.insert(0, ("tboot", args.tboot, cmdline))
+    elif args.grub_cfg is not None and files and files[0][0] == "tboot":
+        entry = grub.find_entry(args.grub_cfg.read_text(errors="replace"), args.entry)
+        if entry.kernel_uses_variables:
+            raise UsageError(f"tboot's line in {args.entry!r} uses GRUB variables: its "
+                             "command line cannot be known in advance")  # fmt: skip
+        path = files[0][1]
+        try:
+            image = TbootImage.from_file(path)
+        except NotAnMleImage:
+            return None, f"tboot {path} is not an MLE image: MLE_HASH kept from this boot"
+        except UsageError:  # not found or unreadable: as before, tboot taken as unchanged
+            return None, f"tboot {path} not readable: MLE_HASH kept from this boot"
+        cmdline = entry.kernel_cmdline
+        files[0] = ("tboot", path, cmdline)
+    else:
+        return None, "tboot unchanged: MLE_HASH kept from this boot's log"
+    caps = image.header.capabilities
+    return NextTboot(image, cmdline), (
+        f"tboot {image.name} (MLE header caps {caps:#x}) with command line "
+        f"{cmdline.decode(errors='replace')!r}: MLE_HASH recomputed"
+    )
+
+
 def predicted_pcrs(args: argparse.Namespace) -> tuple[dict[int, bytes], Any]:
     """The next boot's PCR 17/18, and the report of who vouches for what it is made of."""
     from ..measure import vouch
@@ -651,7 +699,8 @@ def predicted_pcrs(args: argparse.Namespace) -> tuple[dict[int, bytes], Any]:
 
     log = read_txt_log(args)
     components, files = next_boot(args)
-    values = predict_txt(log, components)
+    new_tboot, args.tboot_note = next_tboot(args, files)
+    values = predict_txt(log, components, tboot=new_tboot)
     report = vouch.check_boot(
         files,
         rpm=vouch.RpmDb(args.rpm_dbpath),
@@ -666,10 +715,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     values, report = predicted_pcrs(args)
     doc: dict[str, Any] = {"pcrs": {"sha256": {str(p): v.hex() for p, v in sorted(values.items())}},
-                           "vouch": report.as_dict()}  # fmt: skip
+                           "vouch": report.as_dict(), "tboot": args.tboot_note}  # fmt: skip
     text = "predicted next boot (sha256):\n" + "\n".join(
         f"  PCR {p}: {v.hex()}" for p, v in sorted(values.items())
     )
+    text += f"\n{args.tboot_note}"
     text += "\nmade of:\n" + "\n".join(report.lines())
     if args.container is not None:
         from .. import chain
@@ -718,7 +768,8 @@ def reseal_container(args: argparse.Namespace) -> int:
         gate(report, what="approve this boot and the predicted one")
         check_log_matches_tpm(args)
         predicted.append(values)
-    elif any(getattr(args, o) is not None for o in ("xen", "kernel", "initramfs", "grub_cfg")):
+    elif any(getattr(args, o) is not None
+             for o in ("xen", "kernel", "initramfs", "grub_cfg", "tboot")):  # fmt: skip
         raise UsageError("component options given without --predict")
     token = journalled_reseal(args, predicted)
     new = token.sealed
@@ -797,7 +848,8 @@ def cmd_reseal(args: argparse.Namespace) -> int:
         gate(report, what="approve this boot and the predicted one")
         check_log_matches_tpm(args)
         extra = [PcrState("predicted", {p: predicted[p] for p in sealed.pcrs})]
-    elif any(getattr(args, o) is not None for o in ("xen", "kernel", "initramfs", "grub_cfg")):
+    elif any(getattr(args, o) is not None
+             for o in ("xen", "kernel", "initramfs", "grub_cfg", "tboot")):  # fmt: skip
         raise UsageError("component options given without --predict")
     new = reseal(sealed, tcti=args.tpm, extra_states=extra)
     written = state_mod.save(new, args.state_dir)
