@@ -375,8 +375,10 @@ def test_evil_maids_tboot_is_not_approved_unattended(
     assert (tmp_path / "sealed.json").read_bytes() == before
 
 
-def test_grub_entry_tboot_line_is_predicted(swtpm: Swtpm, tmp_path: Path) -> None:
-    """From the GRUB entry: 'multiboot2 /tboot.gz ARGS' gives the image and its command line."""
+@pytest.mark.parametrize("tboot", ["new", "hostile"])
+def test_grub_entry_tboot_line_is_predicted(swtpm: Swtpm, tmp_path: Path, tboot: str) -> None:
+    """From the GRUB entry: 'multiboot2 /tboot.gz ARGS' gives the image and its command line.
+    A broken tboot.gz there (an evil maid's) is refused, exit 7, not taken as unchanged."""
     modules = sample_modules()
     old = Platform(tboot_cmdline=TBOOT_CMDLINE.encode())
     log = tmp_path / "txt.log"
@@ -384,7 +386,8 @@ def test_grub_entry_tboot_line_is_predicted(swtpm: Swtpm, tmp_path: Path) -> Non
     boot = tmp_path / "boot"
     boot.mkdir()
     new_image = sample_tboot("tboot 1.10.6")
-    (boot / "tboot.gz").write_bytes(new_image)
+    hostile = HOSTILE["cmdline-outside-mle"][0]
+    (boot / "tboot.gz").write_bytes(new_image if tboot == "new" else hostile)
     (boot / "xen.gz").write_bytes(gzip.compress(modules[0].image))
     (boot / "vmlinuz").write_bytes(modules[1].image)
     (boot / "initramfs.img").write_bytes(modules[2].image)
@@ -398,6 +401,9 @@ def test_grub_entry_tboot_line_is_predicted(swtpm: Swtpm, tmp_path: Path) -> Non
     )
     res = run(swtpm.tcti, tmp_path, "predict", "--txt-log", str(log), "--grub-cfg", str(cfg),
               "--entry", "Qubes (tboot)", "--boot-dir", str(boot), "--json")  # fmt: skip
+    if tboot == "hostile":
+        assert res.code == 7 and "command-line buffer" in res.err
+        return
     assert res.code == 0, res.err
     new = Platform(tboot_image=new_image, tboot_cmdline=b"logging=memory min_ram=0x2000000")
     want = expected_pcrs(new, modules)

@@ -669,8 +669,9 @@ def next_tboot(
     saying which.  ``--tboot FILE`` wins; else the GRUB entry's multiboot2 line, when its
     file is a tboot image.  The tboot row of ``files`` gets the command line to vouch for."""
     from ..measure import grub
-    from ..measure.mle import NotAnMleImage, TbootImage
+    from ..measure.mle import NotAnMleImage, TbootImage, TbootImageError
     from ..measure.predict import NextTboot
+    from ..measure.tboot import ModuleTooLarge
 
     if args.tboot is not None:
         image = TbootImage.from_file(args.tboot)
@@ -687,6 +688,8 @@ def next_tboot(
             image = TbootImage.from_file(path)
         except NotAnMleImage:
             return None, f"tboot {path} is not an MLE image: MLE_HASH kept from this boot"
+        except (TbootImageError, ModuleTooLarge):
+            raise  # a broken or hostile tboot.gz: exit 7, never "unchanged"
         except UsageError:  # not found or unreadable: as before, tboot taken as unchanged
             return None, f"tboot {path} not readable: MLE_HASH kept from this boot"
         cmdline = entry.kernel_cmdline
