@@ -336,7 +336,9 @@ def test_tboot_update_then_reboot_unlocks_without_recovery(
     assert res.code == 0, res.err
     want = expected_pcrs(new, modules)
     assert res.json()["pcrs"]["sha256"] == {"17": want[17].hex(), "18": want[18].hex()}
-    assert "MLE_HASH recomputed" in res.json()["tboot"]
+    doc = res.json()["tboot"]
+    assert doc["recomputed"] is True and doc["cmdline"] == new.tboot_cmdline.decode()
+    assert doc["mle_caps"] == TbootImage.from_bytes(new.tboot_image).header.capabilities
     res = run(swtpm.tcti, tmp_path, "reseal", "--predict", "--txt-log", str(log), *opts)
     assert res.code == 0, res.err
     assert [s.label for s in state.load(tmp_path).pcr_states] == ["current", "predicted"]

@@ -664,10 +664,11 @@ def next_boot(args: argparse.Namespace) -> tuple[list[Any], list[tuple[str, Path
 
 def next_tboot(
     args: argparse.Namespace, files: list[tuple[str, Path, bytes | None]]
-) -> tuple[Any, str]:
-    """The next boot's tboot (``NextTboot``, or None: taken as unchanged) and a sentence
-    saying which.  ``--tboot FILE`` wins; else the GRUB entry's multiboot2 line, when its
-    file is a tboot image.  The tboot row of ``files`` gets the command line to vouch for."""
+) -> tuple[Any, dict[str, Any]]:
+    """The next boot's tboot (``NextTboot``, or None: taken as unchanged) and what was
+    decided (JSON ``tboot``: ``recomputed``, ``file``, ``cmdline``, ``mle_caps``, ``note``).
+    ``--tboot FILE`` wins; else the GRUB entry's multiboot2 line, when its file is a tboot
+    image.  The tboot row of ``files`` gets the command line to vouch for."""
     from ..measure import grub
     from ..measure.mle import NotAnMleImage, TbootImage, TbootImageError
     from ..measure.predict import NextTboot
@@ -687,20 +688,28 @@ def next_tboot(
         try:
             image = TbootImage.from_file(path)
         except NotAnMleImage:
-            return None, f"tboot {path} is not an MLE image: MLE_HASH kept from this boot"
+            return None, kept(f"tboot {path} is not an MLE image")
         except (TbootImageError, ModuleTooLarge):
             raise  # a broken or hostile tboot.gz: exit 7, never "unchanged"
         except UsageError:  # not found or unreadable: as before, tboot taken as unchanged
-            return None, f"tboot {path} not readable: MLE_HASH kept from this boot"
+            return None, kept(f"tboot {path} is not readable")
         cmdline = entry.kernel_cmdline
         files[0] = ("tboot", path, cmdline)
     else:
-        return None, "tboot unchanged: MLE_HASH kept from this boot's log"
+        return None, kept("no new tboot named (--tboot, or a GRUB entry)")
     caps = image.header.capabilities
-    return NextTboot(image, cmdline), (
-        f"tboot {image.name} (MLE header caps {caps:#x}) with command line "
-        f"{cmdline.decode(errors='replace')!r}: MLE_HASH recomputed"
-    )
+    shown = cmdline.decode(errors="replace")
+    return NextTboot(image, cmdline), {
+        "recomputed": True, "file": image.name, "cmdline": shown, "mle_caps": caps,
+        "note": f"tboot {image.name} (MLE header caps {caps:#x}) with command line "
+        f"{shown!r}: MLE_HASH recomputed",
+    }  # fmt: skip
+
+
+def kept(why: str) -> dict[str, Any]:
+    """JSON ``tboot`` when the prediction keeps this boot's MLE_HASH (tboot unchanged)."""
+    note = f"{why}: tboot taken as unchanged, MLE_HASH kept from this boot's log"
+    return {"recomputed": False, "file": None, "cmdline": None, "mle_caps": None, "note": note}
 
 
 def predicted_pcrs(args: argparse.Namespace) -> tuple[dict[int, bytes], Any]:
@@ -730,7 +739,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     text = "predicted next boot (sha256):\n" + "\n".join(
         f"  PCR {p}: {v.hex()}" for p, v in sorted(values.items())
     )
-    text += f"\n{args.tboot_note}"
+    text += f"\n{args.tboot_note['note']}"
     text += "\nmade of:\n" + "\n".join(report.lines())
     if args.container is not None:
         from .. import chain

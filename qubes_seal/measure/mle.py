@@ -185,7 +185,9 @@ class TbootImage:
     """A tboot file laid out as GRUB loads it, with its MLE header."""
 
     name: str
-    image: bytes
+    mle: bytes
+    """The laid-out image's MLE range ``[MleStart, MleEnd)``, as in the file (the rest of
+    the image, Debian's 36 MB of .bss among it, is not measured and not kept)."""
     header: MleHeader
 
     @classmethod
@@ -200,7 +202,8 @@ class TbootImage:
             except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError) as exc:
                 raise _bad(name, f"does not decompress: {exc}") from exc
         image = layout_elf(data, name=name)
-        return cls(name, image, find_mle_header(image, name=name))
+        header = find_mle_header(image, name=name)
+        return cls(name, image[header.mle_start : header.mle_end], header)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> TbootImage:
@@ -218,7 +221,7 @@ class TbootImage:
         neither is what was asked for; a NUL byte ends it, as in C.
         """
         h = self.header
-        buf = bytearray(self.image[h.mle_start : h.mle_end])
+        buf = bytearray(self.mle)
         start = h.cmdline_start - h.mle_start
         size = h.cmdline_size
         cut = cmdline.split(b"\0", 1)[0]
