@@ -453,3 +453,23 @@ def test_reseal_unit_handles_a_tboot_update(swtpm: Swtpm, tmp_path: Path) -> Non
     txt_launch(swtpm, next_modules, platform=new)
     res2 = run(swtpm.tcti, m["state"], "unseal", "--check")
     assert res2.code == 0, res2.err
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({}, b"logging=serial,memory,vga"),
+        ({"GRUB_CMDLINE_TBOOT": "logging=vga"}, b"logging=vga"),
+        ({"GRUB_CMDLINE_TBOOT": "logging=vga", "GRUB_QUBES_SEAL_TBOOT_CMDLINE": ""}, b""),
+        ({"GRUB_QUBES_SEAL_TBOOT_CMDLINE": "a 'b c'"}, b'a "b c"'),
+    ],
+    ids=["default", "debian-variable", "ours-set-empty-wins", "quoted"],
+)
+def test_tboot_command_line_dom0_vouches_for(
+    tmp_path: Path, values: dict[str, str], expected: bytes
+) -> None:
+    """The tboot command line dom0 vouches for is the one 20_qubes_seal_tboot writes."""
+    from qubes_seal.measure.vouch import dom0_cmdlines
+
+    path = default_grub(tmp_path / "default-grub", values)
+    assert dom0_cmdlines(path).expected("tboot") == expected
