@@ -473,3 +473,69 @@ def test_tboot_command_line_dom0_vouches_for(
 
     path = default_grub(tmp_path / "default-grub", values)
     assert dom0_cmdlines(path).expected("tboot") == expected
+
+
+# --- The real machine's two boots: a tboot change changes only MLE_HASH among SINIT's events ---
+
+SECOND_BOOT = REAL / (
+    "tbootdevel_2022-03-11_skylake-0x506e3_tboot-tip-9c625ab2035b_tpm2_serial_launch-OK.txt"
+)
+
+
+def tcg_events(path: Path) -> list[eventlog.Event]:
+    """The TCG events tboot printed (txt-stat or serial console) for a TPM 2.0 launch."""
+    events: list[eventlog.Event] = []
+    lines = [line.removeprefix("TBOOT:").strip() for line in path.read_text().splitlines()]
+    i = 0
+    while i < len(lines):
+        if lines[i] != "TCG Event:":
+            i += 1
+            continue
+        pcr = int(lines[i + 1].split(":")[1])
+        event_type = int(lines[i + 2].split(":")[1], 16)
+        count = int(lines[i + 3].split(":")[1])
+        digests = {lines[i + 4 + 2 * k].rstrip(":").lower(): bytes.fromhex(lines[i + 5 + 2 * k])
+                   for k in range(count)}  # fmt: skip
+        i += 4 + 2 * count
+        size = int(lines[i].split(":")[1].split()[0])
+        data, i = b"", i + 1
+        while len(data) < size:
+            data += bytes.fromhex(lines[i])
+            i += 1
+        events.append(eventlog.Event(pcr, event_type, digests, data[:size]))
+    return events
+
+
+class KnownMle:
+    """A tboot whose MLE hashes are known (the binaries of those boots are not published)."""
+
+    def __init__(self, digests: dict[str, bytes], capabilities: int) -> None:
+        self.digests = digests
+        self.header = type("Header", (), {"capabilities": capabilities})()
+
+    def mle_hash(self, cmdline: bytes, bank: str = "sha256") -> bytes:
+        return self.digests[bank]
+
+
+@pytest.mark.skipif(not SECOND_BOOT.exists(), reason=f"no real-drtm test data at {REAL}")
+def test_real_second_boot_differs_from_the_first_only_by_what_is_predicted() -> None:
+    """Same machine, another tboot build (same MLE header capabilities, 0x627): replacing the
+    first boot's MLE_HASH with the second's gives exactly the second boot's SINIT events, in
+    both banks, and its PCR 18 (the value the README derives: identical in both boots)."""
+    from qubes_seal.measure.predict import with_tboot
+    from qubes_seal.measure.tboot import split_txt_log
+
+    first, second = tcg_events(DUMP), tcg_events(SECOND_BOOT)
+    assert len(first) == len(second) == 20
+    sinit1, _ = split_txt_log(eventlog.EventLog(first, ["sha1", "sha256"], "crypto-agile"))
+    sinit2, tboot2 = split_txt_log(eventlog.EventLog(second, ["sha1", "sha256"], "crypto-agile"))
+    (mle2,) = [e for e in sinit2 if e.event_type == 0x404]
+    new = NextTboot(KnownMle(mle2.digests, 0x627), b"logging=serial,memory,vga")  # type: ignore[arg-type]
+    predicted = with_tboot(sinit1, new)
+    assert predicted == sinit2
+    assert predicted != sinit1
+    drtm = [e for e in [*predicted, *tboot2] if e.pcr in (17, 18)]
+    pcrs = eventlog.replay(eventlog.EventLog(drtm, ["sha1", "sha256"], "crypto-agile"), drtm=True)
+    assert pcrs["sha256"][18].hex().startswith("add552b58f6ed359")
+    assert pcrs["sha1"][18].hex().startswith("4e1da12b44ae4074")
+    assert pcrs["sha256"][17].hex().startswith("458431542b2a2e77")  # the second boot's PCR 17
