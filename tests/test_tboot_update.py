@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from cli_util import run
+from machine import Box
 from rpm_util import Package, default_grub, packaged
 
 from qubes_seal import state
@@ -539,3 +540,37 @@ def test_real_second_boot_differs_from_the_first_only_by_what_is_predicted() -> 
     assert pcrs["sha256"][18].hex().startswith("add552b58f6ed359")
     assert pcrs["sha1"][18].hex().startswith("4e1da12b44ae4074")
     assert pcrs["sha256"][17].hex().startswith("458431542b2a2e77")  # the second boot's PCR 17
+
+
+@needs_debian_tboot
+def test_signed_container_tboot_update_unlocks_without_recovery(box: Box) -> None:
+    """The signed path: a container initialised on tboot A; Debian's tboot.gz with its
+    default command line is predicted and signed (the sealed object unchanged), the reboot
+    into it unlocks with the passphrase alone, and tboot A is refused once it is dropped."""
+    from qubes_seal import chain
+    from qubes_seal.luks.container import Container
+
+    log = box.dir / "txt.log"
+    box.swtpm.reboot()
+    txt_launch(box.swtpm, sample_modules(), log_path=log)  # tboot A: the default platform
+    assert box.unlock().code == 0
+    before = chain.read_token(Container(box.container))[1]
+    new = Platform(tboot_image=DEBIAN_TBOOT.read_bytes(), tboot_cmdline=TBOOT_CMDLINE.encode())
+    opts = write_boot(sample_modules(), new.tboot_image, TBOOT_CMDLINE, box.dir / "new")
+    res = box.cli("reseal", "--predict", "--txt-log", str(log), *opts)
+    assert res.code == 0, res.err
+    after = chain.read_token(Container(box.container))[1]
+    assert (after.sealed.public, after.sealed.private) == (before.sealed.public,
+                                                           before.sealed.private)  # fmt: skip
+    assert [s.label for s in after.sealed.pcr_states] == ["current", "predicted"]
+    want = expected_pcrs(new, sample_modules())
+    assert after.sealed.pcr_states[1].values[17] == want[17]
+    chain.lock(box.container)
+    box.swtpm.reboot()
+    txt_launch(box.swtpm, sample_modules(), platform=new)  # the new tboot
+    res = box.unlock()
+    assert res.code == 0, res.err
+    assert box.cli("reseal").code == 0  # drop tboot A
+    chain.lock(box.container)
+    box.boot()  # tboot A again: no longer signed
+    assert box.unlock().code == 3
