@@ -265,13 +265,21 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         "Compute what tboot will measure at the next boot: this boot's TXT event log gives\n"
         "SINIT's measurements and tboot's policy; the new Xen, dom0 kernel and initramfs\n"
         "(files, or a GRUB entry) give the modules. No TPM needed.\n\n"
+        "A new tboot (the entry's 'multiboot2 /tboot.gz ARGS' line, or --tboot FILE with\n"
+        "--tboot-cmdline ARGS) changes SINIT's MLE_HASH: it is recomputed per bank from the\n"
+        "image (gunzipped, ELF segments laid out, the MLE header's range with the command\n"
+        "line in its buffer), as Debian's lcp2_mlehash computes it, and the OsSinitData\n"
+        "capabilities event too when the new MLE header's capabilities differ.\n\n"
         "examples:\n"
         "  qubes-seal predict --txt-log txt.log --xen /boot/xen-4.19.gz \\\n"
         "      --xen-cmdline 'console=none' --kernel /boot/vmlinuz-6.6 \\\n"
         "      --kernel-cmdline 'root=/dev/mapper/dom0-root ro' \\\n"
         "      --initramfs /boot/initramfs-6.6.img\n"
         "  qubes-seal predict --txt-log txt.log --grub-cfg /boot/grub2/grub.cfg \\\n"
-        "      --entry 'Qubes, with Xen 4.19 and Linux 6.6 (tboot)'\n\n"
+        "      --entry 'Qubes, with Xen 4.19 and Linux 6.6 (tboot)'\n"
+        "  qubes-seal predict --txt-log txt.log --tboot /boot/tboot.gz \\\n"
+        "      --tboot-cmdline 'logging=serial,memory,vga' --xen ... --kernel ... \\\n"
+        "      --initramfs ...\n\n"
         "With --container, also a preview of the approval 'reseal --predict' would sign:\n"
         "PolicyPCR of PCR 13 (this header), 17, 18 (dom0's launch policy), then PolicyNV\n"
         "(counter <= its next value). A preview is never signed: a signature shown now would\n"
@@ -599,6 +607,16 @@ def add_component_options(p: argparse.ArgumentParser, *, required: bool = True) 
         help="files are measured as they are (GRUB --nounzip); by default gzip "
         "and xz files are measured decompressed, as GRUB loads them",
     )
+    g.add_argument(
+        "--tboot", metavar="FILE", type=Path,
+        help="the next boot's tboot (tboot.gz): SINIT's MLE_HASH is recomputed from it "
+        "(default: from the --entry's multiboot2 line; else tboot is taken as unchanged)",
+    )  # fmt: skip
+    g.add_argument(
+        "--tboot-cmdline", metavar="STR", default="",
+        help="tboot's command line as measured (the words after its path on the multiboot2 "
+        "line, e.g. 'logging=serial,memory,vga'); part of the MLE hash",
+    )  # fmt: skip
     g.add_argument("--grub-cfg", metavar="FILE", type=Path, help="read the entry from grub.cfg")
     g.add_argument("--entry", metavar="TITLE", help="the menuentry title in --grub-cfg")
     g.add_argument("--boot-dir", metavar="DIR", type=Path, default=Path("/boot"),
@@ -664,6 +682,56 @@ def next_boot(args: argparse.Namespace) -> tuple[list[Any], list[tuple[str, Path
     return components, [(c.name, getattr(args, c.name), c.cmdline) for c in components]
 
 
+def next_tboot(
+    args: argparse.Namespace, files: list[tuple[str, Path, bytes | None]]
+) -> tuple[Any, dict[str, Any]]:
+    """The next boot's tboot (``NextTboot``, or None: taken as unchanged) and what was
+    decided (JSON ``tboot``: ``recomputed``, ``file``, ``cmdline``, ``mle_caps``, ``note``).
+    ``--tboot FILE`` wins; else the GRUB entry's multiboot2 line, when its file is a tboot
+    image.  The tboot row of ``files`` gets the command line to vouch for."""
+    from ..measure import grub
+    from ..measure.mle import NotAnMleImage, TbootImage, TbootImageError
+    from ..measure.predict import NextTboot
+    from ..measure.tboot import ModuleTooLarge
+
+    if args.tboot is not None:
+        image = TbootImage.from_file(args.tboot)
+        cmdline = args.tboot_cmdline.encode()
+        files[:] = [f for f in files if f[0] != "tboot"]
+        files.insert(0, ("tboot", args.tboot, cmdline))
+    elif args.grub_cfg is not None and files and files[0][0] == "tboot":
+        entry = grub.find_entry(args.grub_cfg.read_text(errors="replace"), args.entry)
+        if entry.kernel_uses_variables:
+            raise UsageError(f"tboot's line in {args.entry!r} uses GRUB variables: its "
+                             "command line cannot be known in advance")  # fmt: skip
+        path = files[0][1]
+        try:
+            image = TbootImage.from_file(path)
+        except NotAnMleImage:
+            return None, kept(f"tboot {path} is not an MLE image")
+        except (TbootImageError, ModuleTooLarge):
+            raise  # a broken or hostile tboot.gz: exit 7, never "unchanged"
+        except UsageError:  # not found or unreadable: as before, tboot taken as unchanged
+            return None, kept(f"tboot {path} is not readable")
+        cmdline = entry.kernel_cmdline
+        files[0] = ("tboot", path, cmdline)
+    else:
+        return None, kept("no new tboot named (--tboot, or a GRUB entry)")
+    caps = image.header.capabilities
+    shown = cmdline.decode(errors="replace")
+    return NextTboot(image, cmdline), {
+        "recomputed": True, "file": image.name, "cmdline": shown, "mle_caps": caps,
+        "note": f"tboot {image.name} (MLE header caps {caps:#x}) with command line "
+        f"{shown!r}: MLE_HASH recomputed",
+    }  # fmt: skip
+
+
+def kept(why: str) -> dict[str, Any]:
+    """JSON ``tboot`` when the prediction keeps this boot's MLE_HASH (tboot unchanged)."""
+    note = f"{why}: tboot taken as unchanged, MLE_HASH kept from this boot's log"
+    return {"recomputed": False, "file": None, "cmdline": None, "mle_caps": None, "note": note}
+
+
 def predicted_pcrs(args: argparse.Namespace) -> tuple[dict[int, bytes], Any]:
     """The next boot's PCR 17/18, and the report of who vouches for what it is made of."""
     from ..measure import vouch
@@ -671,7 +739,8 @@ def predicted_pcrs(args: argparse.Namespace) -> tuple[dict[int, bytes], Any]:
 
     log = read_txt_log(args)
     components, files = next_boot(args)
-    values = predict_txt(log, components)
+    new_tboot, args.tboot_note = next_tboot(args, files)
+    values = predict_txt(log, components, tboot=new_tboot)
     report = vouch.check_boot(
         files,
         rpm=vouch.RpmDb(args.rpm_dbpath),
@@ -686,10 +755,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     values, report = predicted_pcrs(args)
     doc: dict[str, Any] = {"pcrs": {"sha256": {str(p): v.hex() for p, v in sorted(values.items())}},
-                           "vouch": report.as_dict()}  # fmt: skip
+                           "vouch": report.as_dict(), "tboot": args.tboot_note}  # fmt: skip
     text = "predicted next boot (sha256):\n" + "\n".join(
         f"  PCR {p}: {v.hex()}" for p, v in sorted(values.items())
     )
+    text += f"\n{args.tboot_note['note']}"
     text += "\nmade of:\n" + "\n".join(report.lines())
     if args.container is not None:
         from .. import chain
@@ -738,7 +808,8 @@ def reseal_container(args: argparse.Namespace) -> int:
         gate(report, what="approve this boot and the predicted one")
         check_log_matches_tpm(args)
         predicted.append(values)
-    elif any(getattr(args, o) is not None for o in ("xen", "kernel", "initramfs", "grub_cfg")):
+    elif any(getattr(args, o) is not None
+             for o in ("xen", "kernel", "initramfs", "grub_cfg", "tboot")):  # fmt: skip
         raise UsageError("component options given without --predict")
     token = journalled_reseal(args, predicted)
     new = token.sealed
@@ -817,7 +888,8 @@ def cmd_reseal(args: argparse.Namespace) -> int:
         gate(report, what="approve this boot and the predicted one")
         check_log_matches_tpm(args)
         extra = [PcrState("predicted", {p: predicted[p] for p in sealed.pcrs})]
-    elif any(getattr(args, o) is not None for o in ("xen", "kernel", "initramfs", "grub_cfg")):
+    elif any(getattr(args, o) is not None
+             for o in ("xen", "kernel", "initramfs", "grub_cfg", "tboot")):  # fmt: skip
         raise UsageError("component options given without --predict")
     new = reseal(sealed, tcti=args.tpm, extra_states=extra)
     written = state_mod.save(new, args.state_dir)

@@ -106,12 +106,22 @@ class BootEntry:
     title: str
     kernel: str  # the multiboot kernel: tboot
     modules: list[ModuleLine]
+    kernel_args: tuple[str, ...] = ()  # the words after tboot's path: its command line
+    kernel_uses_variables: bool = False
+
+    @property
+    def kernel_cmdline(self) -> bytes:
+        """tboot's command line as GRUB 2 passes it (without the file name, for
+        ``multiboot`` and ``multiboot2`` alike) and as SINIT measures it in the MLE."""
+        return grub_module_string(self.kernel_args)
 
 
 def entries(text: str) -> list[BootEntry]:
     """Every ``menuentry`` of a grub.cfg with its multiboot kernel and module lines."""
     out: list[BootEntry] = []
     current: tuple[str, str, list[ModuleLine]] | None = None
+    kernel_args: tuple[str, ...] = ()
+    kernel_vars = False
     depth = 0
     for raw in text.splitlines():
         line = raw.strip()
@@ -121,19 +131,22 @@ def entries(text: str) -> list[BootEntry]:
             continue
         if words[0] == "menuentry" and len(words) > 1:
             current, depth = (words[1], "", []), 1
+            kernel_args, kernel_vars = (), False
             continue
         if current is None:
             continue
         if words[0] == "}":
             depth -= 1
             if depth == 0:
-                out.append(BootEntry(current[0], current[1], current[2]))
+                out.append(BootEntry(current[0], current[1], current[2], kernel_args,
+                                     kernel_vars))  # fmt: skip
                 current = None
             continue
         if words[-1] == "{":
             depth += 1
         if words[0] in ("multiboot", "multiboot2") and len(words) > 1:
             current = (current[0], words[1], current[2])
+            kernel_args, kernel_vars = tuple(words[2:]), any(v for _, v in lexed[1:])
         elif words[0] in ("module", "module2") and len(words) > 1:
             # grub_cmd_module: --nounzip only as the first argument, then the path.
             start = 2 if words[1] == "--nounzip" else 1

@@ -424,8 +424,11 @@ GRUB_VARIABLES = (
     "GRUB_CMDLINE_XEN", "GRUB_CMDLINE_XEN_DEFAULT", "GRUB_QUBES_SEAL_CMDLINE_XEN_EXTRA",
     "GRUB_CMDLINE_LINUX", "GRUB_CMDLINE_LINUX_DEFAULT", "GRUB_CMDLINE_LINUX_XEN_REPLACE",
     "GRUB_CMDLINE_LINUX_XEN_REPLACE_DEFAULT", "GRUB_QUBES_SEAL_CMDLINE_LINUX_EXTRA",
-    "GRUB_QUBES_SEAL_ROOT",
+    "GRUB_QUBES_SEAL_ROOT", "GRUB_QUBES_SEAL_TBOOT_CMDLINE", "GRUB_CMDLINE_TBOOT",
 )  # fmt: skip
+
+#: tboot's command line when /etc/default/grub sets none (20_qubes_seal_tboot's default).
+DEFAULT_TBOOT_CMDLINE = "logging=serial,memory,vga"
 
 _READ_SCRIPT = r"""
 f="$1"; shift
@@ -542,8 +545,11 @@ class Dom0Cmdlines:
     xen: list[str]
     root: str | None  # GRUB_QUBES_SEAL_ROOT when set ("" = no root=); None: dom0's root fs
     linux: list[str]  # the words after ``root=... ro``
+    tboot: list[str] = field(default_factory=lambda: [DEFAULT_TBOOT_CMDLINE])
 
     def expected(self, role: str) -> bytes | None:
+        if role == "tboot":
+            return grub_module_string(self.tboot)
         if role == "xen":
             return grub_module_string(self.xen)
         if role == "initramfs":
@@ -570,7 +576,13 @@ def dom0_cmdlines(path: Path = DEFAULT_ETC_DEFAULT_GRUB) -> Dom0Cmdlines:
              *config_words(default_name, v.get(default_name, "")),
              *config_words("GRUB_QUBES_SEAL_CMDLINE_LINUX_EXTRA",
                            v.get("GRUB_QUBES_SEAL_CMDLINE_LINUX_EXTRA", ""))]  # fmt: skip
-    return Dom0Cmdlines(path, xen, v.get("GRUB_QUBES_SEAL_ROOT"), linux)
+    # 20_qubes_seal_tboot: GRUB_QUBES_SEAL_TBOOT_CMDLINE if set, else GRUB_CMDLINE_TBOOT if
+    # set, else its default.
+    tboot_name = next((n for n in ("GRUB_QUBES_SEAL_TBOOT_CMDLINE", "GRUB_CMDLINE_TBOOT")
+                       if n in v), None)  # fmt: skip
+    tboot = (config_words(tboot_name, v[tboot_name]) if tboot_name is not None
+             else [DEFAULT_TBOOT_CMDLINE])  # fmt: skip
+    return Dom0Cmdlines(path, xen, v.get("GRUB_QUBES_SEAL_ROOT"), linux, tboot)
 
 
 _BY_TAG = {"UUID": "by-uuid", "PARTUUID": "by-partuuid", "LABEL": "by-label",
@@ -630,12 +642,13 @@ def check_boot(
 ) -> Report:
     """Vouch for every file and module string of a boot: ``(role, path, module string)``.
 
-    The roles are ``tboot`` (no module string: tboot's own is measured by SINIT, taken from
-    this boot's log), then ``xen``, ``kernel``, ``initramfs`` in that order; any other module
-    tboot would measure is a problem (dom0's configuration has exactly these three).
+    The roles are ``tboot`` (measured by SINIT as the MLE: its command line is vouched for
+    when the prediction recomputes its MLE hash, else None: taken from this boot's log), then
+    ``xen``, ``kernel``, ``initramfs`` in that order; any other module tboot would measure is
+    a problem (dom0's configuration has exactly these three).
     """
     report = Report([], [], [])
-    measured = [role for role, _, cmdline in files if cmdline is not None]
+    measured = [role for role, _, cmdline in files if cmdline is not None and role != "tboot"]
     if measured != list(MEASURED_ROLES):
         report.problems.append(
             "the modules tboot measures are " + (", ".join(measured) or "none")

@@ -18,11 +18,18 @@ on a running :class:`~qubes_seal.sim.swtpm.Swtpm` and writes the TXT event log (
 crypto-agile records) that a real launch leaves in the TXT heap.
 
 SINIT's digests are synthetic but fixed per :class:`Platform`: a platform that does not
-change measures the same; change a field to simulate a SINIT or BIOS update.
+change measures the same; change a field to simulate a SINIT or BIOS update.  Two of them
+depend on tboot and are computed the real way (:mod:`~qubes_seal.measure.mle`), from
+``Platform.tboot_image`` (a tboot file as /boot holds it: Debian's ``tboot.gz``, or the small
+synthetic one of :func:`sample_tboot`) and ``Platform.tboot_cmdline``: ``MLE_HASH``, and the
+OsSinitData capabilities dword (its event data) from the image's MLE header, with the launch
+choices of the real machine of ../shared/testdata/real-drtm (:data:`SINIT_RUNTIME_CAPS`).
 """
 
 from __future__ import annotations
 
+import functools
+import gzip
 import hashlib
 import os
 import struct
@@ -30,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..measure import eventlog, tboot, txt_heap
+from ..measure import eventlog, mle, tboot, txt_heap
 from ..tpm.device import Tpm
 from .swtpm import Swtpm
 
@@ -51,12 +58,51 @@ class Module:
         return cls(name=name, cmdline=raw, image=tboot.load_module_image(path))
 
 
+#: The OsSinitData capability bits tboot chose at launch on the real machine (RLP wake-up by
+#: MONITOR, the TCG event-log format): with its MLE header's 0x627 they gave 0x602.
+SINIT_RUNTIME_CAPS = 0x202
+
+
+def sample_tboot(label: str = "tboot 1.10.5", *, caps: int = 0x627) -> bytes:
+    """A small synthetic tboot file (gzip of an ELF32 with one PT_LOAD segment and an MLE
+    header), laid out like Debian's: the header's range and a 511-byte command-line buffer
+    inside it.  Different ``label`` or ``caps``, different MLE hash (for tests and demos)."""
+    base, filesz, memsz = 0x800000, 0x6000, 0x8000
+    body = bytearray(blob(label, filesz))
+    hdr_at, mle_start, mle_end, cmd_start = 0x100, 0x1000, 0x6000, 0x2000
+    body[hdr_at : hdr_at + 52] = struct.pack(
+        "<16s9I", mle.MLE_HEADER_UUID, 52, 0x20001, 0x10, 0, mle_start, mle_end, caps,
+        cmd_start, cmd_start + 511,
+    )  # fmt: skip
+    body[cmd_start : cmd_start + 512] = bytes(512)  # tboot's g_cmdline: zeros in the file
+    phoff, ehsize = 52, 52
+    ehdr = (
+        b"\x7fELF"
+        + bytes([1, 1, 1])
+        + bytes(9)
+        + struct.pack("<HHIIIIIHHHHHH", 2, 3, 1, base + 0x10, phoff, 0, 0, ehsize, 32, 1, 40, 0, 0)
+    )
+    offset = 0x1000
+    phdr = struct.pack("<IIIIIIII", 1, offset, base, base, filesz, memsz, 7, 0x1000)
+    elf = ehdr + phdr
+    elf += bytes(offset - len(elf)) + bytes(body)
+    return gzip.compress(elf, mtime=0)
+
+
+@functools.lru_cache(maxsize=2)
+def _tboot_image(data: bytes) -> mle.TbootImage | None:
+    try:
+        return mle.TbootImage.from_bytes(data)
+    except mle.TbootImageError:
+        return None  # a stand-in: the old synthetic measurement
+
+
 @dataclass(frozen=True)
 class Platform:
     """The fixed parts of a launch: the SINIT ACM, the tboot image and its policy."""
 
     sinit: bytes = b"simulated SINIT ACM for a simulated Intel platform, revision 1"
-    tboot_image: bytes = b"simulated tboot 1.10.5 MLE"
+    tboot_image: bytes = field(default_factory=sample_tboot)
     tboot_cmdline: bytes = b"logging=serial,memory,vga"
     bios_acm: bytes = b"simulated BIOS ACM registration data"
     sinit_pubkey: bytes = b"simulated Intel SINIT signing key"
@@ -76,21 +122,29 @@ def sinit_events(platform: Platform) -> list[eventlog.Event]:
     """SINIT's events after the hash-start one, PCR 17 (details) and 18 (authorities)."""
     p = platform
     cpu = _h(b"CPU S-CRTM status: secure")
-    caps = _h(b"OS-SINIT data capabilities")
     lcp_control = _h(b"launch control policy: none (platform default)")
     nv_info = _h(b"TPM NV info")
+    image = _tboot_image(p.tboot_image)
+    if image is None:  # not a tboot file: a stand-in, measured as before
+        mle_hash = _h(p.tboot_image + p.tboot_cmdline)
+        caps, caps_data = _h(b"OS-SINIT data capabilities"), b""
+    else:
+        mle_hash = image.mle_hash(p.tboot_cmdline, BANK)
+        dword = mle.os_sinit_caps(SINIT_RUNTIME_CAPS, image.header.capabilities)
+        caps_data = dword.to_bytes(4, "little")
+        caps = _h(caps_data)
     return [
         _ev(17, 0x40A, _h(p.bios_acm)),  # BIOSAC_REG_DATA
         _ev(17, 0x40B, cpu),  # CPU_SCRTM_STAT
         _ev(17, 0x40C, lcp_control),  # LCP_CONTROL_HASH
         _ev(17, 0x412, _h(b"LCP details: none")),  # LCP_DETAILS_HASH
         _ev(17, 0x40E, bytes(32)),  # STM_HASH: no STM
-        _ev(17, 0x40F, caps),  # OSSINITDATA_CAP_HASH
-        _ev(17, 0x404, _h(p.tboot_image + p.tboot_cmdline)),  # MLE_HASH: tboot + cmdline
+        _ev(17, 0x40F, caps, caps_data),  # OSSINITDATA_CAP_HASH
+        _ev(17, 0x404, mle_hash),  # MLE_HASH: tboot's MLE range with its command line
         _ev(17, 0x414, nv_info),  # NV_INFO_HASH
         _ev(18, 0x410, _h(p.sinit_pubkey)),  # SINIT_PUBKEY_HASH
         _ev(18, 0x40B, cpu),  # CPU_SCRTM_STAT
-        _ev(18, 0x40F, caps),  # OSSINITDATA_CAP_HASH
+        _ev(18, 0x40F, caps, caps_data),  # OSSINITDATA_CAP_HASH
         _ev(18, 0x40C, lcp_control),  # LCP_CONTROL_HASH
         _ev(18, 0x413, _h(b"LCP authorities: none")),  # LCP_AUTHORITIES_HASH
         _ev(18, 0x414, nv_info),  # NV_INFO_HASH
