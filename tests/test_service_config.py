@@ -175,8 +175,14 @@ def test_previous_key_requests(tmp_path: Path) -> None:
     assert view["rotation_pending"]["previous_key_id"] == answer["key_id"]
     assert view["rotation_pending"]["previous_generation"] == 1
     assert old.hex() not in str(view)
-    # One rate limit for both keys of a caller: its 4 requests so far (bad ones not counted).
-    assert ask("previous")["error"] == "rate-limited"
+    # The authorised caller is never rate-limited (issue 14); refusals are, one bucket for
+    # both keys of a caller: sys-other's refusal above, three more, then rate-limited.
+    assert all(ask("previous")["ok"] for _ in range(10))
+    assert [ask(w, caller="sys-other")["error"] for w in ("current", "previous", "current")] == [
+        "refused"
+    ] * 3
+    assert ask("previous", caller="sys-other")["error"] == "rate-limited"
+    assert ask("previous")["ok"]
     svc.limiter = RateLimiter(rate=1000.0, burst=1000)
     # A malformed previous key: an internal error, without the value or a traceback.
     entry.extra["previous"]["key"] = "zz" * 64

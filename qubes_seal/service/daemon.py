@@ -5,12 +5,14 @@
 
 * ``get-key``: the caller (``QREXEC_REMOTE_DOMAIN``, set by dom0's qrexec daemon) receives the
   key of the requested domain only if the configuration names it as the storage domain that
-  serves that domain, within its rate limit, and only for the qube UUID the configuration
-  binds that domain to (when it does).  ``"which": "previous"`` asks for the key the domain
-  had before ``qubes-seal domain rotate``, while that rotation is pending (the storage domain
-  re-keys the volume with both), under the same checks; without a pending rotation the answer
-  is ``no-key``.  Every answer is logged: which key, caller, domain, result; never key
-  material.
+  serves that domain (``dom0``, root only, for the qubes of ``[dom0-storage]``: the pool
+  driver in qubesd, which may name the qube's UUID), and only for the qube UUID the
+  configuration binds that domain to (when it does).  The rate limit takes refused and
+  malformed requests only: an authorised burst is never refused for its size.
+  ``"which": "previous"`` asks for the key the domain had before ``qubes-seal domain
+  rotate``, while that rotation is pending (the storage domain re-keys the volume with
+  both), under the same checks; without a pending rotation the answer is ``no-key``.
+  Every answer is logged: which key, caller, domain, result; never key material.
 * admin requests (``status``, ``list``, ``show``, ``add``, ``remove``, ``reload``, ``lock``):
   from root only (``list`` and ``show`` say whether a rotation is pending); ``add`` and
   ``remove`` are written to the container at once (:meth:`qubes_seal.chain.Unlocked.save`).
