@@ -5,8 +5,8 @@ of ``burst`` tokens that refills at ``rate`` tokens per second.  The daemon take
 a refused or malformed request only, and answers ``rate-limited`` when the bucket is empty: a
 valid request of an authorised caller is never limited (issue 14: qubesd and storage domains
 open every volume at once at boot), while a compromised qube probing for others' keys gets
-100 refusals at once, then 20 a second (the defaults).  At most :data:`MAX_CALLERS` buckets are kept:
-full buckets are forgotten first (a full bucket and no bucket behave the same).
+100 refusals at once, then 20 a second (the defaults).  At most :data:`MAX_CALLERS` buckets
+are kept: full buckets are forgotten first (a full bucket and no bucket behave the same).
 """
 
 from __future__ import annotations
