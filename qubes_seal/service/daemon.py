@@ -364,7 +364,9 @@ class KeyService:
             else:
                 qube_uuid = asked
         if reason:
-            if self._limited(caller):
+            # an impostor's claim to be dom0 is charged to its uid, not to dom0's bucket
+            bucket = caller if caller != config_mod.DOM0 or peer.uid == 0 else f"uid {peer.uid}"
+            if self._limited(bucket):
                 log.warning("%s key request caller=%s domain=%s result=rate-limited", which,
                             caller, domain)  # fmt: skip
                 return error("rate-limited", f"too many refused requests from {caller}: "
