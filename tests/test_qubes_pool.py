@@ -290,6 +290,28 @@ def test_create_verify_stop_remove_through_qubesd(
         await vol.inner.stop()
         assert tpl.volumes["private"].block_device().path == "/dev/mapper/vm-seal-tpl@private"
 
+        # work's root: the inner pool's snapshot of tpl's ciphertext, opened by tpl's key
+        await root.inner.start()
+        snap = root.inner.block_device().path
+        await root._check_ours(snap)
+        assert opens(snap, tpl_key) and not opens(snap, work_key)
+        await root.inner.stop()
+
+        # resize (stopped): the inner volume grows by as much; the LUKS2 segment follows
+        private = tpl.volumes["private"]
+        await tpl.storage.resize("private", private.size + (8 << 20))
+        assert os.path.getsize(inner_file(private)) == private.size + pool_mod.HEADER_BYTES
+        assert opens(inner_file(private), tpl_key)
+        with pytest.raises(qubes.exc.QubesException):
+            await tpl.storage.resize("private", private.size - (8 << 20))
+
+        # revert: the inner pool's revisions are ciphertext under the same key (the one
+        # kept here is the commit of the mapping-free start/stop above)
+        assert len(private.revisions) == 1
+        await private.revert()
+        assert opens(inner_file(private), tpl_key)
+        await private._check_ours(inner_file(private))
+
         # stop: idempotent, and it needs no key (qubesd stops every halted qube at its start)
         await work.storage.stop()
         await work.storage.stop()

@@ -548,11 +548,39 @@ class EncryptedVolume(qubes.storage.Volume):  # type: ignore[misc]
             (await self._key()).wipe()
         return True
 
-    async def resize(self, size: int) -> None:
-        raise PoolError(f"{self.qube}:{self.name}: resize is not supported by this pool yet")
+    @qubes.storage.Volume.locked  # type: ignore[untyped-decorator]
+    async def resize(self, size: int) -> EncryptedVolume:
+        """Grow (qubesd refuses to shrink): the inner volume by the same amount (its LUKS2
+        segment is ``dynamic``, so it follows the device); a running volume's mapping is
+        grown too (``cryptsetup resize``, the key on stdin)."""
+        size = int(size)
+        if size < self.size:
+            raise PoolError(f"{self.qube}:{self.name}: shrinking is not supported")
+        if self.volatile:
+            await qubes.utils.coro_maybe(self.inner.resize(size))
+            self._size = size
+            return self
+        await qubes.utils.coro_maybe(self.inner.resize(size + HEADER_BYTES))
+        self._size = size
+        if os.path.exists(self.mapping_path):
+            key = await self._key()
+            try:
+                code, _, err = await cryptsetup(
+                    "resize", "--key-file=-", f"--keyfile-size={KEY_BYTES}", "--", self.mapping,
+                    key=key,
+                )  # fmt: skip
+            finally:
+                key.wipe()
+            if code != 0:
+                raise PoolError(f"{self.qube}:{self.name}: cryptsetup resize: {err.strip()}")
+        return self
 
-    async def revert(self, revision: object = None) -> None:
-        raise PoolError(f"{self.qube}:{self.name}: revert is not supported by this pool yet")
+    async def revert(self, revision: object = None) -> EncryptedVolume:
+        """The inner pool's revert: its revisions are ciphertext under the same key.  (The
+        oldest may be the image from before ``luksFormat``: reverting to it gives a volume
+        that ``start`` refuses as not LUKS2, never one used in the clear.)"""
+        await qubes.utils.coro_maybe(self.inner.revert(revision))
+        return self
 
     async def export(self) -> str:
         raise PoolError(f"{self.qube}:{self.name}: export (backup) is not supported yet")
