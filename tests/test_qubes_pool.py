@@ -333,12 +333,28 @@ def test_create_verify_stop_remove_through_qubesd(
         assert opens(str(copy), work_key)  # (the old key, known only to this test, did)
         assert keyd.request({"op": "show", "name": "tpl", "qube_uuid": str(tpl.uuid)})["ok"]
 
+        # a template: its two origin volumes go concurrently, the last one destroys the key
+        other = app.add_new_vm("TemplateVM", name="other", label="red", kernel=None)
+        os.makedirs(other.dir_path)
+        await other.storage.create()
+        key_other = key_of(keyd, other)
+        await other.storage.remove()
+        assert keyd.request({"op": "show", "name": "other"})["error"] == "no-key"
+        for name in ("private", "root"):
+            assert not os.path.exists(inner_file(other.volumes[name]))
+        assert key_other != tpl_key
+
         # the container locked: verify says what to do, stop still works
         assert keyd.request({"op": "lock"})["ok"] is True
         with pytest.raises(qubes.exc.StoragePoolException) as info:
             await tpl.storage.verify()
         assert "unlock the container, then start the qube again" in str(info.value)
         await tpl.storage.stop()
+        # removing it now could not destroy its key: refused before anything is removed
+        with pytest.raises(qubes.exc.StoragePoolException, match="not removed"):
+            await tpl.storage.remove()  # (qubesd's Storage.remove raises it to qvm-remove)
+        for name in ("private", "root"):
+            assert os.path.exists(inner_file(tpl.volumes[name]))
 
     run(go())
 

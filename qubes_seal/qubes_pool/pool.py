@@ -520,14 +520,20 @@ class EncryptedVolume(qubes.storage.Volume):  # type: ignore[misc]
     @qubes.storage.Volume.locked  # type: ignore[untyped-decorator]
     async def remove(self) -> EncryptedVolume:
         """Mapping closed, inner volume removed; the last origin volume of a qube destroys
-        its key (crypto-erase: copies of the ciphertext open no more)."""
+        its key (crypto-erase: copies of the ciphertext open no more).  When that key cannot
+        be destroyed now (the service locked or down), nothing is removed: a refusal that
+        says so, rather than a qube deleted but not erased."""
         pool = self.pool_typed
+        if self.save_on_stop:
+            await self._can_destroy_key()
         pool._volumes.pop(self.vid, None)
         if not self.volatile:
             await self._close_mapping()
         await qubes.utils.coro_maybe(self.inner.remove())
+        # qubesd removes a qube's volumes concurrently: the last origin volume to go under
+        # this key destroys it (a second attempt finds no key, which is fine)
         if self.save_on_stop and not any(
-            v.key_name == self.key_name for v in pool._volumes.values()
+            v.save_on_stop and v.key_name == self.key_name for v in pool._volumes.values()
         ):
             try:
                 await self._admin({"op": "remove", "name": self.key_name})
@@ -539,6 +545,21 @@ class EncryptedVolume(qubes.storage.Volume):  # type: ignore[misc]
                         hint=f"run 'qubes-seal domain remove {self.key_name}' once unlocked",
                     ) from None
         return self
+
+    async def _can_destroy_key(self) -> None:
+        """Refuse (before anything is removed) when the key service could not destroy the
+        qube's key now; a qube without a key is fine."""
+        try:
+            await self._admin({"op": "show", "name": self.key_name, "qube_uuid": self.key_uuid})
+        except PoolError as exc:
+            if "no qubes-seal key" in exc.message:
+                return
+            raise PoolError(
+                f"{self.qube}:{self.name}: not removed: its key could not be destroyed now "
+                f"({exc.message})",
+                hint="unlock the container (and start qubes-seal-keyd), then remove the qube "
+                "again: a removed qube's key is destroyed with it",
+            ) from None
 
     async def verify(self) -> bool:
         """The inner volume, and the key: a clear error when the service is locked or the
