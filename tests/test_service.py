@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -454,18 +455,98 @@ def test_misbehaving_clients_do_not_stall_others(keybox: Box, daemon: Daemon) ->
     assert get_key(daemon.socket, "sys-storage", "personal").stdout == keys["personal"]
 
 
-def test_rate_limit_per_caller(keybox: Box, tmp_path: Path) -> None:
+def test_rate_limit_takes_refusals_not_authorised_bursts(keybox: Box, tmp_path: Path) -> None:
+    # Issue 14: the limit takes refused and malformed requests; an authorised caller is
+    # never refused for the size of its burst, even with a bucket of 3.
     d = Daemon(tmp_path, keybox.container, config=CONFIG.replace("burst = 100000", "burst = 3")
                .replace("rate = 1000.0", "rate = 0.01"))  # fmt: skip
     d.start()
     try:
-        codes = [get_key(d.socket, "sys-storage", "work").returncode for _ in range(5)]
-        assert codes[:3] == [7, 7, 7]  # locked, but allowed through the limiter
-        assert codes[3:] == [5, 5]
-        assert get_key(d.socket, "sys-backup", "archive").returncode == 7  # its own bucket
+        codes = [get_key(d.socket, "sys-backup", "work").returncode for _ in range(5)]
+        assert codes == [4, 4, 4, 5, 5]  # refused, then rate-limited (after retries)
+        assert [get_key(d.socket, "sys-storage", "work").returncode for _ in range(6)] == [7] * 6
         assert "result=rate-limited" in d.log()
+        bad = [raw(d.socket, b"{not json\n")["error"] for _ in range(5)]
+        assert bad[:3] == ["bad-request"] * 3 and bad[3:] == ["rate-limited"] * 2
     finally:
         d.stop()
+
+
+DOM0_CONFIG = CONFIG.replace("[domain-uuids]", '[dom0-storage]\ndomains = ["vault2", "red"]\n\n'
+                             "[domain-uuids]").replace("rate = 1000.0", "rate = 20.0").replace(
+    "burst = 100000", "burst = 100")  # fmt: skip
+
+
+def test_400_valid_requests_at_once_all_get_their_key(keybox: Box, tmp_path: Path) -> None:
+    # Issue 14: with the default limits (burst 100, 20/s) 400 requests at once from one
+    # storage domain got 292 keys and 108 refusals; now every one gets its key, and so do
+    # 400 of dom0's pool driver (root, caller "dom0").
+    d = Daemon(tmp_path, keybox.container, config=DOM0_CONFIG)
+    d.start()
+    try:
+        keys = unlocked_with_keys(keybox, d)
+
+        def one(args: tuple[str, str]) -> str:
+            caller, domain = args
+            answer = d.request({"op": "get-key", "caller": caller, "domain": domain})
+            if answer.get("ok") is not True:
+                return str(answer.get("error"))
+            return "ok" if answer["key"] == keys[domain].hex() else "WRONG"
+
+        for caller, domain in (("sys-storage", "personal"), ("dom0", "red")):
+            with ThreadPoolExecutor(100) as pool:
+                results = list(pool.map(one, [(caller, domain)] * 400))
+            assert results == ["ok"] * 400, Counter(results)
+        assert "rate-limited" not in d.log()
+    finally:
+        d.stop()
+
+
+def test_dom0_caller_is_root_only_and_for_its_qubes(keybox: Box, tmp_path: Path) -> None:
+    d = Daemon(tmp_path, keybox.container, config=DOM0_CONFIG)
+    d.start()
+    try:
+        keys = unlocked_with_keys(keybox, d)
+        ok = d.request({"op": "get-key", "caller": "dom0", "domain": "red"})
+        assert ok["ok"] is True and ok["key"] == keys["red"].hex()
+        # dom0 is not the storage domain of work; sys-storage is not that of red
+        for caller, domain in (("dom0", "work"), ("sys-storage", "red")):
+            answer = d.request({"op": "get-key", "caller": caller, "domain": domain})
+            assert answer["error"] == "refused", answer
+        # a qrexec service (or anyone) claiming to be dom0 from a user that is not root
+        res = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+             "-c", "import json,socket,sys; s=socket.socket(socket.AF_UNIX); "
+             f"s.connect({str(d.socket)!r}); s.sendall(json.dumps({{'op':'get-key',"
+             "'caller':'dom0','domain':'red'}).encode()+b'\\n'); "
+             "sys.stdout.write(s.makefile().readline())"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        if res.returncode == 0 and res.stdout:  # the socket admits only root and group qubes
+            assert json.loads(res.stdout)["ok"] is False
+        # the pool driver binds the key to the qube's UUID
+        wrong = d.request({"op": "get-key", "caller": "dom0", "domain": "red", "qube_uuid": U2})
+        assert wrong["error"] == "refused"
+        bad = d.request({"op": "get-key", "caller": "dom0", "domain": "red", "qube_uuid": "x"})
+        assert bad["error"] == "refused"
+    finally:
+        d.stop()
+
+
+def test_dom0_storage_config_is_checked(tmp_path: Path) -> None:
+    from qubes_seal.service import config as cfg
+
+    good = cfg.loads('[storage-domains]\nsys-s = ["a"]\n[dom0-storage]\ndomains = ["b"]\n')
+    assert good.served_by("b") == "dom0" and good.served_by("a") == "sys-s"
+    for text in (
+        '[storage-domains]\ndom0 = ["a"]\n',
+        '[storage-domains]\nsys-s = ["a"]\n[dom0-storage]\ndomains = ["a"]\n',
+        '[storage-domains]\nsys-s = ["a"]\n[dom0-storage]\ndomains = ["sys-s"]\n',
+        '[storage-domains]\nsys-s = ["a"]\n[dom0-storage]\ndomains = "b"\n',
+        '[storage-domains]\nsys-s = ["a"]\n[dom0-storage]\nqubes = ["b"]\n',
+    ):
+        with pytest.raises(cfg.ConfigError):
+            cfg.loads(text)
 
 
 def test_socket_is_root_only(keybox: Box, daemon: Daemon) -> None:

@@ -175,8 +175,14 @@ def test_previous_key_requests(tmp_path: Path) -> None:
     assert view["rotation_pending"]["previous_key_id"] == answer["key_id"]
     assert view["rotation_pending"]["previous_generation"] == 1
     assert old.hex() not in str(view)
-    # One rate limit for both keys of a caller: its 4 requests so far (bad ones not counted).
-    assert ask("previous")["error"] == "rate-limited"
+    # The authorised caller is never rate-limited (issue 14); refusals are, one bucket for
+    # both keys of a caller: sys-other's refusal above, three more, then rate-limited.
+    assert all(ask("previous")["ok"] for _ in range(10))
+    assert [ask(w, caller="sys-other")["error"] for w in ("current", "previous", "current")] == [
+        "refused"
+    ] * 3
+    assert ask("previous", caller="sys-other")["error"] == "rate-limited"
+    assert ask("previous")["ok"]
     svc.limiter = RateLimiter(rate=1000.0, burst=1000)
     # A malformed previous key: an internal error, without the value or a traceback.
     entry.extra["previous"]["key"] = "zz" * 64
@@ -243,3 +249,36 @@ def test_decode_fuzz(data: bytes) -> None:
     except protocol.ProtocolError:
         return
     assert isinstance(doc, dict)
+
+
+def test_dom0_caller_is_root_only_attack(tmp_path: Path) -> None:
+    # Attacker: a member of the service group (dom0's qrexec service user, or a process of
+    # that uid) sends "caller": "dom0" to get a [dom0-storage] qube's key.  Refused: dom0 is
+    # served to root only; and refusals, unlike root's valid burst, are rate-limited.
+    cfg = config.loads(
+        '[storage-domains]\nsys-storage = ["work"]\n[dom0-storage]\ndomains = ["vault"]\n'
+        "[rate-limit]\nrate = 0.001\nburst = 3\n"
+    )
+    unlocked = FakeUnlocked()
+    svc = KeyService(cfg, container=tmp_path / "c", opener=lambda path: unlocked)
+    svc._unlocked = unlocked
+    svc.refresh = lambda: True  # type: ignore[method-assign]
+    key = unlocked.keystore.add("vault", qube_uuid=U1).key.reveal()
+    member, root = Peer(7, 1000, 1000), Peer(1, 0, 0)
+    ask = {"op": "get-key", "caller": "dom0", "domain": "vault", "qube_uuid": U1}
+    answers = [svc.handle(ask, member, admin=False) for _ in range(5)]
+    assert [a["error"] for a in answers] == ["refused"] * 3 + ["rate-limited"] * 2
+    assert "only root" in answers[0]["message"]
+    # root: every one of a burst far beyond the bucket, with the qube's UUID
+    for _ in range(50):
+        answer = svc.handle(ask, root, admin=True)
+        assert answer["ok"] and bytes.fromhex(answer["key"]) == key
+    # without the UUID the key bound to it stays refused (fail closed), as is another UUID
+    no_uuid = {k: v for k, v in ask.items() if k != "qube_uuid"}
+    assert svc.handle(no_uuid, root, admin=True)["error"] == "refused"
+    assert svc.handle({**ask, "qube_uuid": U1[:-1] + "2"}, root, admin=True)["error"] == "refused"
+    # a storage domain cannot ask for a dom0 qube, nor root as dom0 for a storage domain's
+    assert svc.handle({**ask, "caller": "sys-storage"}, member, admin=False)["error"] == "refused"
+    work = {"op": "get-key", "caller": "dom0", "domain": "work"}
+    assert svc.handle(work, root, admin=True)["error"] == "refused"  # the impostor's refusals
+    # were charged to its uid, not to dom0's bucket

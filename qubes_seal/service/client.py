@@ -8,13 +8,23 @@ while the system runs reaches the daemon's memory and the container together).
 from __future__ import annotations
 
 import os
+import random
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
 from ..errors import QubesSealError
-from .protocol import DEFAULT_SOCKET, MAX_RESPONSE, ProtocolError, decode, encode
+from ..secret import Secret
+from .protocol import (
+    CURRENT,
+    DEFAULT_SOCKET,
+    KEY_HEX_CHARS,
+    MAX_RESPONSE,
+    ProtocolError,
+    decode,
+    encode,
+)
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -94,6 +104,61 @@ def call(path: Path, doc: dict[str, Any], *, timeout: float = DEFAULT_TIMEOUT) -
             int(answer.get("exit", 1)),
         )
     return answer
+
+
+#: answers worth asking again after a pause: the daemon's rate limit, or its connections full
+RETRIED = ("rate-limited", "busy")
+BACKOFF_FIRST = 0.02  # seconds before the first retry; doubled each time
+BACKOFF_MAX = 1.0
+
+
+def call_retrying(
+    path: Path, doc: dict[str, Any], *, timeout: float = DEFAULT_TIMEOUT
+) -> dict[str, Any]:
+    """:func:`call`, asking again after a ``rate-limited`` or ``busy`` answer, with an
+    exponential backoff (20 ms doubling to 1 s, with jitter), until ``timeout`` is spent."""
+    deadline = time.monotonic() + timeout
+    pause = BACKOFF_FIRST
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return call(path, doc, timeout=max(0.01, left))
+        except ServiceRefused as exc:
+            if exc.name not in RETRIED or time.monotonic() + pause >= deadline:
+                raise
+        time.sleep(pause * (0.5 + random.random() / 2))  # noqa: S311 (jitter, not a secret)
+        pause = min(BACKOFF_MAX, pause * 2)
+
+
+def get_key(
+    path: Path,
+    domain: str,
+    *,
+    caller: str,
+    qube_uuid: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Secret:
+    """The 64-byte key of ``domain`` asked as ``caller`` (``"dom0"``: root's pool driver);
+    :class:`ServiceRefused` (``exit_code`` of :mod:`.protocol`) or :class:`ServiceUnreachable`.
+    The caller wipes the returned secret."""
+    doc: dict[str, Any] = {"op": "get-key", "caller": caller, "domain": domain}
+    if qube_uuid is not None:
+        doc["qube_uuid"] = qube_uuid
+    answer = call_retrying(path, doc, timeout=timeout)
+    key_hex = answer.pop("key", None)
+    if (
+        answer.get("domain") != domain
+        or answer.get("which", CURRENT) != CURRENT
+        or not isinstance(key_hex, str)
+        or len(key_hex) != KEY_HEX_CHARS
+    ):
+        raise ServiceUnreachable(
+            f"the key service on {path} answered badly: not the key of {domain}"
+        )
+    try:
+        return Secret(bytes.fromhex(key_hex))
+    except ValueError:
+        raise ServiceUnreachable(f"the key service on {path} answered badly: no key") from None
 
 
 def status(path: Path, *, timeout: float = 2.0) -> dict[str, Any] | None:

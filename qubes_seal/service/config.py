@@ -6,12 +6,15 @@
     sys-storage = ["work", "personal"]
     sys-storage-2 = ["vault"]
 
+    [dom0-storage]                 # optional: qubes whose volumes dom0 itself opens (the
+    domains = ["vault", "mail"]    # qubes_seal pool driver in qubesd, root): caller "dom0"
+
     [domain-uuids]                 # optional: the qube UUID each domain's key is bound to
     work = "6f1b0b3a-1111-4c4c-9d9d-000000000001"
 
-    [rate-limit]                   # optional: a token bucket per caller
-    rate = 20.0                    # requests per second, sustained (default 20)
-    burst = 100                    # requests at once (default 100)
+    [rate-limit]                   # optional: a token bucket per caller, taken by refused
+    rate = 20.0                    # and malformed requests only (default 20 per second)
+    burst = 100                    # refusals at once (default 100)
 
     [service]                      # optional
     group = "qubes"                # the group admitted to the socket (default "qubes")
@@ -23,6 +26,9 @@ Every name is checked with Qubes' own rules (:func:`~qubes_seal.keystore.validat
 Fail closed: a domain served by two storage domains, a storage domain that serves itself, an
 unknown table or key, a UUID for a domain nobody serves: each is a configuration error, and
 the daemon does not start (or, on a reload, keeps the configuration it had).
+
+``dom0`` is the caller name of the pool driver (:mod:`qubes_seal.qubes_pool`, run by qubesd as
+root in dom0): it cannot be a storage domain's name, and the daemon serves it only to root.
 """
 
 from __future__ import annotations
@@ -43,8 +49,12 @@ DEFAULT_REQUEST_TIMEOUT = 2.0
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_MAX_CONNECTIONS_PER_CALLER = 256
 
+#: the caller name of dom0's own storage (the pool driver in qubesd, root only)
+DOM0 = "dom0"
+
 TABLES = {
     "storage-domains": None,
+    "dom0-storage": {"domains"},
     "domain-uuids": None,
     "rate-limit": {"rate", "burst"},
     "service": {"group", "request-timeout", "max-connections", "max-connections-per-caller"},
@@ -60,6 +70,7 @@ class ServiceConfig:
     """The parsed configuration; ``server_of`` maps each served domain to its storage domain."""
 
     storage_domains: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    dom0_domains: tuple[str, ...] = ()
     domain_uuids: dict[str, str] = field(default_factory=dict)
     rate: float = DEFAULT_RATE
     burst: int = DEFAULT_BURST
@@ -71,19 +82,24 @@ class ServiceConfig:
 
     @property
     def server_of(self) -> dict[str, str]:
-        return {d: sd for sd, domains in self.storage_domains.items() for d in domains}
+        served = {d: sd for sd, domains in self.storage_domains.items() for d in domains}
+        served.update((d, DOM0) for d in self.dom0_domains)
+        return served
 
     def served_by(self, domain: str) -> str | None:
-        """The storage domain that serves ``domain``, or None."""
+        """The storage domain that serves ``domain`` (:data:`DOM0`: dom0's pool), or None."""
         for storage, domains in self.storage_domains.items():
             if domain in domains:
                 return storage
+        if domain in self.dom0_domains:
+            return DOM0
         return None
 
     def public_view(self) -> dict[str, Any]:
         return {
             "source": self.source,
             "storage_domains": {k: list(v) for k, v in self.storage_domains.items()},
+            "dom0_storage": list(self.dom0_domains),
             "domain_uuids": dict(self.domain_uuids),
             "rate_limit": {"rate": self.rate, "burst": self.burst},
         }
@@ -132,6 +148,12 @@ def parse(doc: dict[str, Any], *, source: str = "<config>") -> ServiceConfig:
     owner: dict[str, str] = {}
     for sd, domains in doc["storage-domains"].items():
         _name(sd, "[storage-domains]", source)
+        if sd == DOM0:
+            raise ConfigError(
+                f"{source}: [storage-domains] cannot name {DOM0!r}",
+                hint="The qubes whose volumes dom0 opens (the qubes_seal pool) go in "
+                '[dom0-storage] domains = ["..."].',
+            )
         if not isinstance(domains, list):
             raise ConfigError(f"{source}: [storage-domains] {sd} must be a list of qube names")
         for d in domains:
@@ -152,6 +174,20 @@ def parse(doc: dict[str, Any], *, source: str = "<config>") -> ServiceConfig:
                 f"{source}: {sd!r} is a storage domain and is served by {owner[sd]!r}",
                 hint="A storage domain's own disk cannot come from another storage domain here.",
             )
+    dom0_domains = doc.get("dom0-storage", {}).get("domains", [])
+    if not isinstance(dom0_domains, list):
+        raise ConfigError(f"{source}: [dom0-storage] domains must be a list of qube names")
+    for d in dom0_domains:
+        _name(d, "[dom0-storage] domains", source)
+        if d in owner:
+            where = "twice" if owner[d] == DOM0 else f"by both {owner[d]!r} and dom0"
+            raise ConfigError(
+                f"{source}: domain {d!r} is served {where}",
+                hint="Each domain's key goes to exactly one storage domain, or to dom0.",
+            )
+        if d in storage:
+            raise ConfigError(f"{source}: {d!r} is a storage domain: dom0 cannot serve it")
+        owner[d] = DOM0
     uuids: dict[str, str] = {}
     for d, value in doc.get("domain-uuids", {}).items():
         _name(d, "[domain-uuids]", source)
@@ -170,6 +206,7 @@ def parse(doc: dict[str, Any], *, source: str = "<config>") -> ServiceConfig:
         raise ConfigError(f"{source}: [service] group must be a group name")
     return ServiceConfig(
         storage_domains=storage,
+        dom0_domains=tuple(dom0_domains),
         domain_uuids=uuids,
         rate=_number(limits.get("rate", DEFAULT_RATE), "[rate-limit] rate", source),
         burst=int(

@@ -5,12 +5,14 @@
 
 * ``get-key``: the caller (``QREXEC_REMOTE_DOMAIN``, set by dom0's qrexec daemon) receives the
   key of the requested domain only if the configuration names it as the storage domain that
-  serves that domain, within its rate limit, and only for the qube UUID the configuration
-  binds that domain to (when it does).  ``"which": "previous"`` asks for the key the domain
-  had before ``qubes-seal domain rotate``, while that rotation is pending (the storage domain
-  re-keys the volume with both), under the same checks; without a pending rotation the answer
-  is ``no-key``.  Every answer is logged: which key, caller, domain, result; never key
-  material.
+  serves that domain (``dom0``, root only, for the qubes of ``[dom0-storage]``: the pool
+  driver in qubesd, which may name the qube's UUID), and only for the qube UUID the
+  configuration binds that domain to (when it does).  The rate limit takes refused and
+  malformed requests only: an authorised burst is never refused for its size.
+  ``"which": "previous"`` asks for the key the domain had before ``qubes-seal domain
+  rotate``, while that rotation is pending (the storage domain re-keys the volume with
+  both), under the same checks; without a pending rotation the answer is ``no-key``.
+  Every answer is logged: which key, caller, domain, result; never key material.
 * admin requests (``status``, ``list``, ``show``, ``add``, ``remove``, ``reload``, ``lock``):
   from root only (``list`` and ``show`` say whether a rotation is pending); ``add`` and
   ``remove`` are written to the container at once (:meth:`qubes_seal.chain.Unlocked.save`).
@@ -62,7 +64,7 @@ from typing import Any
 from .. import handover
 from ..errors import CorruptState, QubesSealError, UsageError
 from ..keystore.errors import QubeUuidMismatch, UnknownDomain
-from ..keystore.names import name_problem
+from ..keystore.names import name_problem, normalise_uuid
 from . import config as config_mod
 from .protocol import (
     ADMIN_OPS,
@@ -94,6 +96,16 @@ def _shown(value: object) -> str:
     """A value from a request, safe for a log line: repr'd and cut short."""
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _uuid_or_none(value: object) -> str | None:
+    """The canonical form of a qube UUID from a request, or None when it is not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return normalise_uuid(value)
+    except UsageError:
+        return None
 
 
 _KEY_HEX = re.compile(r"\A[0-9a-f]{128}\Z")
@@ -310,6 +322,10 @@ class KeyService:
                     *(("keys_served",) if op == "get-key" and answer["ok"] else ()))  # fmt: skip
         return answer
 
+    def _limited(self, bucket: str) -> bool:
+        """Whether a refused or malformed request from ``bucket`` finds its bucket empty."""
+        return not self.limiter.allow(bucket)
+
     def _get_key(self, request: dict[str, Any], peer: Peer) -> dict[str, Any]:
         caller, domain = request.get("caller"), request.get("domain")
         for role, value in (("caller", caller), ("domain", domain)):
@@ -317,22 +333,47 @@ class KeyService:
             if problem:
                 log.warning("key request from %s: invalid %s %s: refused", peer, role,
                             _shown(value))  # fmt: skip
+                if self._limited(f"uid {peer.uid}"):
+                    return error("rate-limited", "too many malformed requests: try again later")
                 return error("bad-request", f"invalid {role} name: {problem}")
         which = request.get("which", CURRENT)
         if which not in WHICH_KEYS:
             log.warning("key request from %s: invalid which %s: refused", peer, _shown(which))
+            if self._limited(f"uid {peer.uid}"):
+                return error("rate-limited", "too many malformed requests: try again later")
             return error("bad-request", "invalid which: 'current' or 'previous'")
         assert isinstance(caller, str) and isinstance(domain, str)
+        # The rate limit takes what deserves it: a refused request.  An authorised caller's
+        # burst (qubesd starting every autostart qube at boot, a storage domain opening all
+        # its volumes) is never refused for its size.
         # Every line names the key asked for ("current key request ..." or "previous key
         # request ..."), never the key itself.
-        if not self.limiter.allow(caller):
-            log.warning("%s key request caller=%s domain=%s result=rate-limited", which, caller,
-                        domain)  # fmt: skip
-            return error("rate-limited", f"too many requests from {caller}: try again later")
+        qube_uuid = self.config.domain_uuids.get(domain)
+        reason = ""
         if self.config.served_by(domain) != caller:
-            log.warning("%s key request caller=%s domain=%s result=refused (not its storage "
-                        "domain)", which, caller, domain)  # fmt: skip
-            return error("refused", f"{caller} is not the storage domain of {domain}: refused")
+            reason = f"{caller} is not the storage domain of {domain}"
+        elif caller == config_mod.DOM0 and peer.uid != 0:
+            reason = f"only root in dom0 may ask as {config_mod.DOM0}"
+        elif caller == config_mod.DOM0 and request.get("qube_uuid") is not None:
+            # dom0's pool driver knows the qube's UUID: it binds the key like the config does
+            asked = _uuid_or_none(request.get("qube_uuid"))
+            if asked is None:
+                reason = "invalid qube_uuid"
+            elif qube_uuid is not None and asked != qube_uuid:
+                reason = f"the configured qube UUID of {domain} differs"
+            else:
+                qube_uuid = asked
+        if reason:
+            # an impostor's claim to be dom0 is charged to its uid, not to dom0's bucket
+            bucket = caller if caller != config_mod.DOM0 or peer.uid == 0 else f"uid {peer.uid}"
+            if self._limited(bucket):
+                log.warning("%s key request caller=%s domain=%s result=rate-limited", which,
+                            caller, domain)  # fmt: skip
+                return error("rate-limited", f"too many refused requests from {caller}: "
+                             "try again later")  # fmt: skip
+            log.warning("%s key request caller=%s domain=%s result=refused (%s)", which,
+                        caller, domain, reason)  # fmt: skip
+            return error("refused", f"{reason}: refused")
         with self._lock:
             if not self.refresh():
                 log.warning("%s key request caller=%s domain=%s result=locked", which, caller,
@@ -343,9 +384,7 @@ class KeyService:
                     "(run 'qubes-seal unlock' in dom0)",
                 )
             try:
-                entry = self._unlocked.keystore.get(
-                    domain, qube_uuid=self.config.domain_uuids.get(domain)
-                )
+                entry = self._unlocked.keystore.get(domain, qube_uuid=qube_uuid)
             except UnknownDomain:
                 log.warning("%s key request caller=%s domain=%s result=no-key", which, caller,
                             domain)  # fmt: skip
@@ -762,6 +801,9 @@ class Server:
             request = decode(line)  # raises ProtocolError and nothing else
         except ProtocolError as exc:
             log.warning("request from %s refused: %s", peer, exc)
+            if self.service._limited(f"uid {peer.uid}"):
+                self.service._count("requests", "rate-limited")
+                return error("rate-limited", "too many malformed requests: try again later")
             self.service._count("requests", "bad-request")
             return error("bad-request", f"malformed request: {exc}")
         try:

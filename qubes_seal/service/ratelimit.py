@@ -1,10 +1,12 @@
 """Per-caller token buckets.
 
-Each caller (the qube named by qrexec) has a bucket of ``burst`` tokens that refills at
-``rate`` tokens per second; a request takes one token or is refused (``rate-limited``).  The
-defaults (20/s sustained, 100 at once) let a storage domain open all its volumes at boot and
-stop a compromised one from hammering dom0.  At most :data:`MAX_CALLERS` buckets are kept:
-full buckets are forgotten first (a full bucket and no bucket behave the same).
+Each caller (the qube named by qrexec; for a malformed request, the peer's uid) has a bucket
+of ``burst`` tokens that refills at ``rate`` tokens per second.  The daemon takes a token for
+a refused or malformed request only, and answers ``rate-limited`` when the bucket is empty: a
+valid request of an authorised caller is never limited (issue 14: qubesd and storage domains
+open every volume at once at boot), while a compromised qube probing for others' keys gets
+100 refusals at once, then 20 a second (the defaults).  At most :data:`MAX_CALLERS` buckets
+are kept: full buckets are forgotten first (a full bucket and no bucket behave the same).
 """
 
 from __future__ import annotations

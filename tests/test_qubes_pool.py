@@ -1,0 +1,447 @@
+"""The ``qubes_seal`` storage pool driver (issue 14), driven by qubesd's own storage code.
+
+qubes-core-admin 4.3.50 (../shared/vendor, with its test-packages stubs for libvirt, dbus and
+qubesdb) builds the pools from the ``qubes.storage`` entry points, exactly as qubesd does: a
+real inner ``file-reflink`` pool (``setup_check=False``) on this test's directory, our pool
+over it, a TemplateVM and an AppVM made with ``app.add_new_vm``, and their volumes driven
+through ``qubes.storage.Storage`` (create, verify, stop, remove in qubesd's order).  The keys
+come from the real key daemon (``qubes-seal serve``, as tests/test_service.py runs it) over a
+container unlocked on a swtpm; cryptsetup is the real one, on the inner volumes' files.
+
+This host has no device-mapper: ``cryptsetup open`` cannot map, so the keyslot is proven
+with ``cryptsetup open --test-passphrase`` (works on files) and the mapping part of start is
+skipped here with its reason (tests/vm proves it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from luks_util import rewrite_metadata
+from machine import Box
+from test_service import Daemon
+
+from qubes_seal.secret import Secret
+from qubes_seal.service import client
+
+ROOT = Path(__file__).resolve().parent.parent
+VENDOR = Path(
+    os.environ.get("QUBES_CORE_ADMIN", ROOT.parent / "shared" / "vendor" / "qubes-core-admin")
+)
+if not (VENDOR / "qubes" / "storage" / "__init__.py").exists():
+    pytest.skip(f"qubes-core-admin is not at {VENDOR} (QUBES_CORE_ADMIN)", allow_module_level=True)
+for extra in (VENDOR / "test-packages", VENDOR):
+    if str(extra) not in sys.path:
+        sys.path.insert(0, str(extra))
+pytest.importorskip("lxml", reason="qubes-core-admin needs lxml (pip install '.[test]')")
+
+import qubes  # noqa: E402
+import qubes.config  # noqa: E402
+import qubes.exc  # noqa: E402
+import qubes.storage  # noqa: E402
+
+from qubes_seal.qubes_pool import EncryptedPool, PoolError  # noqa: E402
+from qubes_seal.qubes_pool import pool as pool_mod  # noqa: E402
+
+#: qubes-core-admin's own entry points (its setup.py) that these tests need, and ours
+VENDOR_ENTRY_POINTS = """\
+[qubes.vm]
+AppVM = qubes.vm.appvm:AppVM
+TemplateVM = qubes.vm.templatevm:TemplateVM
+StandaloneVM = qubes.vm.standalonevm:StandaloneVM
+AdminVM = qubes.vm.adminvm:AdminVM
+DispVM = qubes.vm.dispvm:DispVM
+
+[qubes.storage]
+file = qubes.storage.file:FilePool
+file-reflink = qubes.storage.reflink:ReflinkPool
+linux-kernel = qubes.storage.kernels:LinuxKernel
+callback = qubes.storage.callback:CallbackPool
+"""
+
+POOL_CONFIG = """\
+[storage-domains]
+sys-storage = ["personal"]
+
+[dom0-storage]
+domains = ["tpl", "work", "other"]
+
+[service]
+request-timeout = 1.0
+"""
+
+
+def ours_from_pyproject() -> str:
+    """Our ``qubes.storage`` entry point, as pyproject.toml declares it."""
+    doc = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    points = doc["project"]["entry-points"]["qubes.storage"]
+    assert points == {"qubes_seal": "qubes_seal.qubes_pool:EncryptedPool"}
+    return "".join(f"{k} = {v}\n" for k, v in points.items())
+
+
+@pytest.fixture
+def entry_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An installed distribution's metadata: qubesd finds drivers with importlib.metadata."""
+    dist = tmp_path / "ep" / "qubes_test_install-4.3.50.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: qubes-test-install\n"
+                                   "Version: 4.3.50\n")  # fmt: skip
+    (dist / "entry_points.txt").write_text(VENDOR_ENTRY_POINTS + ours_from_pyproject())
+    monkeypatch.syspath_prepend(str(tmp_path / "ep"))
+    monkeypatch.setattr(qubes.config, "qubes_base_dir", str(tmp_path / "qubes-base"))
+    monkeypatch.setattr(qubes.storage, "VOLUME_STATE_DIR", str(tmp_path / "state") + "/")
+    (tmp_path / "state").mkdir()
+
+
+@pytest.fixture
+def keyd(box: Box, tmp_path: Path) -> Iterator[Daemon]:
+    """The key daemon serving dom0's pool for tpl, work and other; unlocked."""
+    (tmp_path / "keyd").mkdir()
+    d = Daemon(tmp_path / "keyd", box.container, config=POOL_CONFIG)
+    box.boot()
+    d.start()
+    assert box.unlock().code == 0
+    yield d
+    d.stop()
+
+
+def new_app(tmp_path: Path) -> Any:
+    app = qubes.Qubes(str(tmp_path / "qubes.xml"), load=False, offline_mode=True)
+    app.load_initial_values()
+    return app
+
+
+async def add_pools(app: Any, tmp_path: Path, sock: Path, **options: str) -> Any:
+    # exactly what `qvm-pool add` does (admin.pool.Add -> app.add_pool): strings only
+    await app.add_pool("inner", driver="file-reflink", dir_path=str(tmp_path / "inner"),
+                       setup_check="False")  # fmt: skip
+    await app.add_pool("vault", driver="qubes_seal", inner_pool="inner", key_socket=str(sock),
+                       **options)  # fmt: skip
+    app.default_pool = "vault"
+    return app.pools["vault"]
+
+
+def run(coro: Any) -> Any:
+    try:
+        return asyncio.run(coro)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()  # the whole chain, as qubesd would log it
+        raise
+    finally:
+        # qubesd's Storage gathers volume coroutines whose failures are logged when their
+        # tasks are collected ("Task exception was never retrieved"): collect them now, not
+        # inside a later compile() (CPython 3.11 then raises "AST constructor recursion
+        # depth mismatch" in pytest's assertion rewriting)
+        gc.collect()
+
+
+def cryptsetup(*args: str, key: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["cryptsetup", *args], input=key, capture_output=True, timeout=60)
+
+
+def opens(path: str, key: bytes) -> bool:
+    """Whether ``key`` opens a keyslot of the LUKS volume at ``path`` (no device-mapper)."""
+    res = cryptsetup("open", "--test-passphrase", "--key-file=-", "--keyfile-size=64", path,
+                     key=key)  # fmt: skip
+    assert res.returncode in (0, 2), res.stderr
+    return res.returncode == 0
+
+
+def key_of(d: Daemon, vm: Any) -> bytes:
+    secret = client.get_key(d.socket, vm.name, caller="dom0", qube_uuid=str(vm.uuid))
+    try:
+        return secret.reveal()
+    finally:
+        secret.wipe()
+
+
+def inner_file(vol: Any) -> str:
+    """The inner volume's committed image (file-reflink: VID.img)."""
+    return str(vol.inner._path_clean)
+
+
+def can_map(tmp_path: Path) -> str:
+    """Empty when ``cryptsetup open`` can map here, else why not (the capability probe: a
+    real open of a throw-away LUKS2 file, closed at once)."""
+    img = tmp_path / "probe.img"
+    with open(img, "wb") as f:
+        f.truncate(32 << 20)
+    key = os.urandom(64)
+    made = cryptsetup("luksFormat", "--batch-mode", "--type", "luks2", *pool_mod.PBKDF,
+                      "--key-file=-", "--keyfile-size=64", str(img), key=key)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    name = f"qubes-seal-probe-{os.getpid()}"
+    res = cryptsetup("open", "--key-file=-", "--keyfile-size=64", str(img), name, key=key)
+    if res.returncode == 0:
+        cryptsetup("close", name)
+        return ""
+    first = res.stderr.decode(errors="replace").strip().splitlines()[:1]
+    return f"cryptsetup open cannot map here: {first[0] if first else res.returncode}"
+
+
+def test_config_carries_every_constructor_argument() -> None:
+    import inspect
+
+    pool = EncryptedPool(name="vault", inner_pool="varlibqubes")
+    params = set(inspect.signature(EncryptedPool.__init__).parameters) - {"self"}
+    assert set(pool.config) == params | {"driver"}
+    again = EncryptedPool(**{k: v for k, v in pool.config.items() if k != "driver"})
+    assert again.config == pool.config
+    assert all(isinstance(v, str) for v in pool.config.values())
+
+
+def test_bad_options_are_clear_pool_errors(tmp_path: Path, entry_points: None) -> None:
+    for options in (
+        {},  # no inner pool
+        {"inner_pool": "has space"},
+        {"inner_pool": "vault"},  # itself
+        {"inner_pool": "inner", "revisions_to_keep": "many"},
+        {"inner_pool": "inner", "ephemeral_volatile": "perhaps"},
+        {"inner_pool": "inner", "key_socket": "relative/keyd.sock"},
+    ):
+        with pytest.raises(qubes.exc.StoragePoolException) as info:
+            EncryptedPool(name="vault", **options)
+        assert "pool" in str(info.value), options
+    with pytest.raises(PoolError, match="must be a non-empty string"):
+        EncryptedPool(name="vault", inner_pool=5)  # an option of the wrong type
+
+    # an unknown inner pool: a clear StoragePoolException when qubesd builds a qube's volumes
+    app = new_app(tmp_path)
+
+    async def go() -> None:
+        await app.add_pool("vault", driver="qubes_seal", inner_pool="nosuchpool")
+        app.default_pool = "vault"
+        with pytest.raises(qubes.exc.StoragePoolException, match="unknown inner pool"):
+            app.add_new_vm("TemplateVM", name="tpl", label="red", kernel=None)
+
+    run(go())
+
+
+def test_create_verify_stop_remove_through_qubesd(
+    tmp_path: Path, entry_points: None, keyd: Daemon
+) -> None:
+    app = new_app(tmp_path)
+
+    async def go() -> None:
+        await add_pools(app, tmp_path, keyd.socket)
+        tpl = app.add_new_vm("TemplateVM", name="tpl", label="red", kernel=None)
+        work = app.add_new_vm("AppVM", name="work", label="red", template=tpl, kernel=None)
+        for vm in (tpl, work):
+            vm.volumes["private"].inner.pool  # noqa: B018 (built through our pool)
+            assert isinstance(vm.volumes["private"].pool, EncryptedPool)
+        # create, as qubesd does it (vm.create_on_disk: the qube's directory, Storage.create)
+        for vm in (tpl, work):
+            os.makedirs(vm.dir_path)
+        await tpl.storage.create()
+        await work.storage.create()
+
+        tpl_key, work_key = key_of(keyd, tpl), key_of(keyd, work)
+        assert tpl_key != work_key
+        for vm, key in ((tpl, tpl_key), (work, work_key)):
+            shown = keyd.request({"op": "show", "name": vm.name, "qube_uuid": str(vm.uuid)})
+            assert shown["ok"] is True, shown  # made in the keystore, bound to the qube's UUID
+            for name in ("private", "root") if vm is tpl else ("private",):
+                path = inner_file(vm.volumes[name])
+                assert opens(path, key), (vm.name, name)
+                assert not opens(path, Secret.random(64).reveal())
+                dump = cryptsetup("luksDump", path).stdout.decode()
+                assert "aes-xts-plain64" in dump and "pbkdf2" in dump and "4096" in dump
+                assert f"qubes-seal:{vm.name}" in dump
+                size = vm.volumes[name].size
+                assert os.path.getsize(path) == size + pool_mod.HEADER_BYTES
+                assert not opens(path, tpl_key if key == work_key else work_key)
+        # work's root is a snapshot of tpl's: its own inner volume, opened with tpl's key
+        root = work.volumes["root"]
+        assert root.snap_on_start and root.key_name == "tpl"
+        assert work.volumes["volatile"].ephemeral is True  # Qubes' own ephemeral key
+
+        # what the driver adds to a start on this host, per volume: the key request plus
+        # the keyslot unlock (the dm-crypt mapping itself is timed in the VM)
+        times = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            k = key_of(keyd, tpl)
+            assert opens(inner_file(tpl.volumes["private"]), k)
+            times.append((time.perf_counter() - t0) * 1000)
+        print(
+            f"key request + keyslot unlock: median {sorted(times)[5]:.1f} ms, "
+            f"max {max(times):.1f} ms per volume (10 runs)"
+        )
+
+        # verify (domain-pre-start), then the mapping-free part of start
+        await tpl.storage.verify()
+        await work.storage.verify()
+        vol = tpl.volumes["private"]
+        await vol.inner.start()
+        await vol._check_ours(vol.inner.block_device().path)  # our header: accepted
+        await vol.inner.stop()
+        assert tpl.volumes["private"].block_device().path == "/dev/mapper/vm-seal-tpl@private"
+
+        # work's root: the inner pool's snapshot of tpl's ciphertext, opened by tpl's key
+        await root.inner.start()
+        snap = root.inner.block_device().path
+        await root._check_ours(snap)
+        assert opens(snap, tpl_key) and not opens(snap, work_key)
+        await root.inner.stop()
+
+        # resize (stopped): the inner volume grows by as much; the LUKS2 segment follows
+        private = tpl.volumes["private"]
+        await tpl.storage.resize("private", private.size + (8 << 20))
+        assert os.path.getsize(inner_file(private)) == private.size + pool_mod.HEADER_BYTES
+        assert opens(inner_file(private), tpl_key)
+        with pytest.raises(qubes.exc.QubesException):
+            await tpl.storage.resize("private", private.size - (8 << 20))
+
+        # revert: the inner pool's revisions are ciphertext under the same key (the one
+        # kept here is the commit of the mapping-free start/stop above)
+        assert len(private.revisions) == 1
+        await private.revert()
+        assert opens(inner_file(private), tpl_key)
+        await private._check_ours(inner_file(private))
+
+        # stop: idempotent, and it needs no key (qubesd stops every halted qube at its start)
+        await work.storage.stop()
+        await work.storage.stop()
+        keyd.stop()
+        await tpl.storage.stop()
+        with pytest.raises(qubes.exc.StoragePoolException, match="does not answer"):
+            await tpl.storage.verify()
+        keyd.start()  # the hand-over stayed: a restarted daemon serves at once
+        await tpl.storage.verify()
+
+        # remove (qvm-remove: stop, then remove): inner gone, key destroyed
+        work_private = inner_file(work.volumes["private"])
+        copy = tmp_path / "stolen-copy.img"
+        shutil.copy(work_private, copy)
+        await work.storage.remove()
+        assert not os.path.exists(work_private)
+        gone = keyd.request({"op": "show", "name": "work"})
+        assert gone["error"] == "no-key"  # crypto-erased: the copy opens with nothing we keep
+        assert opens(str(copy), work_key)  # (the old key, known only to this test, did)
+        assert keyd.request({"op": "show", "name": "tpl", "qube_uuid": str(tpl.uuid)})["ok"]
+
+        # a template: its two origin volumes go concurrently, the last one destroys the key
+        other = app.add_new_vm("TemplateVM", name="other", label="red", kernel=None)
+        os.makedirs(other.dir_path)
+        await other.storage.create()
+        key_other = key_of(keyd, other)
+        await other.storage.remove()
+        assert keyd.request({"op": "show", "name": "other"})["error"] == "no-key"
+        for name in ("private", "root"):
+            assert not os.path.exists(inner_file(other.volumes[name]))
+        assert key_other != tpl_key
+
+        # the container locked: verify says what to do, stop still works
+        assert keyd.request({"op": "lock"})["ok"] is True
+        with pytest.raises(qubes.exc.StoragePoolException) as info:
+            await tpl.storage.verify()
+        assert "unlock the container, then start the qube again" in str(info.value)
+        await tpl.storage.stop()
+        # removing it now could not destroy its key: refused before anything is removed
+        with pytest.raises(qubes.exc.StoragePoolException, match="not removed"):
+            await tpl.storage.remove()  # (qubesd's Storage.remove raises it to qvm-remove)
+        for name in ("private", "root"):
+            assert os.path.exists(inner_file(tpl.volumes[name]))
+
+    run(go())
+
+
+def test_refusals(tmp_path: Path, entry_points: None, keyd: Daemon) -> None:
+    app = new_app(tmp_path)
+
+    async def go() -> None:
+        await add_pools(app, tmp_path, keyd.socket)
+        tpl = app.add_new_vm("TemplateVM", name="tpl", label="red", kernel=None)
+        # a qube the configuration does not give to dom0's storage: create refused, clearly
+        stranger = app.add_new_vm("TemplateVM", name="stranger", label="red", kernel=None)
+        with pytest.raises(qubes.exc.StoragePoolException, match=r"dom0-storage"):
+            await stranger.storage.create()
+        os.makedirs(tpl.dir_path)
+        await tpl.storage.create()
+        vol = tpl.volumes["private"]
+
+        # a qube name the keystore refuses
+        vol.key_name = "x" * 40
+        with pytest.raises(qubes.exc.StoragePoolException, match="keystore refuses the name"):
+            await vol.verify()
+        vol.key_name = "tpl"
+
+        # a LUKS header that is not ours (an evil maid rewrites it, checksums and all): a
+        # cipher_null segment (the qube's writes in the clear) while the keyslot still opens
+        # with the qube's real key; a cipher_null keyslot (opens with any key)
+        path = inner_file(vol)
+        key = key_of(keyd, tpl)
+        original = Path(path).read_bytes()[: pool_mod.HEADER_BYTES]
+
+        def null_segment(meta: dict[str, Any]) -> dict[str, Any]:
+            meta["segments"]["0"]["encryption"] = "cipher_null-ecb"
+            return meta
+
+        def null_keyslot(meta: dict[str, Any]) -> dict[str, Any]:
+            meta["keyslots"]["0"]["area"]["encryption"] = "cipher_null-ecb"
+            return meta
+
+        for edit in (null_segment, null_keyslot):
+            with open(path, "r+b") as f:
+                f.write(original)
+            rewrite_metadata(Path(path), edit)
+            if edit is null_segment:
+                assert opens(path, key)  # the real key's keyslot still opens: refused anyway
+            with pytest.raises(qubes.exc.StoragePoolException, match="not one qubes-seal writes"):
+                await vol.start()
+            await vol.stop()
+            assert not os.path.exists(vol.mapping_path)
+        # another cipher, and no LUKS at all (a plaintext volume is never used in the clear)
+        for args in (("--cipher", "aes-cbc-essiv:sha256", "--key-size", "256"), None):
+            with open(path, "r+b") as f:
+                f.write(bytes(1 << 20))
+            if args is not None:
+                res = cryptsetup("luksFormat", "--batch-mode", "--type", "luks2", *args,
+                                 "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+                                 "--key-file=-", "--keyfile-size=64", path, key=key)  # fmt: skip
+                assert res.returncode == 0, res.stderr
+            with pytest.raises(qubes.exc.StoragePoolException, match="qubes-seal"):
+                await vol.start()
+            await vol.stop()
+
+        # the key destroyed behind the pool's back: verify refuses, with the way forward
+        assert keyd.request({"op": "remove", "name": "tpl"})["ok"] is True
+        with pytest.raises(qubes.exc.StoragePoolException, match="no qubes-seal key for tpl"):
+            await tpl.storage.verify()
+
+    run(go())
+
+
+def test_start_maps_the_volume(tmp_path: Path, entry_points: None, keyd: Daemon) -> None:
+    reason = can_map(tmp_path)
+    if reason:
+        print(f"skipped: the mapping part of start ({reason}); tests/vm proves it")
+        pytest.skip(reason)
+    app = new_app(tmp_path)
+
+    async def go() -> None:
+        await add_pools(app, tmp_path, keyd.socket)
+        tpl = app.add_new_vm("TemplateVM", name="tpl", label="red", kernel=None)
+        await tpl.storage.create()
+        vol = tpl.volumes["private"]
+        await vol.start()
+        try:
+            assert os.path.exists(vol.block_device().path)
+        finally:
+            await vol.stop()
+        assert not os.path.exists(vol.mapping_path)
+
+    run(go())
