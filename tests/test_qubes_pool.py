@@ -97,7 +97,13 @@ def entry_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     dist.mkdir(parents=True)
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: qubes-test-install\n"
                                    "Version: 4.3.50\n")  # fmt: skip
-    (dist / "entry_points.txt").write_text(VENDOR_ENTRY_POINTS + ours_from_pyproject())
+    # Ours comes from our own installed metadata when the package was installed after the
+    # entry point was declared (a fresh 'scripts/setup'); else from pyproject.toml, here.
+    import importlib.metadata
+
+    installed = importlib.metadata.entry_points(group="qubes.storage", name="qubes_seal")
+    ours = ours_from_pyproject()  # checks pyproject.toml's declaration either way
+    (dist / "entry_points.txt").write_text(VENDOR_ENTRY_POINTS + ("" if installed else ours))
     monkeypatch.syspath_prepend(str(tmp_path / "ep"))
     monkeypatch.setattr(qubes.config, "qubes_base_dir", str(tmp_path / "qubes-base"))
     monkeypatch.setattr(qubes.storage, "VOLUME_STATE_DIR", str(tmp_path / "state") + "/")

@@ -515,7 +515,8 @@ def test_dom0_caller_is_root_only_and_for_its_qubes(keybox: Box, tmp_path: Path)
             assert answer["error"] == "refused", answer
         # a qrexec service (or anyone) claiming to be dom0 from a user that is not root
         res = subprocess.run(
-            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             os.path.realpath(sys.executable),  # reachable by 65534 wherever the venv is
              "-c", "import json,socket,sys; s=socket.socket(socket.AF_UNIX); "
              f"s.connect({str(d.socket)!r}); s.sendall(json.dumps({{'op':'get-key',"
              "'caller':'dom0','domain':'red'}).encode()+b'\\n'); "
@@ -751,7 +752,9 @@ def test_idle_connections_of_one_user_starve_nobody(keybox: Box) -> None:
                 want = bytes.fromhex(d.request({"op": "show", "name": "personal",
                                                 "show_key": True})["key"])  # fmt: skip
                 attacker = subprocess.Popen(
-                    [sys.executable, "-I", str(holder), str(d.socket), "1100"],
+                    # the interpreter behind the venv: user 65534 may not reach the venv
+                    [os.path.realpath(sys.executable), "-I", str(holder), str(d.socket),
+                     "1100"],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, user=65534, group=65534,
                     extra_groups=[], cwd=pub,
                 )  # fmt: skip
