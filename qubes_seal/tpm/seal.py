@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import secrets
 from collections.abc import Sequence
@@ -148,6 +149,7 @@ def verification_tickets(
 
     with tpm._tss("TPM2_LoadExternal of the policy-signing key"):
         key = tpm.esys.load_external(TPM2B_PUBLIC.unmarshal(public)[0], None, ESYS_TR.OWNER)
+    done = False
     try:
         tickets = []
         for digest, signature in zip(digests, signatures, strict=True):
@@ -155,9 +157,15 @@ def verification_tickets(
             with tpm._tss("TPM2_VerifySignature of a boot-state signature"):
                 got = tpm.esys.verify_signature(key, digest, sig)
             tickets.append(bytes(got.marshal()))  # TPMT_TK_VERIFIED, wire form
+        done = True
         return tuple(tickets)
     finally:
-        tpm.esys.flush_context(key)
+        if done:
+            with tpm._tss("TPM2_FlushContext of the policy-signing key"):
+                tpm.esys.flush_context(key)
+        else:  # the error that got here is the one to report (a TPM gone mid-command, say)
+            with contextlib.suppress(Exception):
+                tpm.esys.flush_context(key)
 
 
 def resign(
