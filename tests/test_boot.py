@@ -60,6 +60,10 @@ class Machine:
         self.swtpm.reboot()
         if launch:
             txt_launch(self.swtpm, sample_modules(**changes))
+        return self.run_sequence()
+
+    def run_sequence(self) -> tuple[int, str]:
+        """``python -m qubes_seal.boot`` with this machine's boot.toml; (exit code, console)."""
         if self.console.exists():
             self.console.unlink()
         proc = subprocess.run(

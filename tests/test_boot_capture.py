@@ -58,14 +58,7 @@ class CaptureMachine(Machine):
             tl.write_memory_image(self.image, launch.events)
         else:
             write_image(launch.events)  # type: ignore[operator]
-        if self.console.exists():
-            self.console.unlink()
-        proc = subprocess.run(
-            [sys.executable, "-m", "qubes_seal.boot", "--config", str(self.config())],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert "Traceback" not in proc.stderr, proc.stderr
-        return proc.returncode, self.console.read_text() if self.console.exists() else ""
+        return self.run_sequence()
 
 
 @pytest.fixture
