@@ -14,6 +14,7 @@ text reaches the console escaped.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import subprocess
@@ -299,15 +300,28 @@ def test_forged_record_is_shown_escaped_and_changes_nothing(machine: Machine) ->
     assert "'current\\x1b[31m'" in text
 
 
-def test_a_malformed_record_is_ignored(machine: Machine) -> None:
+@pytest.mark.parametrize(
+    ("record", "note"),
+    [
+        ({"v": 1, "bank": "sha256", "modules": "x" * 9000}, "record of events is malformed"),
+        (None, "has no record of its events"),  # a state approved before records
+    ],
+)
+def test_a_malformed_or_missing_record_falls_back_to_pcrs(
+    machine: Machine, record: Any, note: str
+) -> None:
     from test_attacks import plant, token_doc
 
     token_id, doc = token_doc(machine.container)
-    doc["sealed"]["pcr_states"][0]["events"] = {"v": 1, "bank": "sha256", "modules": "x" * 9000}
+    state = doc["sealed"]["pcr_states"][0]
+    if record is None:
+        del state["events"]
+    else:
+        state["events"] = record
     plant(machine.container, doc, token_id)
     out = refused(machine.boot(xen_version="4.19.1"))
     text = why(out)
-    assert "record of events is malformed: ignored" in text
+    assert note in text
     assert "PCR 17 differs" in text and "PCR 18 is unchanged" in text
 
 
@@ -382,3 +396,48 @@ def test_escape_is_printable_ascii(text: str) -> None:
     assert all(" " <= c <= "~" for c in shown)
     if text.isascii() and text.isprintable() and "\\" not in text and len(text) <= 256:
         assert shown == text
+
+
+@functools.cache
+def _launches() -> tuple[dict[str, Any], tuple[Any, ...], dict[int, bytes], dict[int, bytes]]:
+    """The approved launch's record and PCRs, and a launch with another kernel command line
+    (its events and PCRs): computed once."""
+    from qubes_seal.measure import eventlog
+
+    platform, approved = tl.Platform(), tl.sample_modules()
+    changed = tl.sample_modules(kernel_cmdline="changed")
+    record = explain.record_from_events(tl.launch_events(platform, approved))
+    assert record is not None
+    data = eventlog.write(tl.launch_events(platform, changed), ["sha256"])
+    events = tuple(eventlog.parse(data).events)
+    return record, events, tl.expected_pcrs(platform, approved), tl.expected_pcrs(platform, changed)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    module=st.fixed_dictionaries(
+        {"d": st.sampled_from(["00" * 6, "ab" * 6])},
+        optional={
+            "role": st.sampled_from(["xen", "kernel", "initramfs", "\x1b[31m"]),
+            "file": st.text(max_size=40),
+            "cmdline": st.text(max_size=60),
+            "sha256": st.sampled_from(["11" * 32, "zz"]),
+        },
+    ),
+    now_cmdline=st.none() | st.text(max_size=60),
+)
+def test_any_record_gives_printable_words(module: dict[str, Any], now_cmdline: str | None) -> None:
+    """Whatever a forged record holds, the explanation is built and every line is printable
+    ASCII (pure: the simulated launch's events, no TPM)."""
+    from qubes_seal.state import PcrState, SealedState
+
+    approved, events, values, now = _launches()
+    record = {**approved, "modules": [*approved["modules"][:1], module, *approved["modules"][2:]]}
+    state = PcrState("current", {17: values[17], 18: values[18]}, record)
+    sealed = SealedState(0, b"", b"", b"", b"", "sha256", [17, 18], [state], b"")
+    log = explain.ThisBoot(events, True, "log")
+    why_ = explain.explain(sealed, {17: now[17], 18: now[18]}, this_boot=log,
+                           kernel_cmdline=now_cmdline)  # fmt: skip
+    assert why_.changes
+    for line in why_.lines():
+        assert all(" " <= c <= "~" for c in line), line
