@@ -441,3 +441,54 @@ def test_any_record_gives_printable_words(module: dict[str, Any], now_cmdline: s
     assert why_.changes
     for line in why_.lines():
         assert all(" " <= c <= "~" for c in line), line
+
+
+def _explained(approved: dict[str, Any], platform: tl.Platform, **changes: str) -> Any:
+    """The pure explanation of a launch of ``platform`` against one state recording
+    ``approved`` (the approved launch's PCRs are irrelevant: this boot's differ)."""
+    from qubes_seal.measure import eventlog
+    from qubes_seal.state import PcrState, SealedState
+
+    events = tl.launch_events(platform, tl.sample_modules(**changes))
+    now = tl.expected_pcrs(platform, tl.sample_modules(**changes))
+    state = PcrState("predicted", {17: b"\1" * 32, 18: b"\1" * 32}, approved)
+    sealed = SealedState(0, b"", b"", b"", b"", "sha256", [17, 18], [state], b"")
+    data = eventlog.write(events, ["sha256"])
+    log = explain.ThisBoot(tuple(eventlog.parse(data).events), True, "log")
+    return explain.explain(sealed, {17: now[17], 18: now[18]}, this_boot=log)
+
+
+def test_a_predicted_tboot_is_named_and_firmware_is_told_apart() -> None:
+    """reseal --predict of a new tboot records its file and command line; a boot with
+    another command line names them; a BIOS update alone is flagged as firmware."""
+    from qubes_seal.measure import eventlog
+    from qubes_seal.measure.mle import TbootImage
+    from qubes_seal.measure.predict import Component, NextTboot, predict_events
+
+    base = tl.Platform()
+    log = eventlog.parse(eventlog.write(tl.launch_events(base, tl.sample_modules()), ["sha256"]))
+    mods = tl.sample_modules()
+    comps = [Component(m.name, m.cmdline, m.image) for m in mods]
+    new = NextTboot(TbootImage.from_bytes(base.tboot_image), b"logging=serial")
+    events = predict_events(log, comps, tboot=new)
+    facts = [explain.facts(m.name, f"/boot/{m.name}", m.cmdline, m.image) for m in mods]
+    record = explain.predicted_record(events, facts, tboot_file="tboot.gz",
+                                      tboot_cmdline=b"logging=serial")  # fmt: skip
+    assert record is not None and record["tboot"] == {"file": "tboot.gz",
+                                                      "cmdline": "logging=serial"}  # fmt: skip
+    # The predicted events are those of the launch (tboot's own measurement included).
+    predicted = tl.Platform(tboot_cmdline=b"logging=serial")
+    assert explain.record_from_events(tl.launch_events(predicted, mods)) == {
+        k: v for k, v in record.items() if k not in ("tboot", "modules")
+    } | {"modules": [{"d": m["d"]} for m in record["modules"]]}
+    # The same events, yet other PCRs (the state's values are made up here): said so.
+    assert [c.component for c in _explained(record, predicted).changes] == ["log"]
+    why_ = _explained(record, tl.Platform(tboot_cmdline=b"logging=vga"))
+    (change,) = why_.changes
+    assert change.component == "tboot" and "approved: tboot.gz with 'logging=serial'" in change.text
+    assert why_.firmware_update is False
+    why_ = _explained(record, tl.Platform(tboot_cmdline=b"logging=serial", bios_acm=b"v2"))
+    assert [c.component for c in why_.changes] == ["sinit"] and why_.firmware_update is True
+    why_ = _explained(record, predicted, xen_version="4.19.1")
+    (change,) = why_.changes
+    assert change.text == "Xen image or its command line differs (xen)"
