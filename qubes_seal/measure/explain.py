@@ -53,6 +53,7 @@ from .eventlog import (
     EVTYPE_STM_HASH,
     EVTYPE_TB_MEASUREMENT,
     Event,
+    event_type_name,
 )
 
 if TYPE_CHECKING:
@@ -463,7 +464,7 @@ def explain(
                 "PCR 17/18: the components named above may be wrong"
             )
     elif any(p in DRTM for p in pcr_diffs(best)):
-        if recorded is None:
+        if best.record is None:
             notes.append("the accepted state has no record of its events (approved before "
                          "records, or a record dropped): only PCRs compared")  # fmt: skip
         if this_boot is None:
@@ -536,8 +537,6 @@ def _components(
         names: list[str] = []
         for k in sinit:
             kind = int(k.partition(".")[2], 16)
-            from .eventlog import event_type_name
-
             word = SINIT_WORDS.get(kind, event_type_name(kind))
             if word not in names:
                 names.append(word)
@@ -611,8 +610,11 @@ def describe_refusal(
     try:
         return explain(sealed, current, this_boot=this_boot, kernel_cmdline=cmdline,
                        txt_status=txt_status)  # fmt: skip
-    except Exception:
-        return explain(sealed, current, txt_status=txt_status)
+    except Exception:  # a diagnosis must never turn into a failure: the PCRs alone
+        try:
+            return explain(sealed, current, txt_status=txt_status)
+        except Exception:
+            return Explanation(None, "pcrs", (), notes=("the refusal could not be explained",))
 
 
 def read_cmdline(path: str | Path | None) -> str | None:
