@@ -192,6 +192,10 @@ def test_each_state_records_its_events_small(machine: Machine) -> None:
     prepare_rich_records(machine)
     (state,) = machine.token()["sealed"]["pcr_states"]
     assert len(json.dumps(state["events"], separators=(",", ":"))) < 1200
+    # The whole token stays far below the LUKS2 JSON area (64 KiB metadata: 60 KiB of JSON).
+    size = len(json.dumps(machine.token(), separators=(",", ":")))
+    print(f"token {size} bytes")
+    assert size < 8 * 1024
 
 
 # -- at the boot prompt ----------------------------------------------------------------------------
