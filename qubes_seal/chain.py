@@ -372,7 +372,7 @@ def init(
             )  # fmt: skip
         tpm_slot = 0
         recovery_slot = 1
-        states = [PcrState("current", {**now.values, **header_pcr(path, pcrs)})]
+        states = [PcrState("current", {**now.values, **header_pcr(path, pcrs)}, _record(now))]
         policy.check_states(states)
         with Tpm(tcti) as tpm:
             nv = tpm.nv_define_counter(int(container.uuid.replace("-", "")[:8], 16))
@@ -698,6 +698,16 @@ def _refresh_proof(tpm: Any, token: Token, signer: Any, states: list[PcrState]) 
     token.proof = Proof(token.proof.kind, resign(tpm, token.proof.sealed, signer, states))
 
 
+def _record(
+    now: PcrState, earlier: list[dict[str, Any] | None] | None = None, *, bank: str = "sha256"
+) -> dict[str, Any] | None:
+    """What this boot is made of, from the TXT log it captured (None: no log that replays
+    to ``now``): kept with the state only to explain a later refusal."""
+    from .measure.explain import this_boot_record
+
+    return this_boot_record(now.values, bank=bank, earlier=earlier or ())
+
+
 def _require_signed(token: Token) -> None:
     if token.sealed.signed is None or token.sealed.nv is None:
         raise CorruptState(
@@ -713,8 +723,13 @@ def reseal_container(
     predicted: list[dict[int, bytes]] | None = None,
     keyring: str = "user",
     policy: LaunchPolicy | None = None,
+    records: list[dict[str, Any] | None] | None = None,
 ) -> Token:
     """Accept this boot, plus ``predicted`` ones, and nothing else.
+
+    ``records`` (one per prediction, optional): what each predicted boot is made of
+    (:mod:`qubes_seal.measure.explain`), kept with its state to explain a later refusal;
+    this boot's own record comes from its captured TXT log.
 
     The accepted states are rebuilt from trusted inputs only: this boot's PCRs (read from the
     TPM) and the explicit ``predicted`` values (PCR 17/18 of the next boot(s)), over dom0's
@@ -742,9 +757,15 @@ def reseal_container(
                 tpm, [p for p in pcrs if p not in fixed], bank=policy.bank,
                 require_launch=policy.require_launch,
             )  # fmt: skip
-            states = [PcrState("current", {**now.values, **fixed})]
-            for values in predicted or []:
-                state = PcrState("predicted", {**values, **fixed})
+            earlier = [s.record for s in token.sealed.pcr_states]
+            states = [
+                PcrState(
+                    "current", {**now.values, **fixed}, _record(now, earlier, bank=policy.bank)
+                )
+            ]
+            for i, values in enumerate(predicted or []):
+                given = records[i] if records is not None and i < len(records) else None
+                state = PcrState("predicted", {**values, **fixed}, given)
                 if sorted(state.values) != pcrs:
                     raise UsageError("the prediction does not cover the sealed PCRs")
                 if state.values != states[0].values:
@@ -1007,7 +1028,8 @@ def reseal_with_recovery(
         ):
             container.kill_slot(old.tpm_keyslot, existing=rkey)
         values = {**now.values, **header_pcr(path, pcrs)}
-        states = [PcrState("current", values)]
+        earlier = [] if old is None else [s.record for s in old.sealed.pcr_states]
+        states = [PcrState("current", values, _record(now, earlier))]
         policy.check_states(states)
         with Tpm(tcti) as tpm:
             sealed = seal_to_states(

@@ -20,6 +20,8 @@ Exit codes (documented in the README and kept stable):
 
 from __future__ import annotations
 
+from typing import Any
+
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -80,12 +82,19 @@ class MeasurementMismatch(QubesSealError):
     ) -> None:
         super().__init__(message, hint=hint)
         self.diffs = diffs or []
+        #: This boot's values of the PCRs compared (None: not known), for the explanation.
+        self.current: dict[int, bytes] | None = None
+        #: Why, by component (:mod:`qubes_seal.measure.explain`), when a caller added it:
+        #: a diagnosis from unauthenticated inputs, shown, never acted upon.
+        self.explanation: Any = None
 
     def diagnostics(self) -> str:
         lines = [self.message]
         for pcr, expected, actual in self.diffs:
             lines.append(f"  PCR {pcr}: expected {expected}")
             lines.append(f"  {'':>{len(str(pcr)) + 4}}  actual   {actual}")
+        if self.explanation is not None:
+            lines += self.explanation.lines()
         if self.hint:
             lines.append(self.hint)
         return "\n".join(lines)

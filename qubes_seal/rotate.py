@@ -122,7 +122,7 @@ def _states(sealed: Any, digests: list[bytes]) -> list[PcrState]:
     out: list[PcrState] = []
     for d in digests:
         for s in sealed.pcr_states:
-            state = PcrState(s.label, {**s.values, PCR13: pcr13_after_extend(d)})
+            state = PcrState(s.label, {**s.values, PCR13: pcr13_after_extend(d)}, s.record)
             if state not in out:
                 out.append(state)
     if len(out) > 8:

@@ -63,6 +63,10 @@ class PcrState:
 
     label: str
     values: dict[int, bytes]
+    #: What this boot state was approved from, per component (``events`` in the JSON; see
+    #: :mod:`qubes_seal.measure.explain`): only to explain a refusal, never to decide one.
+    #: Kept as read (hostile until the token's MAC verified); absent in older states.
+    record: dict[str, Any] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -184,7 +188,11 @@ class SealedState:
             "pcr_bank": self.pcr_bank,
             "pcrs": self.pcrs,
             "pcr_states": [
-                {"label": s.label, "values": {str(k): v.hex() for k, v in sorted(s.values.items())}}
+                {
+                    "label": s.label,
+                    "values": {str(k): v.hex() for k, v in sorted(s.values.items())},
+                    **({"events": s.record} if s.record is not None else {}),
+                }
                 for s in self.pcr_states
             ],
             "policy_digest": self.policy_digest.hex(),
@@ -231,6 +239,7 @@ class SealedState:
                 PcrState(
                     label=str(s["label"]),
                     values={int(k): bytes.fromhex(v) for k, v in s["values"].items()},
+                    record=s["events"] if isinstance(s.get("events"), dict) else None,
                 )
                 for s in doc["pcr_states"]
             ]

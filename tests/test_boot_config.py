@@ -66,6 +66,7 @@ WRONG = [
     ("console = 0", "console", "a string"),
     ("txt_mem = false", "txt_mem", "a string"),
     ('txt_log = ["/run/qubes-seal/txt-event.log"]', "txt_log", "a string"),
+    ("cmdline_file = false", "cmdline_file", "a string"),
 ]
 
 

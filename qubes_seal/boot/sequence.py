@@ -57,6 +57,7 @@ class BootConfig:
     console: str = "/dev/console"
     txt_mem: str = "/dev/mem"  # the TXT registers and heap; empty: no log captured
     txt_log: str = "/run/qubes-seal/txt-event.log"  # the captured log, if it replays
+    cmdline_file: str = "/proc/cmdline"  # the dom0 kernel's command line, for explanations
 
     @classmethod
     def load(cls, path: Path | None) -> BootConfig:
@@ -111,6 +112,7 @@ CONFIG_KEYS: dict[str, tuple[type, tuple[float, float] | tuple[str, ...] | None]
     "console": (str, None),
     "txt_mem": (str, None),
     "txt_log": (str, None),
+    "cmdline_file": (str, None),
 }
 _TYPE_NAMES = {str: "a string", bool: "a boolean (true or false, unquoted)",
                int: "an integer", float: "a number"}  # fmt: skip
@@ -388,6 +390,7 @@ def _sequence(cfg: BootConfig, console: Console, container: Path, started: float
         from ..errors import NoMeasuredLaunch
 
         error: QubesSealError = NoMeasuredLaunch()
+        _explain_no_launch(cfg, error, pcr17)
         console.say(f"REFUSED: {error.diagnostics()}")
         return _recover(cfg, console, container, error, started)
     if not require_launch:
@@ -421,6 +424,8 @@ def _sequence(cfg: BootConfig, console: Console, container: Path, started: float
             console.say(f"wrong passphrase (attempt {attempt} of {cfg.tries})")
             continue
         except (MeasurementMismatch, LockoutError, QubesSealError) as exc:
+            if isinstance(exc, MeasurementMismatch):
+                _explain(cfg, token.sealed, exc)
             console.say(f"REFUSED: {exc.diagnostics()}")
             return _recover(cfg, console, container, exc, started)
         try:
@@ -434,6 +439,47 @@ def _sequence(cfg: BootConfig, console: Console, container: Path, started: float
             unlocked.close()
     console.say("too many wrong passphrases")
     return _recover(cfg, console, container, last or AuthorizationError("no attempt"), started)
+
+
+def _explain(cfg: BootConfig, sealed: Any, exc: MeasurementMismatch) -> None:
+    """Attach to a refusal what differs, by component, from the token's records (unread and
+    unauthenticated: an evil maid may have written them) and this boot's captured log.  A
+    diagnosis shown before the recovery-key prompt; nothing here decides anything, no TPM
+    command is sent (the refusal read the PCRs), and no error of it reaches the boot."""
+    if exc.current is None:
+        return
+    try:
+        from ..measure.explain import describe_refusal
+
+        exc.explanation = describe_refusal(
+            sealed, exc.current, txt_log=cfg.txt_log or None, cmdline_file=cfg.cmdline_file
+        )
+    except Exception:  # noqa: S110 - a diagnosis never stops the boot
+        pass
+
+
+def _explain_no_launch(cfg: BootConfig, exc: QubesSealError, pcr17: bytes) -> None:
+    """No launch: PCR 17 and what TXT's status registers say (read from memory, no TPM)."""
+    if not isinstance(exc, MeasurementMismatch):
+        return
+    try:
+        from ..measure import explain, txt_heap
+
+        status = None
+        if cfg.txt_mem:
+            try:
+                state = txt_heap.read_state(cfg.txt_mem)
+                regs = state.registers
+                status = (
+                    f"TXT status: SENTER {'done' if regs.senter_done else 'NOT done'}, "
+                    f"ERRORCODE 0x{regs.errorcode:08x} "
+                    f"({txt_heap.decode_errorcode(regs.errorcode)})"
+                )
+            except QubesSealError as err:
+                status = f"TXT status not readable: {err.message}"
+        exc.explanation = explain.no_launch(pcr17, status)
+    except Exception:  # noqa: S110 - a diagnosis never stops the boot
+        pass
 
 
 def _root_key(cfg: BootConfig, unlocked: Any, console: Console) -> None:

@@ -150,11 +150,20 @@ def register(sub: Any) -> None:
         "The unlock chain: measure the container's header into PCR 13, ask the passphrase,\n"
         "unseal the master secret (the TPM checks PCR 13, 17, 18 and the passphrase's\n"
         "half), derive the LUKS key, open the container, read the keystore, cap PCR 13,\n"
-        "and leave the volume key in the kernel keyring for the key service.",
+        "and leave the volume key in the kernel keyring for the key service.\n\n"
+        "A refusal (exit 3) says what differs by component: this boot's TXT log (--txt-log)\n"
+        "against the events each accepted boot state was approved from (Xen, dom0's kernel\n"
+        "and its command line, initramfs, tboot, SINIT/BIOS, the header). It is a\n"
+        "diagnosis from unauthenticated data; the TPM's refusal stands either way.",
     )
     container_opt(p)
     passphrase_opt(p)
     keyring_opt(p)
+    p.add_argument(
+        "--txt-log", metavar="FILE", default=env("QUBES_SEAL_TXT_LOG", ""),
+        help="this boot's TXT event log, to explain a refusal (default "
+        "/run/qubes-seal/txt-event.log, as the boot captured it) [QUBES_SEAL_TXT_LOG]",
+    )  # fmt: skip
     p.add_argument(
         "--backend", choices=["auto", "dm-crypt", "userspace"],
         default=env("QUBES_SEAL_BACKEND", "auto"),
@@ -402,17 +411,24 @@ def _wipe(unlocked: Any) -> None:
 
 def cmd_unlock(args: argparse.Namespace) -> int:
     from .. import chain
+    from ..errors import MeasurementMismatch
     from .main import emit
     from .prompt import ask
 
-    unlocked = chain.unlock(
-        args.container,
-        tcti=args.tpm,
-        passphrase=lambda: ask("passphrase", path=args.passphrase_file),
-        keyring=_keyring(args),
-        backend=args.backend,
-        progress=_progress(args),
-    )
+    try:
+        unlocked = chain.unlock(
+            args.container,
+            tcti=args.tpm,
+            passphrase=lambda: ask("passphrase", path=args.passphrase_file),
+            keyring=_keyring(args),
+            backend=args.backend,
+            progress=_progress(args),
+        )
+    except MeasurementMismatch as exc:  # why, by component (a diagnosis: the exit stays 3)
+        from . import refusal
+
+        refusal.attach(exc, refusal.token_state(args.container), args, unlocked=False)
+        raise
     try:
         n = len(unlocked.keystore.list())
         ms = {k: round(v * 1000, 1) for k, v in unlocked.timings.parts.items()}

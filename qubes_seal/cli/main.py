@@ -211,11 +211,18 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         "values it was sealed to; the session is salted with the pinned SRK and the\n"
         "response is encrypted, so the secret never crosses the TPM bus in clear.\n"
         "Five TPM commands: Load, StartAuthSession, PolicyPCR, Unseal, FlushContext.\n\n"
-        "example:  qubes-seal unseal --check && echo 'boot is genuine'",
+        "example:  qubes-seal unseal --check && echo 'boot is genuine'\n\n"
+        "A refusal (exit 3) says what differs by component, from this boot's TXT log\n"
+        "(--txt-log) and the accepted states' records: a diagnosis, never an authority.",
     )
     p.add_argument(
         "--check", action="store_true", default=env_bool("QUBES_SEAL_CHECK"),
         help="unseal, then report success without printing the secret [QUBES_SEAL_CHECK]",
+    )  # fmt: skip
+    p.add_argument(
+        "--txt-log", metavar="FILE", default=env("QUBES_SEAL_TXT_LOG", ""),
+        help="this boot's TXT event log, to explain a refusal (default "
+        "/run/qubes-seal/txt-event.log) [QUBES_SEAL_TXT_LOG]",
     )  # fmt: skip
     p.set_defaults(func=cmd_unseal)
 
@@ -397,6 +404,7 @@ def cmd_seal(args: argparse.Namespace) -> int:
 
 def cmd_unseal(args: argparse.Namespace) -> int:
     from .. import state as state_mod
+    from ..errors import MeasurementMismatch
     from ..tpm.unseal import unseal
 
     if not args.check:
@@ -405,7 +413,13 @@ def cmd_unseal(args: argparse.Namespace) -> int:
             hint="The master secret itself is only used inside qubes-seal (the boot unlock).",
         )
     sealed = state_mod.load(args.state_dir)
-    secret = unseal(sealed, tcti=args.tpm)
+    try:
+        secret = unseal(sealed, tcti=args.tpm)
+    except MeasurementMismatch as exc:  # why, by component (a diagnosis: the exit stays 3)
+        from . import refusal
+
+        refusal.attach(exc, sealed, args, unsealed=False)
+        raise
     secret.wipe()
     emit(args, {"unsealed": True}, "ok: the TPM released the master secret")
     return 0
@@ -438,7 +452,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if container is not None:
             from .status_container import summary
 
-            container_doc, container_lines = summary(container, tpm)
+            container_doc, container_lines = summary(container, tpm, txt_log=args.txt_log)
         from . import status_txt
 
         txt_doc, txt_lines = status_txt.summary(args.mem, args.txt_log, tpm)
@@ -741,6 +755,7 @@ def predicted_pcrs(args: argparse.Namespace) -> tuple[dict[int, bytes], Any]:
     components, files = next_boot(args)
     new_tboot, args.tboot_note = next_tboot(args, files)
     values = predict_txt(log, components, tboot=new_tboot)
+    args.predicted_record = predicted_record(log, components, files, new_tboot)
     report = vouch.check_boot(
         files,
         rpm=vouch.RpmDb(args.rpm_dbpath),
@@ -748,6 +763,30 @@ def predicted_pcrs(args: argparse.Namespace) -> tuple[dict[int, bytes], Any]:
         etc_default_grub=args.etc_default_grub,
     )
     return values, report
+
+
+def predicted_record(
+    log: Any, components: list[Any], files: list[tuple[str, Path, bytes | None]], new_tboot: Any
+) -> dict[str, Any] | None:
+    """What the predicted boot is made of (:mod:`qubes_seal.measure.explain`), kept with its
+    state to explain a later refusal; None when it cannot be made (never an error)."""
+    from ..errors import QubesSealError
+    from ..measure import explain
+    from ..measure.predict import predict_events
+
+    try:
+        events = predict_events(log, components, tboot=new_tboot)
+        paths = [f[1] for f in files if f[0] != "tboot"]
+        modules = [explain.facts(c.name, p, c.cmdline, c.image)
+                   for c, p in zip(components, paths, strict=False)]  # fmt: skip
+        tboot_file = next((f[1].name for f in files if f[0] == "tboot"), None)
+        return explain.predicted_record(
+            events, modules,
+            tboot_file=tboot_file if new_tboot is not None else None,
+            tboot_cmdline=None if new_tboot is None else new_tboot.cmdline,
+        )  # fmt: skip
+    except QubesSealError:
+        return None
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -781,7 +820,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def journalled_reseal(args: argparse.Namespace, predicted: list[dict[int, bytes]]) -> Any:
+def journalled_reseal(
+    args: argparse.Namespace,
+    predicted: list[dict[int, bytes]],
+    records: list[dict[str, Any] | None] | None = None,
+) -> Any:
     """``chain.reseal_container`` under a journal record (op ``reseal``): killed after the
     token was written, ``repair`` makes the counter increment that did not happen."""
     from .. import chain
@@ -790,7 +833,7 @@ def journalled_reseal(args: argparse.Namespace, predicted: list[dict[int, bytes]
     journal = Journal.begin(args.state_dir, "reseal", args.container)
     try:
         token = chain.reseal_container(
-            args.container, tcti=args.tpm, predicted=predicted,
+            args.container, tcti=args.tpm, predicted=predicted, records=records,
             keyring=getattr(args, "keyring", "user") or "user",
         )  # fmt: skip
     finally:  # a clean failure leaves the container consistent (one atomic token import)
@@ -811,7 +854,8 @@ def reseal_container(args: argparse.Namespace) -> int:
     elif any(getattr(args, o) is not None
              for o in ("xen", "kernel", "initramfs", "grub_cfg", "tboot")):  # fmt: skip
         raise UsageError("component options given without --predict")
-    token = journalled_reseal(args, predicted)
+    records = [getattr(args, "predicted_record", None)] if predicted else None
+    token = journalled_reseal(args, predicted, records)
     new = token.sealed
     if new.signed is not None:
         lines = [f"signed {len(new.pcr_states)} accepted boot state(s) with the dom0 "

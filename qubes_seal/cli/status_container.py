@@ -8,7 +8,9 @@ from typing import Any
 from ..errors import QubesSealError
 
 
-def summary(path: Path, tpm: Any) -> tuple[dict[str, Any], list[str]]:
+def summary(
+    path: Path, tpm: Any, *, txt_log: str | None = None
+) -> tuple[dict[str, Any], list[str]]:
     """What the token of the container at ``path`` accepts, read without any secret.
 
     ``tpm`` is an open :class:`~qubes_seal.tpm.device.Tpm`.  Errors (no container, no token,
@@ -67,6 +69,17 @@ def summary(path: Path, tpm: Any) -> tuple[dict[str, Any], list[str]]:
         + " of this boot: "
         + (f"match '{matching[0]}'" if matching else "match NONE (the next unlock is refused)")
     )
+    doc["explanation"] = None
+    if not matching and sealed.pcr_states:
+        from ..measure.explain import describe_refusal
+        from .refusal import cmdline_file
+
+        why = describe_refusal(
+            sealed, current, txt_log=txt_log or "/run/qubes-seal/txt-event.log",
+            cmdline_file=cmdline_file(),
+        )  # fmt: skip
+        doc["explanation"] = why.to_json()
+        lines += ["    " + line for line in why.lines()]
     if sealed.nv is not None:
         try:
             value: int | None = tpm.nv_read_counter(sealed.nv)

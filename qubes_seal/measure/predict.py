@@ -91,14 +91,15 @@ def with_tboot(sinit: Sequence[Event], new: NextTboot) -> list[Event]:
     return out
 
 
-def predict_txt(
+def predict_events(
     log: EventLog,
     components: Sequence[Component],
     *,
     bank: str = "sha256",
     tboot: NextTboot | None = None,
-) -> dict[int, bytes]:
-    """PCR 17 and 18 (``bank``) of a launch of ``components`` on this platform.
+) -> list[Event]:
+    """The events (``bank`` only) of a launch of ``components`` on this platform, in the
+    order that replays them: SINIT's, tboot's policy, then one per module.
 
     ``log`` is the current boot's TXT event log: SINIT's events and tboot's policy event are
     taken from it; with ``tboot``, SINIT's MLE_HASH (and capabilities) events are those of
@@ -128,7 +129,20 @@ def predict_txt(
     # Order matters within a PCR only; keep SINIT's first, then tboot's policy, then modules.
     ordered = [e for e in events if e.event_type != EVTYPE_TB_MEASUREMENT]
     ordered += [e for e in events if e.event_type == EVTYPE_TB_MEASUREMENT]
-    values = replay(EventLog(ordered, [bank], log.format), drtm=True)[bank]
+    return [Event(e.pcr, e.event_type, {bank: e.digests[bank]}, e.data) for e in ordered]
+
+
+def predict_txt(
+    log: EventLog,
+    components: Sequence[Component],
+    *,
+    bank: str = "sha256",
+    tboot: NextTboot | None = None,
+) -> dict[int, bytes]:
+    """PCR 17 and 18 (``bank``) of a launch of ``components`` on this platform
+    (:func:`predict_events`, replayed)."""
+    events = predict_events(log, components, bank=bank, tboot=tboot)
+    values = replay(EventLog(events, [bank], log.format), drtm=True)[bank]
     return {p: values[p] for p in DRTM_PCRS if p in values}
 
 

@@ -295,8 +295,15 @@ def _diagnose(state: SealedState, tcti: str, failed: TssError) -> QubesSealError
     return _mismatch(state, current)
 
 
-def _mismatch(state: SealedState, current: dict[int, bytes]) -> QubesSealError:
-    """The refusal for PCRs that match no accepted state: no launch, or the differing PCRs."""
+def _mismatch(state: SealedState, current: dict[int, bytes]) -> MeasurementMismatch:
+    """The refusal for PCRs that match no accepted state: no launch, or the differing PCRs
+    (this boot's values kept in :attr:`MeasurementMismatch.current` for the explanation)."""
+    error = _mismatch_error(state, current)
+    error.current = dict(current)
+    return error
+
+
+def _mismatch_error(state: SealedState, current: dict[int, bytes]) -> MeasurementMismatch:
     if state.require_launch and current[DRTM_PCR] == b"\xff" * len(current[DRTM_PCR]):
         return NoMeasuredLaunch()
     # Compare with the accepted state that differs least, so the diff names the culprit.
