@@ -33,7 +33,13 @@ import pytest
 from test_boot import PASSPHRASE, Machine, new_machine, shut_down
 
 from qubes_seal.boot.sequence import Console
-from qubes_seal.boot.splash import MAX_MESSAGE_BYTES, Plymouth, splash_text
+from qubes_seal.boot.splash import (
+    MAX_MESSAGE_BYTES,
+    MAX_TEXT_BYTES,
+    Plymouth,
+    splash_messages,
+    splash_text,
+)
 from qubes_seal.sim.swtpm import Swtpm
 
 PROOF = "blue heron over the lake"
@@ -55,13 +61,31 @@ def test_splash_text_drops_control_characters_and_keeps_lines() -> None:
 
 def test_splash_text_fits_plymouths_one_byte_length() -> None:
     # Plymouth's client asserts strlen(argument) <= 255 and aborts past it (one length byte
-    # in its protocol): every message is cut to MAX_MESSAGE_BYTES of UTF-8, on a character.
+    # in its protocol): a prompt is cut to MAX_MESSAGE_BYTES of UTF-8, on a character.
     for text in ("x" * 600, "é" * 300, "proof: " + "€" * 200):
         clean = splash_text(text)
         assert len(clean.encode()) <= MAX_MESSAGE_BYTES < 255
         assert clean.endswith("...")
         clean.encode().decode("utf-8")  # no character cut in two
     assert splash_text("short") == "short"
+
+
+def test_long_text_is_split_into_messages_that_fit() -> None:
+    # A proof text may be 256 bytes, a refusal's advice longer than a message: nothing of
+    # it is lost, each message fits the protocol, the whole is bounded (client calls).
+    proof = "proof of a clean boot (your text): " + "willow " * 36 + "\nIf this is not..."
+    messages = splash_messages(proof)
+    assert len(messages) >= 2
+    assert all(len(m.encode()) <= MAX_MESSAGE_BYTES for m in messages)
+    assert " ".join(" ".join(messages).split()) == " ".join(proof.split())
+    for text in ("x" * 600, "é" * 3000, "REFUSED \x1b[2J " * 500):
+        messages = splash_messages(text)
+        assert all(len(m.encode()) <= MAX_MESSAGE_BYTES for m in messages)
+        assert sum(len(m.encode()) + 1 for m in messages) <= MAX_TEXT_BYTES + 4
+        assert not any("\x1b" in m for m in messages)
+    assert splash_messages("x" * 600) == ["\n".join(["x" * 100] * 2)] * 3
+    assert splash_messages("é" * 3000)[-1] == "..."
+    assert splash_messages("one\n\n  two\n\n") == ["one\n\n  two"]
 
 
 def test_without_plymouth_the_console_is_as_before(tmp_path: Path) -> None:
@@ -340,8 +364,8 @@ def test_systemd_agent_answers_through_plymouth(plymouthd: Plymouthd, machine: M
 
 def test_hostile_and_long_messages_reach_the_splash_safely(plymouthd: Plymouthd) -> None:
     """An error text with escape sequences (an evil maid writes the header the messages
-    quote) reaches the terminal without them; a message past Plymouth's 255-byte limit is
-    cut, and the splash stays on (the client would abort on it)."""
+    quote) reaches the terminal without them; a text past Plymouth's 255-byte limit is
+    split into messages that fit, and the splash stays on (the client would abort on it)."""
     splash = Plymouth.detect(shutil.which("plymouth"))
     assert splash is not None
     out = io.StringIO()
@@ -350,12 +374,33 @@ def test_hostile_and_long_messages_reach_the_splash_safely(plymouthd: Plymouthd)
     console.say("LONG " + "abcdefghij" * 60)
     console.say("after the long one")
     plymouthd.expect(r"(?m)^REFUSED: token \?\]0;owned\?\?\[2Jgarbage", what="the cleaned text")
-    plymouthd.expect(r"(?m)^LONG (abcdefghij)+[a-j]*\.\.\.\n", what="the cut message")
+    # 605 characters with no space: lines of 100, two to a message, all of it shown.
+    long = plymouthd.expect(r"(?m)^LONG [a-j\n]+\n", what="the long text")
+    assert long.group(0).replace("\n", "") == "LONG " + "abcdefghij" * 60
     plymouthd.expect(r"(?m)^after the long one", what="the next message")
     assert splash.alive
     assert "\x1b]0;owned" not in plymouthd.text and "\x1b[2Jgarbage" not in plymouthd.text
-    assert len(splash.shown) == 3
+    assert len(splash.shown) == 1 + 3 + 1  # 7 lines of 100 characters or fewer, 2-3 a message
     console.clear_splash()
     assert splash.shown == []
     hidden = [r for r in plymouthd.requests() if r.startswith("hide message")]
-    assert len(hidden) == 3, plymouthd.requests()
+    assert len(hidden) == 5, plymouthd.requests()
+
+
+# -- the dracut module: plymouth used when present, never required --------------------------
+
+
+def test_dracut_module_never_requires_plymouth() -> None:
+    """Without plymouth the image builds and boots on the console (tests/test_dracut.py
+    builds one so); with it, the client is installed and the unit ordered after it."""
+    module = Path(__file__).resolve().parent.parent / "dracut-module" / "90qubes-seal"
+    deps = subprocess.run(
+        ["bash", "-c", 'source "$1"; depends', "bash", str(module / "module-setup.sh")],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert "plymouth" not in deps and deps, deps
+    setup = (module / "module-setup.sh").read_text()
+    assert 'if dracut_module_included "plymouth"; then\n        inst_multiple -o plymouth' in setup
+    unit = (module / "qubes-seal-unlock.service").read_text()
+    assert "After=plymouth-start.service" in unit
+    assert not re.search(r"^(Requires|Wants|BindsTo|Requisite)=.*plymouth", unit, re.M)

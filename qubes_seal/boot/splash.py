@@ -8,18 +8,20 @@ boot sequence on the splash (``plymouth display-message --text=...``), hides the
 (the answer is read from the client's stdout, never passed in argv).  ``ask = "systemd"`` needs
 nothing from here: systemd-ask-password's Plymouth agent answers when Plymouth runs.
 
-Every message passes through :func:`splash_text` first: control characters (an escape
+Every message passes through :func:`splash_messages` first: control characters (an escape
 sequence from a hostile header would otherwise reach the terminal of the ``details`` and
-``text`` plugins) and bidirectional overrides become ``?``, and the text is cut to
-:data:`MAX_MESSAGE_BYTES`, because Plymouth's protocol carries an argument's length in one
-byte (the client asserts ``strlen <= 255`` and aborts past it).  See docs/BOOT.md, "The
-graphical boot".
+``text`` plugins) and bidirectional overrides become ``?``, long lines are wrapped, and the
+lines are grouped into splash messages of at most :data:`MAX_MESSAGE_BYTES`, because
+Plymouth's protocol carries an argument's length in one byte (the client asserts
+``strlen <= 255`` and aborts past it); at most :data:`MAX_TEXT_BYTES` of one text reach the
+splash.  See docs/BOOT.md, "The graphical boot".
 """
 
 from __future__ import annotations
 
 import contextlib
 import subprocess
+import textwrap
 import unicodedata
 
 from ..errors import UsageError
@@ -29,27 +31,63 @@ from ..secret import Secret
 #: bytes and a NUL: the client asserts ``strlen(argument) <= UCHAR_MAX``, and a length of 255
 #: wraps to 0 in the length byte.  250 bytes of UTF-8 leaves a margin.
 MAX_MESSAGE_BYTES = 250
+#: At most this much of one text goes to the splash (each message is one client call).
+MAX_TEXT_BYTES = 1000
+#: Lines longer than this are wrapped (at spaces when there are any).
+LINE_CHARS = 100
 #: Seconds any one plymouth client call may take (a hung daemon must not stall the boot).
 CLIENT_TIMEOUT = 5.0
 ELLIPSIS = "..."
 
 
-def splash_text(text: str, *, limit: int = MAX_MESSAGE_BYTES) -> str:
-    """``text`` made safe for Plymouth: printable characters and newlines only, at most
-    ``limit`` bytes of UTF-8 (cut on a character boundary, ending in ``...``)."""
-    lines = []
-    for line in text.splitlines():
-        chars = [
-            "?" if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn") else c
-            for c in line.replace("\t", " ")
-        ]
-        lines.append("".join(chars).rstrip())
-    clean = "\n".join(lines).strip("\n")
-    data = clean.encode()
+def _printable(line: str) -> str:
+    """Control, format (bidirectional overrides), surrogate, private-use and unassigned
+    characters as ``?``; tabs as spaces."""
+    return "".join(
+        "?" if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn") else c
+        for c in line.replace("\t", " ")
+    ).rstrip()
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` in at most ``limit`` bytes of UTF-8, cut on a character, ending in ``...``."""
+    data = text.encode()
     if len(data) <= limit:
-        return clean
-    cut = data[: limit - len(ELLIPSIS)].decode("utf-8", "ignore")  # drops a split character
-    return cut.rstrip() + ELLIPSIS
+        return text
+    return data[: limit - len(ELLIPSIS)].decode("utf-8", "ignore").rstrip() + ELLIPSIS
+
+
+def splash_text(text: str, *, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """``text`` as one safe line or message: printable characters and newlines only, at
+    most ``limit`` bytes of UTF-8 (cut on a character boundary, ending in ``...``)."""
+    clean = "\n".join(_printable(line) for line in text.splitlines()).strip("\n")
+    return _cut(clean, limit)
+
+
+def splash_messages(text: str) -> list[str]:
+    """``text`` as the splash messages that carry it: printable (as :func:`splash_text`),
+    lines wrapped at :data:`LINE_CHARS`, grouped into messages of at most
+    :data:`MAX_MESSAGE_BYTES` each, :data:`MAX_TEXT_BYTES` in all (the rest cut, ``...``)."""
+    lines: list[str] = []
+    for raw in text.splitlines():
+        line = _printable(raw)
+        wrapped = textwrap.wrap(line, LINE_CHARS, break_on_hyphens=False) if line else []
+        lines.extend(_cut(part, MAX_MESSAGE_BYTES) for part in wrapped or [""])
+    while lines and not lines[-1]:
+        lines.pop()
+    messages: list[str] = []
+    budget = MAX_TEXT_BYTES
+    for line in lines:
+        size = len(line.encode()) + 1
+        if size > budget:
+            messages.append(ELLIPSIS)
+            break
+        budget -= size
+        if messages and len(messages[-1].encode()) + size <= MAX_MESSAGE_BYTES:
+            messages[-1] += "\n" + line
+        else:
+            messages.append(line)
+    return [m for m in messages if m.strip()]
 
 
 class Plymouth:
@@ -90,14 +128,10 @@ class Plymouth:
         return proc.returncode == 0
 
     def display(self, text: str) -> None:
-        """Put ``text`` (made safe by :func:`splash_text`) on the splash, once."""
-        message = splash_text(text)
-        if (
-            message
-            and message not in self.shown
-            and self._call("display-message", f"--text={message}")
-        ):
-            self.shown.append(message)
+        """Put ``text`` (made safe by :func:`splash_messages`) on the splash."""
+        for message in splash_messages(text):
+            if message not in self.shown and self._call("display-message", f"--text={message}"):
+                self.shown.append(message)
 
     def hide_all(self) -> None:
         """Take every message shown by :meth:`display` off the splash."""
