@@ -368,6 +368,17 @@ def _vm_result(console: SerialConsole, deadline: float) -> dict[str, Any]:
     return result
 
 
+def _message_gap(console: SerialConsole) -> float:
+    """Seconds between the sequence's "TXT event log" and "unlocking" lines (its clock): one
+    message written, and with Plymouth one ``plymouth display-message`` call, between them."""
+    stamps = []
+    for what in ("TXT event log", "unlocking the container"):
+        m = re.search(STAMP + re.escape(what), console.text)
+        assert m is not None, what
+        stamps.append(float(m.group(1)))
+    return stamps[1] - stamps[0]
+
+
 def _unit_overhead(result: dict[str, Any], result_stamp: float) -> float:
     """Seconds from the unlock unit's start to the sequence's clock zero (interpreter start,
     imports), in the VM's clock: the unit's run time minus the RESULT line's stamp."""
@@ -421,6 +432,7 @@ def test_boot_proof_passphrase_dm_crypt_cap_root_handover(machine: Machine) -> N
         same_seen_on_the_host_s=round(on_host, 3),
         interpreter_and_imports_s=round(overhead, 3),
         typing_excluded_s=round(typing, 3),
+        one_message_s=round(_message_gap(console), 3),
         sequence=final.group(2),
     )
     print(f"boot 1: unit start -> container open {to_open:.2f} s (interpreter start and "
@@ -478,6 +490,7 @@ def test_wrong_passphrase_then_recovery_key_through_plymouth(machine: Machine) -
     assert not any(WRONG in r or rkey in r for r in requests)  # nor in any argv
     machine.boots["boot2"]["sequence"] = final.group(2)
     machine.boots["boot2"]["plymouth_requests"] = len(requests)
+    machine.boots["boot2"]["one_message_s"] = round(_message_gap(console), 3)
     # Recorded, not asserted: the recovery path does not cap PCR 13 (docs/VM-TEST.md).
     machine.boots["boot2"]["pcr13_after_recovery"] = result["pcr13"]
     machine.boots["boot2"]["unseal_after_recovery"] = result["unseal_after_boot"]
