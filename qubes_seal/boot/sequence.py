@@ -197,16 +197,23 @@ class Console:
                 stream = sys.stderr
         self.stream = stream
 
-    def say(self, text: str, *, splash: str | None = None) -> None:
+    def say(self, text: str, *, splash: str | None = None, private: bool = False) -> None:
         """``text`` on the console, one stamped line per line; on the splash too (``splash``
         instead when given: a themed splash may show only its latest message), where it stays
-        until :meth:`clear_splash`."""
+        until :meth:`clear_splash`.
+
+        ``private`` (the proof of a clean boot): on the splash only, when it shows it.
+        Plymouth attached to the console keeps what is written there in its boot log
+        (/var/log/boot.log after the switch-root): a text proof must not outlive the boot
+        on dom0's disk.  Without a splash the console, as always (nothing keeps it)."""
         stamp = time.monotonic() - self.start
+        if self.splash is not None:
+            self.splash.display(text if splash is None else splash)
+            if private and self.splash.alive:
+                return
         for line in text.splitlines() or [""]:
             self.stream.write(f"[qubes-seal {stamp:7.3f}] {line}\n")
         self.stream.flush()
-        if self.splash is not None:
-            self.splash.display(text if splash is None else splash)
 
     def clear_splash(self) -> None:
         """Hide the splash's messages: they are obsolete (a prompt was answered, the unlock
@@ -436,7 +443,8 @@ def _sequence(cfg: BootConfig, console: Console, container: Path, started: float
             value = reveal(token.proof, tcti=cfg.tpm)
             label = "your text" if token.proof.kind == "text" else "TOTP code now"
             # One message: a themed splash shows only its latest, and the advice goes with it.
-            console.say(f"proof of a clean boot ({label}): {value}\n{PROOF_ADVICE}")
+            console.say(f"proof of a clean boot ({label}): {value}\n{PROOF_ADVICE}",
+                        private=True)  # fmt: skip
         try:
             return ask(cfg.ask, "qubes-seal passphrase:", ident="qubes-seal:unlock",
                        splash=console.splash)  # fmt: skip
