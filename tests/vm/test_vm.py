@@ -421,6 +421,12 @@ def test_boot_proof_passphrase_dm_crypt_cap_root_handover(machine: Machine) -> N
     assert result["handover"] and result["proc_keys_vk"]
     assert "Please enter passphrase" not in console.text  # systemd-cryptsetup did not ask
     assert PASSPHRASE not in console.text  # never echoed on the console
+    # Plymouth in the image but off (plymouth.enable=0): no daemon, the console agent asked,
+    # nothing went to a splash; the proof on the console as before.
+    ply = result["plymouth"]
+    assert not ply["running"] and not ply["requests"], ply
+    assert "ActiveState=active" in ply["console_agent"], ply
+    assert "ActiveState=active" not in ply["plymouth_agent"], ply
     # Timing: the unit's start to the container open, without the typing.
     typing = typed_at - prompt_at
     overhead = _unit_overhead(result, float(final.group(1)))
