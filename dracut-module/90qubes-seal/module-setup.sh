@@ -98,6 +98,13 @@ install() {
     # cryptsetup; mount for the ramfs of the runtime key file; dmsetup for a diagnosis.
     inst_multiple cryptsetup systemd-ask-password
     inst_multiple -o mount dmsetup
+    # The graphical boot (docs/BOOT.md): when dracut's plymouth module is in the image, the
+    # boot's messages and prompts go to the splash through plymouth's client (50plymouth
+    # installs it already; named here so that the boot path's needs are listed in one place).
+    # Never a dependency: without plymouth the console is used, as before.
+    if dracut_module_included "plymouth"; then
+        inst_multiple -o plymouth
+    fi
 
     # The boot path reaches the TPM through ctypes (qubes_seal/tpm/esys.py): libtss2's ESYS,
     # MU and TCTI loader (and libtss2-sys under ESYS) are dlopen()ed, so name them; the TCTI

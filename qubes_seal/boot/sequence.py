@@ -24,6 +24,7 @@ from ..errors import (
     UsageError,
 )
 from ..secret import Secret
+from .splash import Plymouth
 
 DEFAULT_CONFIG = Path("/etc/qubes-seal/boot.toml")
 KEYS_DIR = Path("/run/cryptsetup-keys.d")
@@ -172,14 +173,23 @@ def _coerce(name: str, raw: str, kind: type) -> Any:
 
 
 class Console:
-    """Where the user sees the boot: /dev/console when we may write it, else stderr.
+    """Where the user sees the boot: /dev/console when we may write it, else stderr; and
+    Plymouth's splash when ``splash`` is given (a running plymouthd, docs/BOOT.md).
 
     A unit's stdout goes to the journal, not to the screen (VM-E2E.md): messages for the user
-    are written to the console explicitly, timestamped for the boot-timing report.
+    are written to the console explicitly, timestamped for the boot-timing report.  Every
+    message for the user goes through :meth:`say`, the one place that knows about the splash.
     """
 
-    def __init__(self, stream: TextIO | None = None, *, path: str = "/dev/console") -> None:
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        *,
+        path: str = "/dev/console",
+        splash: Plymouth | None = None,
+    ) -> None:
         self.start = time.monotonic()
+        self.splash = splash
         self._own = False
         if stream is None:
             try:
@@ -189,11 +199,29 @@ class Console:
                 stream = sys.stderr
         self.stream = stream
 
-    def say(self, text: str) -> None:
+    def say(self, text: str, *, splash: str | None = None, private: bool = False) -> None:
+        """``text`` on the console, one stamped line per line; on the splash too (``splash``
+        instead when given: a themed splash may show only its latest message), where it stays
+        until :meth:`clear_splash`.
+
+        ``private`` (the proof of a clean boot): on the splash only, when it shows it.
+        Plymouth attached to the console keeps what is written there in its boot log
+        (/var/log/boot.log after the switch-root): a text proof must not outlive the boot
+        on dom0's disk.  Without a splash the console, as always (nothing keeps it)."""
         stamp = time.monotonic() - self.start
+        if self.splash is not None:
+            self.splash.display(text if splash is None else splash)
+            if private and self.splash.alive:
+                return
         for line in text.splitlines() or [""]:
             self.stream.write(f"[qubes-seal {stamp:7.3f}] {line}\n")
         self.stream.flush()
+
+    def clear_splash(self) -> None:
+        """Hide the splash's messages: they are obsolete (a prompt was answered, the unlock
+        is done).  Without a splash, nothing (the console keeps its lines)."""
+        if self.splash is not None:
+            self.splash.hide_all()
 
     def close(self) -> None:
         if self._own:
@@ -273,14 +301,22 @@ def _inotify_wait(paths: list[Path], timeout: float) -> None:
 # -- asking ------------------------------------------------------------------------------------
 
 
-def ask(how: str, prompt: str, *, ident: str) -> Secret:
-    """A secret from the user: systemd-ask-password (plymouth / console agents), or a tty."""
+def ask(how: str, prompt: str, *, ident: str, splash: Plymouth | None = None) -> Secret:
+    """A secret from the user: systemd-ask-password (its Plymouth agent answers when Plymouth
+    runs, else the console agent), Plymouth's own prompt, or the terminal.
+
+    ``systemd``: always systemd-ask-password.  ``tty``: the terminal, but Plymouth's prompt
+    (``plymouth ask-for-password``) when ``splash`` runs, since Plymouth then holds the
+    console.  ``auto``: systemd-ask-password when installed and stdin is no terminal (a
+    unit), else as ``tty``."""
     if how.startswith("file:"):
         data = Path(how[5:]).read_bytes().rstrip(b"\n")
         return Secret(data)
     use_systemd = how == "systemd" or (
         how == "auto" and _which("systemd-ask-password") and not sys.stdin.isatty()
     )
+    if not use_systemd and splash is not None and splash.alive:
+        return splash.ask_password(prompt)
     if use_systemd:
         proc = subprocess.run(
             [_which("systemd-ask-password") or "systemd-ask-password",
@@ -409,9 +445,14 @@ def _sequence(cfg: BootConfig, console: Console, container: Path, started: float
             shown["proof"] = True
             value = reveal(token.proof, tcti=cfg.tpm)
             label = "your text" if token.proof.kind == "text" else "TOTP code now"
-            console.say(f"proof of a clean boot ({label}): {value}")
-            console.say(PROOF_ADVICE)
-        return ask(cfg.ask, "qubes-seal passphrase:", ident="qubes-seal:unlock")
+            # One message: a themed splash shows only its latest, and the advice goes with it.
+            console.say(f"proof of a clean boot ({label}): {value}\n{PROOF_ADVICE}",
+                        private=True)  # fmt: skip
+        try:
+            return ask(cfg.ask, "qubes-seal passphrase:", ident="qubes-seal:unlock",
+                       splash=console.splash)  # fmt: skip
+        finally:
+            console.clear_splash()  # the proof and what came before it: answered
 
     last: QubesSealError | None = None
     for attempt in range(1, max(1, cfg.tries) + 1):
@@ -514,13 +555,17 @@ def _recover(
     """The recovery-key prompt; never an automatic reseal."""
     from .. import chain
 
-    console.say("Enter the recovery key to open the container (or press Ctrl-D to stop).")
+    advice = "Enter the recovery key to open the container (or press Ctrl-D to stop)."
+    # On the splash with the reason: a themed splash shows only its latest message.
+    console.say(advice, splash=f"REFUSED: {cause.message}\n{advice}")
     for _attempt in range(max(1, cfg.tries)):
         try:
             rkey = ask(cfg.recovery_ask or cfg.ask, "qubes-seal recovery key:",
-                       ident="qubes-seal:recovery")  # fmt: skip
+                       ident="qubes-seal:recovery", splash=console.splash)  # fmt: skip
         except (EOFError, KeyboardInterrupt, UsageError):
             break
+        finally:
+            console.clear_splash()
         try:
             unlocked = chain.recover(container, recovery_key=rkey, keyring=cfg.keyring)
         except (UsageError, AuthorizationError) as exc:
@@ -569,12 +614,14 @@ def main(argv: list[str] | None = None) -> int:
     except QubesSealError as exc:  # no configuration, no console path: the unit's stderr
         Console(sys.stderr).say(f"RESULT: FAILED: {exc.diagnostics()}")
         return 1
-    console = Console(path=cfg.console)
+    # Plymouth's client in the image and its daemon running: the splash too (docs/BOOT.md).
+    console = Console(path=cfg.console, splash=Plymouth.detect(_which("plymouth")))
     try:
         outcome = run(cfg, console)
         how = "with the recovery key" if outcome.recovered else "with the TPM and passphrase"
         times = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in outcome.timings.items())
         console.say(f"RESULT: unlocked {how}; {times}")
+        console.clear_splash()  # the boot goes on; a failure stays on the splash
         return 0
     except QubesSealError as exc:
         console.say(f"RESULT: FAILED: {exc.diagnostics()}")

@@ -171,6 +171,14 @@ class SerialConsole:
         time.sleep(HUMAN_DELAY)
         return shown
 
+    def splash_prompt(self, message: str, deadline: float) -> float:
+        """Wait for Plymouth's prompt ``message`` (its details plugin on the serial console,
+        at a line's start: no stamp, so Plymouth drew it), then as a person would."""
+        m = self.expect(r"(?m)^" + re.escape(message), deadline, what=f"Plymouth's {message}")
+        shown = self.arrival(m.start())
+        time.sleep(HUMAN_DELAY)
+        return shown
+
     def join(self, timeout: float) -> None:
         self._reader.join(timeout)
 
@@ -224,10 +232,14 @@ class Machine:
         return res
 
     @contextmanager
-    def vm(self, name: str) -> Iterator[tuple[SerialConsole, float]]:
+    def vm(self, name: str, *, plymouth: bool = False) -> Iterator[tuple[SerialConsole, float]]:
         """Boot the VM (a new swtpm on the state, as at power-on); yields (console, deadline).
 
-        QEMU and swtpm are stopped on every path; the serial log is kept in DIR/NAME.log.
+        ``plymouth``: Plymouth runs (the image has it; ``plymouth.enable=0`` otherwise), its
+        details plugin on the serial console (forced there: no ``plymouth.ignore-serial-
+        consoles``), its debug log in the VM's /run for the check unit (the test module's
+        drop-in for plymouth-start.service).  QEMU and swtpm are
+        stopped on every path; the serial log is kept in DIR/NAME.log.
         """
         sock = self.state / "sock"
         sock.unlink(missing_ok=True)
@@ -248,8 +260,9 @@ class Machine:
                 time.sleep(0.02)
             cmdline = (
                 f"console=ttyS0 panic=1 rd.luks.name={ROOT_UUID}={ROOT_NAME} "
-                "rd.shell=0 rd.emergency=poweroff systemd.show_status=1"
-            )
+                "rd.shell=0 rd.emergency=poweroff systemd.show_status=1 "
+                + ("" if plymouth else "plymouth.enable=0")
+            ).strip()
             qemu = subprocess.Popen(
                 [QEMU, "-m", "1024", "-smp", "2", "-nographic", "-no-reboot",
                  "-kernel", str(self.kernel), "-initrd", str(self.image), "-append", cmdline,
@@ -296,12 +309,13 @@ def _build_image(work: Path, boot_toml: Path, kver: str) -> tuple[Path, float]:
     started = time.monotonic()
     proc = subprocess.run(
         ["dracut", "--no-hostonly", "--no-compress", "--no-early-microcode",
-         "-m", f"{MODULES} qubes-seal-vmtest", "--kver", kver, "-f", str(out)],
+         "-m", f"{MODULES} plymouth qubes-seal-vmtest", "--kver", kver, "-f", str(out)],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     seconds = time.monotonic() - started
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "Including module: qubes-seal" in proc.stderr + proc.stdout
+    assert "Including module: plymouth" in proc.stderr + proc.stdout
     return out, seconds
 
 
@@ -354,6 +368,17 @@ def _vm_result(console: SerialConsole, deadline: float) -> dict[str, Any]:
     return result
 
 
+def _message_gap(console: SerialConsole) -> float:
+    """Seconds between the sequence's "TXT event log" and "unlocking" lines (its clock): one
+    message written, and with Plymouth one ``plymouth display-message`` call, between them."""
+    stamps = []
+    for what in ("TXT event log", "unlocking the container"):
+        m = re.search(STAMP + re.escape(what), console.text)
+        assert m is not None, what
+        stamps.append(float(m.group(1)))
+    return stamps[1] - stamps[0]
+
+
 def _unit_overhead(result: dict[str, Any], result_stamp: float) -> float:
     """Seconds from the unlock unit's start to the sequence's clock zero (interpreter start,
     imports), in the VM's clock: the unit's run time minus the RESULT line's stamp."""
@@ -396,6 +421,12 @@ def test_boot_proof_passphrase_dm_crypt_cap_root_handover(machine: Machine) -> N
     assert result["handover"] and result["proc_keys_vk"]
     assert "Please enter passphrase" not in console.text  # systemd-cryptsetup did not ask
     assert PASSPHRASE not in console.text  # never echoed on the console
+    # Plymouth in the image but off (plymouth.enable=0): no daemon, the console agent asked,
+    # nothing went to a splash; the proof on the console as before.
+    ply = result["plymouth"]
+    assert not ply["running"] and not ply["requests"], ply
+    assert "ActiveState=active" in ply["console_agent"], ply
+    assert "ActiveState=active" not in ply["plymouth_agent"], ply
     # Timing: the unit's start to the container open, without the typing.
     typing = typed_at - prompt_at
     overhead = _unit_overhead(result, float(final.group(1)))
@@ -407,6 +438,7 @@ def test_boot_proof_passphrase_dm_crypt_cap_root_handover(machine: Machine) -> N
         same_seen_on_the_host_s=round(on_host, 3),
         interpreter_and_imports_s=round(overhead, 3),
         typing_excluded_s=round(typing, 3),
+        one_message_s=round(_message_gap(console), 3),
         sequence=final.group(2),
     )
     print(f"boot 1: unit start -> container open {to_open:.2f} s (interpreter start and "
@@ -414,18 +446,41 @@ def test_boot_proof_passphrase_dm_crypt_cap_root_handover(machine: Machine) -> N
           f"{on_host:.2f} s)")  # fmt: skip
 
 
-def test_wrong_passphrase_then_recovery_key(machine: Machine) -> None:
+def _assert_through_plymouth(result: dict[str, Any], console: SerialConsole) -> list[str]:
+    """Plymouth ran, our messages reached it through its client, and every password request
+    came from systemd's Plymouth agent (the console agent did not run)."""
+    ply = result["plymouth"]
+    assert ply["running"], ply
+    assert "ActiveState=active" in ply["plymouth_agent"], ply
+    assert "ActiveState=active" not in ply["console_agent"], ply
+    requests: list[str] = ply["requests"]
+    messages = [
+        r for r in requests if r.startswith("show message: ") and "plymouth display-message" in r
+    ]
+    assert messages, requests
+    asked = [r for r in requests if r.startswith("password: ")]
+    assert asked and all("ask-password-agent" in r for r in asked), requests
+    assert "(press TAB for no echo)" not in console.text  # systemd's console agent
+    return requests
+
+
+def test_wrong_passphrase_then_recovery_key_through_plymouth(machine: Machine) -> None:
+    """Boot 2, under Plymouth (details plugin on the serial console): the proof, the refusal
+    with its reason and both prompts on the splash, the answers through the Plymouth agent."""
     rkey = machine.rk.read_text().strip()
-    with machine.vm("boot2") as (console, deadline):
-        console.expect(STAMP + r"proof of a clean boot \(your text\): " + re.escape(PROOF),
-                       deadline, what="the proof")  # fmt: skip
-        console.prompt("qubes-seal passphrase:", deadline)
-        console.type(WRONG + "\n")
+    with machine.vm("boot2", plymouth=True) as (console, deadline):
+        # Plymouth draws our message at a line's start (the console's copy has the stamp).
+        console.expect(r"(?m)^proof of a clean boot \(your text\): " + re.escape(PROOF)
+                       + r"\nIf this is not the proof you set up", deadline,
+                       what="the proof on the splash")  # fmt: skip
+        console.splash_prompt("qubes-seal passphrase:", deadline)
+        console.type(WRONG + "\r")
         console.expect(STAMP + r"wrong passphrase \(attempt 1 of 1\)", deadline,
                        what="the refusal")  # fmt: skip
-        console.expect(STAMP + r"Enter the recovery key", deadline, what="the recovery advice")
-        console.prompt("qubes-seal recovery key:", deadline)
-        console.type(rkey + "\n")
+        console.expect(r"(?m)^REFUSED: (.*)\nEnter the recovery key", deadline,
+                       what="the refusal and the recovery advice on the splash")  # fmt: skip
+        console.splash_prompt("qubes-seal recovery key:", deadline)
+        console.type(rkey + "\r")
         console.expect(STAMP + r"container open with the recovery key", deadline,
                        what="container open")  # fmt: skip
         final = console.expect(STAMP + r"RESULT: (.*)\n", deadline, what="the boot's RESULT")
@@ -434,7 +489,17 @@ def test_wrong_passphrase_then_recovery_key(machine: Machine) -> None:
     assert final.group(2).startswith("unlocked with the recovery key")
     assert result["handover"] and result["proc_keys_vk"]
     assert result["root_opened"] and result["root_key_file"], result
+    requests = _assert_through_plymouth(result, console)
+    assert len([r for r in requests if r.startswith("password: ")]) == 2  # both prompts
+    assert any(PROOF in r for r in requests)  # the proof in the client's argv: docs/BOOT.md
+    # ... and on the splash only: never on the console, whose lines Plymouth keeps in its
+    # boot log (boot 1, without Plymouth, has it on the console as before).
+    assert not re.search(STAMP + "proof of a clean boot", console.text)
+    assert WRONG not in console.text and rkey not in console.text  # never echoed
+    assert not any(WRONG in r or rkey in r for r in requests)  # nor in any argv
     machine.boots["boot2"]["sequence"] = final.group(2)
+    machine.boots["boot2"]["plymouth_requests"] = len(requests)
+    machine.boots["boot2"]["one_message_s"] = round(_message_gap(console), 3)
     # Recorded, not asserted: the recovery path does not cap PCR 13 (docs/VM-TEST.md).
     machine.boots["boot2"]["pcr13_after_recovery"] = result["pcr13"]
     machine.boots["boot2"]["unseal_after_recovery"] = result["unseal_after_boot"]
@@ -464,17 +529,22 @@ def test_rolled_back_header_is_refused(machine: Machine) -> None:
     Container(machine.container).import_token(current_token, token_id=token_id, replace=True)
 
     rkey = machine.rk.read_text().strip()
-    with machine.vm("boot3") as (console, deadline):
+    with machine.vm("boot3", plymouth=True) as (console, deadline):
         refused = console.expect(STAMP + r"REFUSED: (.*)\n", deadline, what="the refusal")
-        console.prompt("qubes-seal recovery key:", deadline)
         before_refusal = console.text[: refused.start()]
-        console.type(rkey + "\n")
+        # On the splash: the refusal with its reason, and the prompt (Plymouth's agent).
+        on_splash = console.expect(r"(?m)^REFUSED: (.*)\nEnter the recovery key", deadline,
+                                   what="the refusal on the splash")  # fmt: skip
+        console.splash_prompt("qubes-seal recovery key:", deadline)
+        console.type(rkey + "\r")
         final = console.expect(STAMP + r"RESULT: (.*)\n", deadline, what="the boot's RESULT")
         result = _vm_result(console, deadline)
     print("\nboot 3: REFUSED:", refused.group(2), "\n", final.group(2))
     # Refused before the passphrase was asked: the proof (PCR 13) could not be unsealed.
     assert "qubes-seal passphrase:" not in before_refusal
     assert "PCR 13 differs" in refused.group(2)
+    assert "measurements do not match" in on_splash.group(1)
+    _assert_through_plymouth(result, console)
     assert PROOF not in console.text
     assert final.group(2).startswith("unlocked with the recovery key")
     machine.boots["boot3"]["refused"] = refused.group(2)

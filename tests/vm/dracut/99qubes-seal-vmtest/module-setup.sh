@@ -7,7 +7,9 @@
 #   * a udev rule that records every device-mapper device with its table's owner (dm/uuid:
 #     CRYPT-LUKS2-... for a dm-crypt mapping made by cryptsetup) in /run/qubes-seal-vmtest/;
 #   * qubes-seal-vmtest.service: after cryptsetup.target, checks what the boot left behind,
-#     prints one "VMTEST RESULT {json}" line on the console and powers the VM off.
+#     prints one "VMTEST RESULT {json}" line on the console and powers the VM off;
+#   * with dracut's plymouth module: plymouthd started with its debug log in /run (a drop-in
+#     for plymouth-start.service), where the check reads which client asked what.
 # The boot configuration comes from 90qubes-seal itself (QUBES_SEAL_BOOT_CONFIG at build time).
 
 check() {
@@ -29,4 +31,9 @@ install() {
     inst_multiple sh mkdir sync
     inst_simple "$moddir/qubes-seal-vmtest.service" "$systemdsystemunitdir/qubes-seal-vmtest.service"
     $SYSTEMCTL -q --root "$initdir" add-wants initrd.target qubes-seal-vmtest.service
+    # Plymouth in the image (test_vm.py's boots 2 and 3): its debug log, for the check unit.
+    if dracut_module_included "plymouth"; then
+        inst_simple "$moddir/plymouth-debug.conf" \
+            "$systemdsystemunitdir/plymouth-start.service.d/qubes-seal-vmtest-debug.conf"
+    fi
 }

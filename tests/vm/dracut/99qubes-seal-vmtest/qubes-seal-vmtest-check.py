@@ -8,6 +8,8 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +17,7 @@ import tomllib
 from pathlib import Path
 
 CONSOLE = "/dev/console"
+PLYMOUTH_DEBUG = Path("/run/plymouth-debug.log")  # plymouth-debug.conf (plymouthd --debug-file)
 
 
 def say(text):
@@ -35,6 +38,34 @@ def show(unit, props):
     """{property: value} from ``systemctl show``."""
     out = subprocess.run(["systemctl", "show", "-p", props, unit], capture_output=True, text=True)
     return dict(line.partition("=")[::2] for line in out.stdout.split())
+
+
+def plymouth():
+    """Did Plymouth run, who answered the password requests, what reached it: each request
+    in its debug log as "KIND: CLIENT'S COMMAND LINE" (the log names the client's argv)."""
+    res = {"running": Path("/run/plymouth/pid").exists()}
+    for agent in ("plymouth", "console"):
+        unit = show(f"systemd-ask-password-{agent}.service", "ActiveState,Result")
+        res[f"{agent}_agent"] = " ".join(f"{k}={v}" for k, v in sorted(unit.items()))
+    # plymouthd writes its debug log as it quits: stop it (SIGTERM, as systemd does).
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(Path("/run/plymouth/pid").read_text().split()[0])
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    requests, client = [], "?"
+    text = PLYMOUTH_DEBUG.read_text("utf-8", "replace") if PLYMOUTH_DEBUG.exists() else ""
+    for line in text.splitlines():
+        m = re.search(r"connection is from pid \d+ \((.*)", line)
+        if m:
+            client = m.group(1)[:300]
+            continue
+        m = re.search(r": got (.*) request$", line)
+        if m:
+            requests.append(f"{m.group(1)}: {client}")
+    res["requests"] = requests
+    return res
 
 
 def check():
@@ -80,6 +111,7 @@ def check():
     # The hand-over to the key service: root's user keyring.
     res["handover"] = handover.get(container.uuid) is not None
     res["proc_keys_vk"] = "qubes-seal:vk:" in Path("/proc/keys").read_text()
+    res["plymouth"] = plymouth()
     # PCR 13: capped (header digest, then the separator)?
     pcr = bytes.fromhex(Path("/sys/class/tpm/tpm0/pcr-sha256/13").read_text().strip())
     header = chain.pcr13_after_extend(header_digest(container.path))
