@@ -20,9 +20,7 @@ import gc
 import os
 import shutil
 import subprocess
-import sys
 import time
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,17 +32,12 @@ from test_service import Daemon
 
 from qubes_seal.secret import Secret
 from qubes_seal.service import client
+from qubes_seal.sim import qubesd
 
-ROOT = Path(__file__).resolve().parent.parent
-VENDOR = Path(
-    os.environ.get("QUBES_CORE_ADMIN", ROOT.parent / "shared" / "vendor" / "qubes-core-admin")
-)
-if not (VENDOR / "qubes" / "storage" / "__init__.py").exists():
-    pytest.skip(f"qubes-core-admin is not at {VENDOR} (QUBES_CORE_ADMIN)", allow_module_level=True)
-for extra in (VENDOR / "test-packages", VENDOR):
-    if str(extra) not in sys.path:
-        sys.path.insert(0, str(extra))
-pytest.importorskip("lxml", reason="qubes-core-admin needs lxml (pip install '.[test]')")
+ROOT = qubesd.ROOT
+if qubesd.missing():
+    pytest.skip(qubesd.missing(), allow_module_level=True)
+qubesd.add_vendor_path()
 
 import qubes  # noqa: E402
 import qubes.config  # noqa: E402
@@ -54,28 +47,12 @@ import qubes.storage  # noqa: E402
 from qubes_seal.qubes_pool import EncryptedPool, PoolError  # noqa: E402
 from qubes_seal.qubes_pool import pool as pool_mod  # noqa: E402
 
-#: qubes-core-admin's own entry points (its setup.py) that these tests need, and ours
-VENDOR_ENTRY_POINTS = """\
-[qubes.vm]
-AppVM = qubes.vm.appvm:AppVM
-TemplateVM = qubes.vm.templatevm:TemplateVM
-StandaloneVM = qubes.vm.standalonevm:StandaloneVM
-AdminVM = qubes.vm.adminvm:AdminVM
-DispVM = qubes.vm.dispvm:DispVM
-
-[qubes.storage]
-file = qubes.storage.file:FilePool
-file-reflink = qubes.storage.reflink:ReflinkPool
-linux-kernel = qubes.storage.kernels:LinuxKernel
-callback = qubes.storage.callback:CallbackPool
-"""
-
 POOL_CONFIG = """\
 [storage-domains]
 sys-storage = ["personal"]
 
 [dom0-storage]
-domains = ["tpl", "work", "other"]
+domains = ["tpl", "work", "other", "clone", "plain", "back"]
 
 [service]
 request-timeout = 1.0
@@ -84,30 +61,18 @@ request-timeout = 1.0
 
 def ours_from_pyproject() -> str:
     """Our ``qubes.storage`` entry point, as pyproject.toml declares it."""
-    doc = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    points = doc["project"]["entry-points"]["qubes.storage"]
+    points = qubesd.ours_from_pyproject()
     assert points == {"qubes_seal": "qubes_seal.qubes_pool:EncryptedPool"}
     return "".join(f"{k} = {v}\n" for k, v in points.items())
 
 
 @pytest.fixture
 def entry_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An installed distribution's metadata: qubesd finds drivers with importlib.metadata."""
-    dist = tmp_path / "ep" / "qubes_test_install-4.3.50.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: qubes-test-install\n"
-                                   "Version: 4.3.50\n")  # fmt: skip
-    # Ours comes from our own installed metadata when the package was installed after the
-    # entry point was declared (a fresh 'scripts/setup'); else from pyproject.toml, here.
-    import importlib.metadata
-
-    installed = importlib.metadata.entry_points(group="qubes.storage", name="qubes_seal")
-    ours = ours_from_pyproject()  # checks pyproject.toml's declaration either way
-    (dist / "entry_points.txt").write_text(VENDOR_ENTRY_POINTS + ("" if installed else ours))
-    monkeypatch.syspath_prepend(str(tmp_path / "ep"))
-    monkeypatch.setattr(qubes.config, "qubes_base_dir", str(tmp_path / "qubes-base"))
-    monkeypatch.setattr(qubes.storage, "VOLUME_STATE_DIR", str(tmp_path / "state") + "/")
-    (tmp_path / "state").mkdir()
+    """qubesd's entry points (ours from pyproject.toml or our installed metadata) and its
+    state directories in this test's directory (tests/ and the VM check share the code)."""
+    ours_from_pyproject()
+    qubesd.setup(tmp_path, set_attr=monkeypatch.setattr,
+                 prepend_path=monkeypatch.syspath_prepend)  # fmt: skip
 
 
 @pytest.fixture
@@ -122,20 +87,8 @@ def keyd(box: Box, tmp_path: Path) -> Iterator[Daemon]:
     d.stop()
 
 
-def new_app(tmp_path: Path) -> Any:
-    app = qubes.Qubes(str(tmp_path / "qubes.xml"), load=False, offline_mode=True)
-    app.load_initial_values()
-    return app
-
-
-async def add_pools(app: Any, tmp_path: Path, sock: Path, **options: str) -> Any:
-    # exactly what `qvm-pool add` does (admin.pool.Add -> app.add_pool): strings only
-    await app.add_pool("inner", driver="file-reflink", dir_path=str(tmp_path / "inner"),
-                       setup_check="False")  # fmt: skip
-    await app.add_pool("vault", driver="qubes_seal", inner_pool="inner", key_socket=str(sock),
-                       **options)  # fmt: skip
-    app.default_pool = "vault"
-    return app.pools["vault"]
+new_app = qubesd.new_app
+add_pools = qubesd.add_pools
 
 
 def run(coro: Any) -> Any:
@@ -449,5 +402,128 @@ def test_start_maps_the_volume(tmp_path: Path, entry_points: None, keyd: Daemon)
         finally:
             await vol.stop()
         assert not os.path.exists(vol.mapping_path)
+
+    run(go())
+
+
+def sha(path: str | Path, start: int = 0, size: int = 32 << 20) -> str:
+    """The digest of ``size`` bytes from ``start`` (the header and the start of the data)."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        f.seek(start)
+        return hashlib.sha256(f.read(size)).hexdigest()
+
+
+def leftovers(tmp_path: Path) -> list[str]:
+    """Files in the inner pool that an import or export left behind."""
+    return sorted(p.name for p in (tmp_path / "inner").rglob("*") if "import" in p.name)
+
+
+def test_data_paths_up_to_the_mapping(tmp_path: Path, entry_points: None, keyd: Daemon) -> None:
+    """export, import_data/import_data_end and import_volume (qvm-clone, -P) in qubesd's
+    order, over a real inner pool: everything up to ``cryptsetup open`` happens here (the
+    header, the keys, the inner pool's calls); the mapping itself is the VM's (pool_check)."""
+    app = new_app(tmp_path)
+    no_dm = bool(can_map(tmp_path))
+
+    async def go() -> None:
+        await add_pools(app, tmp_path, keyd.socket)
+        tpl = app.add_new_vm("TemplateVM", name="tpl", label="red", kernel=None)
+        os.makedirs(tpl.dir_path)
+        await tpl.storage.create()
+        private = tpl.volumes["private"]
+        tpl_key = key_of(keyd, tpl)
+        clean = inner_file(private)
+
+        # export (qvm-backup: Storage.export, then export_end) of a volume never written
+        # since create: zeros, as a plain pool gives, from a sparse file removed at the end
+        path = await tpl.storage.export("private")
+        assert not path.startswith("/dev/mapper/")
+        assert os.path.getsize(path) == private.size and os.stat(path).st_blocks == 0
+        await tpl.storage.export_end("private", path)
+        assert not os.path.exists(path) and not private._exports
+        with pytest.raises(qubes.exc.StoragePoolException, match="not an export"):
+            await private.export_end(path)
+        with pytest.raises(NotImplementedError):  # a snapshot holds nothing of its own
+            await tpl.volumes["volatile"].export()
+
+        # once started, the volume's plaintext is only reachable through a mapping: export
+        # asks for one (here: refused with cryptsetup's reason, nothing left behind)
+        before = sha(clean)
+        assert (await pool_mod.cryptsetup("config", "--subsystem", "", "--", clean))[0] == 0
+        if no_dm:
+            with pytest.raises(qubes.exc.StoragePoolException, match="cryptsetup open failed"):
+                await tpl.storage.export("private")
+            assert not private._exports
+
+        # import_data (restore, qvm-volume import): a new LUKS2 volume with the qube's key in
+        # the inner pool's import file, then the mapping; without one, import_data_end's
+        # discard leaves the committed image as it was
+        before = sha(clean)
+        if no_dm:
+            seen: list[str] = []
+            real = private.inner.import_data_end
+
+            async def spy(success: bool) -> Any:
+                seen.append(f"inner import_data_end({success})")
+                return await qubes.utils.coro_maybe(real(success))
+
+            private.inner.import_data_end = spy
+            with pytest.raises(qubes.exc.StoragePoolException, match="cryptsetup open failed"):
+                await tpl.storage.import_data("private", 64 << 20)
+            assert seen == ["inner import_data_end(False)"]
+            del private.inner.import_data_end
+            # the end qubesd always calls after a failed begin: nothing to commit
+            await tpl.storage.import_data_end("private", False)
+            with pytest.raises(qubes.exc.StoragePoolException, match="no import"):
+                await tpl.storage.import_data_end("private", True)
+        assert sha(clean) == before and leftovers(tmp_path) == []
+        assert opens(clean, tpl_key)
+        for bad in (0, -1):
+            with pytest.raises(qubes.exc.StoragePoolException, match="cannot import"):
+                await private.import_data(bad)
+        with pytest.raises(NotImplementedError):
+            await tpl.volumes["volatile"].import_data(1 << 20)
+
+        # qvm-clone into the pool (admin.vm.volume.CloneTo -> Storage.import_volume): the
+        # clone is created first with its own key, then the data copied through mappings
+        clone = app.add_new_vm("TemplateVM", name="clone", label="red", kernel=None)
+        os.makedirs(clone.dir_path)
+        await clone.storage.create()
+        clone_key = key_of(keyd, clone)
+        assert clone_key != tpl_key
+        dst = clone.volumes["private"]
+        dst_clean = inner_file(dst)
+        if no_dm:
+            with pytest.raises(qubes.exc.StoragePoolException, match="cryptsetup open failed"):
+                await clone.storage.import_volume(dst, private)
+        # the clone's volume opens with its own key only, never the source's
+        assert opens(dst_clean, clone_key) and not opens(dst_clean, tpl_key)
+        assert leftovers(tmp_path) == [] and not private._exports
+        # a volatile or snapshot volume holds nothing to copy: the same volume back
+        vol = clone.volumes["volatile"]
+        assert await vol.import_volume(tpl.volumes["volatile"]) is vol
+
+        # qvm-clone -P vault of a qube of a plain pool: its plaintext never lands in the
+        # clear in the encrypted pool (the copy goes through the mapping only)
+        plain = app.add_new_vm("TemplateVM", name="plain", label="red", kernel=None,
+                               volume_config={"private": {"pool": "inner"}})  # fmt: skip
+        os.makedirs(plain.dir_path)
+        await plain.storage.create()
+        secret = b"PLAINTEXT-OF-A-QUBE-" * 64
+        with open(plain.volumes["private"]._path_clean, "r+b") as f:
+            f.write(secret)
+        moved = app.add_new_vm("TemplateVM", name="back", label="red", kernel=None)
+        os.makedirs(moved.dir_path)
+        await moved.storage.create()
+        if no_dm:
+            with pytest.raises(qubes.exc.StoragePoolException, match="cryptsetup open failed"):
+                await moved.storage.import_volume(moved.volumes["private"],
+                                                  plain.volumes["private"])  # fmt: skip
+        for f in (tmp_path / "inner").rglob("*"):
+            if f.is_file() and "plain" not in f.parts:
+                with open(f, "rb") as img:
+                    assert secret[:40] not in img.read(64 << 20), f
 
     run(go())
