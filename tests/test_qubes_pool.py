@@ -20,6 +20,7 @@ import gc
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -527,3 +528,107 @@ def test_data_paths_up_to_the_mapping(tmp_path: Path, entry_points: None, keyd: 
                     assert secret[:40] not in img.read(64 << 20), f
 
     run(go())
+
+
+def rekey_cmd(
+    d: Daemon, vm: Any, *volumes: str, crash_at: str = ""
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUBES_SEAL_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *sys.path])
+    if crash_at:
+        env["QUBES_SEAL_CRASH_AT"] = crash_at
+    args = [a for v in volumes for a in ("--volume", v)]
+    return subprocess.run(
+        [sys.executable, "-m", "qubes_seal.qubes_pool", "rekey", vm.name, "--uuid",
+         str(vm.uuid), "--socket", str(d.socket), *args],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+
+
+def test_domain_rotation_rekeys_pool_volumes(
+    tmp_path: Path, entry_points: None, keyd: Daemon, box: Box
+) -> None:
+    """``qubes-seal domain rotate`` on a pool qube: each origin volume gets a keyslot for the
+    new key and loses the old one (at the qube's next start, or with ``python -m
+    qubes_seal.qubes_pool rekey`` for a halted qube); the data area is never touched; a
+    re-key killed between the add and the kill leaves a volume that opens with either key,
+    and running it again completes it; after ``--commit`` the old key opens nothing."""
+    app = new_app(tmp_path)
+
+    async def go() -> None:
+        await add_pools(app, tmp_path, keyd.socket)
+        tpl = app.add_new_vm("TemplateVM", name="tpl", label="red", kernel=None)
+        os.makedirs(tpl.dir_path)
+        await tpl.storage.create()
+        old_key = key_of(keyd, tpl)
+        private, root = inner_file(tpl.volumes["private"]), inner_file(tpl.volumes["root"])
+        data = {p: sha(p, pool_mod.HEADER_BYTES) for p in (private, root)}
+
+        # no rotation pending: nothing to do
+        res = rekey_cmd(keyd, tpl, private)
+        assert res.returncode == 0 and "nothing to do" in res.stdout, res.stdout + res.stderr
+
+        keyd.stop()  # 'domain rotate' goes through the keystore itself
+        assert box.cli("domain", "rotate", "tpl", "--uuid", str(tpl.uuid)).code == 0
+        keyd.start()
+        new_key = key_of(keyd, tpl)
+        assert new_key != old_key
+        await tpl.storage.verify()  # still starts: the previous key is served meanwhile
+
+        # a halted qube's volume, the re-key killed between luksAddKey and luksKillSlot
+        res = rekey_cmd(keyd, tpl, private, crash_at="pool-rekey-added")
+        assert res.returncode == -9, res.stdout + res.stderr
+        assert opens(private, old_key) and opens(private, new_key)
+        res = rekey_cmd(keyd, tpl, private)  # run again: completes
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "re-keyed" in res.stdout and "--commit" in res.stdout
+        assert opens(private, new_key) and not opens(private, old_key)
+        res = rekey_cmd(keyd, tpl, private)
+        assert res.returncode == 0 and "nothing to do" in res.stdout
+
+        # the other volume at the qube's next start: the driver re-keys before it opens
+        vol = tpl.volumes["root"]
+        if can_map(tmp_path):
+            with pytest.raises(qubes.exc.StoragePoolException, match="cryptsetup open"):
+                await vol.start()  # re-keyed, then the mapping refused here (no dm)
+            await vol.stop()  # qubesd stops what failed to start: the inner pool commits
+        else:
+            await vol.start()
+            await vol.stop()
+        assert opens(root, new_key) and not opens(root, old_key)
+        await vol._check_ours(root)  # two keyslots on the way, one at the end: still ours
+        for p in (private, root):  # keyslots only: no byte of the data area changed
+            assert sha(p, pool_mod.HEADER_BYTES) == data[p]
+
+        keyd.stop()
+        assert box.cli("domain", "rotate", "tpl", "--uuid", str(tpl.uuid), "--commit").code == 0
+        keyd.start()
+        await tpl.storage.verify()
+        assert key_of(keyd, tpl) == new_key
+        with pytest.raises(client.ServiceRefused):
+            client.get_key_info(keyd.socket, "tpl", caller="dom0", qube_uuid=str(tpl.uuid),
+                                which="previous")  # fmt: skip
+
+    run(go())
+
+
+def test_rekey_refusals(tmp_path: Path) -> None:
+    """The re-key never kills the last keyslot, nor one it cannot prove is the previous
+    key's; a volume neither key opens is refused with the reason."""
+    img = tmp_path / "v.img"
+    with open(img, "wb") as f:
+        f.truncate(24 << 20)
+    a, b, c = (Secret.random(64) for _ in range(3))
+    made = cryptsetup("luksFormat", "--batch-mode", "--type", "luks2", *pool_mod.PBKDF,
+                      "--key-file=-", "--keyfile-size=64", str(img), key=a.reveal())  # fmt: skip
+    assert made.returncode == 0
+
+    async def go() -> None:
+        with pytest.raises(PoolError, match="neither the current nor the previous key"):
+            await pool_mod.rekey_path(str(img), previous=b, current=c, where="t")
+        assert await pool_mod.rekey_path(str(img), previous=a, current=b, where="t") is True
+        assert opens(str(img), b.reveal()) and not opens(str(img), a.reveal())
+        assert await pool_mod.rekey_path(str(img), previous=a, current=b, where="t") is False
+        assert await pool_mod.slot_of(str(img), c) is None
+
+    asyncio.run(go())
