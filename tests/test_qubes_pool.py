@@ -53,7 +53,7 @@ POOL_CONFIG = """\
 sys-storage = ["personal"]
 
 [dom0-storage]
-domains = ["tpl", "work", "other", "clone", "plain", "back"]
+domains = ["tpl", "work", "other", "clone", "plain", "back", "vault-test", "vault-test-clone"]
 
 [service]
 request-timeout = 1.0
@@ -632,3 +632,32 @@ def test_rekey_refusals(tmp_path: Path) -> None:
         assert await pool_mod.slot_of(str(img), c) is None
 
     asyncio.run(go())
+
+
+def test_vm_pool_check_dry_run(tmp_path: Path, keyd: Daemon) -> None:
+    """tests/vm/dom0/pool_check.py (the VM's proof on real dm-crypt) run here up to
+    ``cryptsetup open``: the script itself cannot rot, and its one line parses."""
+    import json
+
+    script = ROOT / "tests" / "vm" / "dom0" / "pool_check.py"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUBES_SEAL_")}
+    env["PYTHONPATH"] = str(ROOT)
+    res = subprocess.run(
+        [sys.executable, str(script), "--config", str(keyd.config), "--workdir",
+         str(tmp_path / "check"), "--socket", str(keyd.socket), "--dry-run"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("[vmcheck] pool ")]
+    assert len(lines) == 1, res.stdout + res.stderr
+    doc = json.loads(lines[0].removeprefix("[vmcheck] pool "))
+    assert doc["ok"] is True and res.returncode == 0, doc
+    for fact in ("key_in_keystore", "header_ours", "opened_by_its_key",
+                 "export_new_volume_zeros", "key_destroyed"):  # fmt: skip
+        assert doc[fact] is True, (fact, doc)
+    assert "no qubes-seal key" in doc["start_refused_after_remove"]
+    t = doc["timings"]
+    print(
+        f"pool_check --dry-run: key request {t['key_request_ms']} ms + keyslot unlock "
+        f"{t['keyslot_unlock_ms']} ms; inner start alone {t['inner_start_ms']} ms"
+    )
+    assert t["key_request_ms"] > 0 and t["keyslot_unlock_ms"] > 0
