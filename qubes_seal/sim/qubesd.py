@@ -51,9 +51,9 @@ def missing() -> str:
     vendor = vendor_dir()
     if not (vendor / "qubes" / "storage" / "__init__.py").exists():
         return f"qubes-core-admin is not at {vendor} (QUBES_CORE_ADMIN)"
-    try:
-        import lxml  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("lxml") is None:
         return "qubes-core-admin needs lxml (pip install '.[test]')"
     return ""
 
