@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import os
 import re
 import stat
@@ -550,22 +549,25 @@ class EncryptedVolume(qubes.storage.Volume):  # type: ignore[misc]
 
     # -- cryptsetup --------------------------------------------------------------------------
 
-    async def _check_ours(self, path: str) -> None:
-        code, out, err = await cryptsetup("luksDump", "--dump-json-metadata", "--", path)
+    async def _check_ours(self, path: str) -> bool:
+        """Refuse a header qubes-seal did not write (read in this process, both copies and
+        their checksums verified: no cryptsetup process before the key is asked for); True
+        when the volume was never written since ``create`` (:data:`FRESH`)."""
+        from ..luks.header import read_header
+
         where = f"{self.qube}:{self.name} ({path})"
-        if code != 0:
-            raise PoolError(
-                f"{where}: not a LUKS2 volume: refusing to use it in the clear "
-                f"({err.strip() or 'cryptsetup luksDump failed'})",
-                hint="an inner volume of this pool must hold a LUKS2 volume made by qubes-seal",
-            )
         try:
-            metadata = json.loads(out)
-        except ValueError:
-            raise PoolError(f"{where}: unreadable LUKS2 metadata") from None
+            header = await asyncio.to_thread(read_header, Path(path))
+        except QubesSealError as exc:
+            raise PoolError(
+                f"{where}: not a LUKS2 volume: refusing to use it in the clear ({exc.message})",
+                hint="an inner volume of this pool must hold a LUKS2 volume made by qubes-seal",
+            ) from None
+        metadata = header.metadata
         if not isinstance(metadata, dict):
             raise PoolError(f"{where}: unreadable LUKS2 metadata")
         check_header(metadata, where)
+        return bool(header.primary.subsystem == FRESH)
 
     async def _format(self, path: str, key: Secret, *, fresh: bool = True) -> None:
         """A new LUKS2 volume (a new random volume key) at ``path``, its keyslot opened by
@@ -581,15 +583,6 @@ class EncryptedVolume(qubes.storage.Volume):  # type: ignore[misc]
         )  # fmt: skip
         if code != 0:
             raise PoolError(f"{self.qube}:{self.name}: luksFormat failed: {err.strip()}")
-
-    async def _is_fresh(self, path: str) -> bool:
-        from ..luks.header import read_header
-
-        try:
-            header = await asyncio.to_thread(read_header, Path(path))
-        except QubesSealError as exc:
-            raise PoolError(f"{self.qube}:{self.name}: {exc.message}") from None
-        return bool(header.primary.subsystem == FRESH)
 
     async def _zero_start(self, mapped: str) -> None:
         """Zeros over the first ZERO_BYTES of the plaintext (through the mapping)."""
@@ -688,14 +681,14 @@ class EncryptedVolume(qubes.storage.Volume):  # type: ignore[misc]
         if self.volatile:
             return self
         path = self.inner.block_device().path
-        await self._check_ours(path)
+        fresh = await self._check_ours(path)
         key = await self._opening_key(path)
         try:
             await self._close_mapping()  # a stale mapping of an unclean stop
             await self._open(path, self.mapping, key, readonly=not self.rw)
         finally:
             key.wipe()
-        if self.rw and await self._is_fresh(path):
+        if self.rw and fresh:
             # never written since create: the qube must see an empty volume, not the
             # decryption of the inner pool's zeros (Qubes formats an all-zero private)
             try:
@@ -814,8 +807,7 @@ class EncryptedVolume(qubes.storage.Volume):  # type: ignore[misc]
             raise NotImplementedError(f"Cannot export: {self.vid} is not save_on_stop")
         inner_path = await qubes.utils.coro_maybe(self.inner.export())
         try:
-            await self._check_ours(inner_path)
-            if await self._is_fresh(inner_path):
+            if await self._check_ours(inner_path):
                 import tempfile
 
                 fd, zero = tempfile.mkstemp(prefix="qubes-seal-export-", suffix=".img")
