@@ -8,8 +8,8 @@ directory and creates a TemplateVM there.  Then ``--runs`` times, interleaved, p
 
 * **inner pool start alone**: the file-reflink volume's ``start()`` (its ``stop()`` untimed):
   what a start costs without us;
-* what the driver adds before the mapping, each timed apart: the **header check**
-  (``cryptsetup luksDump --dump-json-metadata``, refusing a header we did not write), the
+* what the driver adds before the mapping, each timed apart: the **header check** (both
+  LUKS2 header copies read and verified in-process, refusing a header we did not write), the
   **key request** (the daemon's socket, caller ``dom0``) and the **keyslot unlock**
   (``cryptsetup open --test-passphrase``, the key on stdin: the keyslot's PBKDF2, 1000
   iterations, as ``cryptsetup open`` runs it before it maps);
@@ -198,7 +198,7 @@ def main() -> int:
         return 0
     rows = [
         ("inner pool start alone (file-reflink)", doc["inner_start"], "without qubes_seal"),
-        ("+ header check (luksDump, ours?)", doc["header_check"], "refuses a header not ours"),
+        ("+ header check (in-process)", doc["header_check"], "refuses a header not ours"),
         ("+ key request (socket, dom0)", doc["key_request"], ""),
         ("+ keyslot unlock, PBKDF2 1000 (ours)", doc["keyslot_unlock_pbkdf2_1000"],
          "cryptsetup open --test-passphrase"),
