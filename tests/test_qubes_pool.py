@@ -661,3 +661,55 @@ def test_vm_pool_check_dry_run(tmp_path: Path, keyd: Daemon) -> None:
         f"{t['keyslot_unlock_ms']} ms; inner start alone {t['inner_start_ms']} ms"
     )
     assert t["key_request_ms"] > 0 and t["keyslot_unlock_ms"] > 0
+
+
+def test_data_path_attacks(tmp_path: Path, entry_points: None, keyd: Daemon) -> None:
+    """From the attacker's side: a header rewritten to ``cipher_null`` (the plaintext would
+    be read or written in the clear) is refused by export, as by start; an inner pool that
+    would import through a pipe (no place for a LUKS2 header: the data would pass in the
+    clear) is refused before anything is written; a clone's header is its own (another
+    volume key and keyslot), never a copy of the source's."""
+    app = new_app(tmp_path)
+
+    async def go() -> None:
+        await add_pools(app, tmp_path, keyd.socket)
+        tpl = app.add_new_vm("TemplateVM", name="tpl", label="red", kernel=None)
+        os.makedirs(tpl.dir_path)
+        await tpl.storage.create()
+        private = tpl.volumes["private"]
+        clean = inner_file(private)
+
+        def null_segment(meta: dict[str, Any]) -> dict[str, Any]:
+            meta["segments"]["0"]["encryption"] = "cipher_null-ecb"
+            return meta
+
+        original = Path(clean).read_bytes()[: pool_mod.HEADER_BYTES]
+        rewrite_metadata(Path(clean), null_segment)
+        with pytest.raises(qubes.exc.StoragePoolException, match="not one qubes-seal writes"):
+            await tpl.storage.export("private")
+        assert not private._exports
+        with open(clean, "r+b") as f:
+            f.write(original)
+
+        # an inner pool importing through a pipe
+        before = sha(clean)
+        fifo = tmp_path / "import.fifo"
+        os.mkfifo(fifo)
+        private.inner.import_data = lambda size: str(fifo)
+        with pytest.raises(qubes.exc.StoragePoolException, match="no file or block device"):
+            await tpl.storage.import_data("private", 16 << 20)
+        del private.inner.import_data
+        assert private._importing is None and sha(clean) == before
+
+        # a clone's header: its own volume key digest and keyslot salt
+        clone = app.add_new_vm("TemplateVM", name="clone", label="red", kernel=None)
+        os.makedirs(clone.dir_path)
+        await clone.storage.create()
+        from qubes_seal.luks.header import read_header
+
+        src, dst = read_header(Path(clean)), read_header(Path(inner_file(clone.volumes["private"])))
+        assert src.uuid != dst.uuid
+        assert src.metadata["digests"] != dst.metadata["digests"]
+        assert src.keyslots[0]["kdf"]["salt"] != dst.keyslots[0]["kdf"]["salt"]
+
+    run(go())
