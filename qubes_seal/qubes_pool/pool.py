@@ -12,7 +12,13 @@ Volume kinds (``snap_on_start``, ``save_on_stop``), docs/QUBES-POOL.md:
   as qubesd expects from ``init_volume``).
 
 cryptsetup runs as an asyncio subprocess (qubesd's event loop keeps running); the key reaches
-it on its stdin (``--key-file=- --keyfile-size=64``), never argv, the environment or a file.
+it on its stdin (``--key-file=- --keyfile-size=64``) or, two keys at once, on pipes
+(``/dev/fd/N``), never argv, the environment or a file.
+
+Data paths (``export``, ``import_data``, ``import_volume``) go through a dm-crypt mapping
+only: the inner pool holds ciphertext, a clone gets its own key (decrypt-copy-encrypt).  A
+pending rotation of a qube's key (``qubes-seal domain rotate``) re-keys its origin volumes at
+their next start (:func:`rekey_path`, crash-safe).  docs/QUBES-POOL.md.
 """
 
 from __future__ import annotations
