@@ -568,12 +568,26 @@ def test_domain_rotation_rekeys_pool_volumes(
         res = rekey_cmd(keyd, tpl, private)
         assert res.returncode == 0 and "nothing to do" in res.stdout, res.stdout + res.stderr
 
+        work = app.add_new_vm("AppVM", name="work", label="red", template=tpl, kernel=None)
+        os.makedirs(work.dir_path)
+        await work.storage.create()
+
         keyd.stop()  # 'domain rotate' goes through the keystore itself
         assert box.cli("domain", "rotate", "tpl", "--uuid", str(tpl.uuid)).code == 0
         keyd.start()
         new_key = key_of(keyd, tpl)
         assert new_key != old_key
         await tpl.storage.verify()  # still starts: the previous key is served meanwhile
+
+        # an AppVM's root (a snapshot of the template's, not re-keyed yet) opens with the
+        # template's previous key meanwhile; the copy is thrown away at stop, never re-keyed
+        snap = work.volumes["root"]
+        await snap.inner.start()
+        copy = snap.inner.block_device().path
+        chosen = await snap._opening_key(copy)
+        assert chosen.reveal() == old_key and opens(copy, old_key) and not opens(copy, new_key)
+        chosen.wipe()
+        await snap.inner.stop()
 
         # a halted qube's volume, the re-key killed between luksAddKey and luksKillSlot
         res = rekey_cmd(keyd, tpl, private, crash_at="pool-rekey-added")
@@ -713,3 +727,22 @@ def test_data_path_attacks(tmp_path: Path, entry_points: None, keyd: Daemon) -> 
         assert src.keyslots[0]["kdf"]["salt"] != dst.keyslots[0]["kdf"]["salt"]
 
     run(go())
+
+
+@pytest.mark.slow
+def test_pool_benchmark_runs() -> None:
+    """benchmarks/pool.py (one command, its JSON): the figures docs/QUBES-POOL.md quotes."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUBES_SEAL_")}
+    env["PYTHONPATH"] = str(ROOT)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "pool.py"), "--runs", "3", "--peer-runs",
+         "1", "--json"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    doc = json.loads(res.stdout)
+    assert doc["sector_size"] == 4096 and doc["cipher"] == "aes-xts-plain64"
+    assert doc["added_per_volume"]["runs"] == 3
+    assert "not measurable" in doc["throughput"]
