@@ -709,11 +709,24 @@ class EncryptedVolume(qubes.storage.Volume):  # type: ignore[misc]
 
     @qubes.storage.Volume.locked  # type: ignore[untyped-decorator]
     async def stop(self) -> EncryptedVolume:
-        """Close the mapping (no key needed), then stop the inner volume; idempotent."""
+        """Close the mapping (no key needed), then stop the inner volume; idempotent.  Also
+        closes an export or import mapping an earlier qubesd left behind (a crash in the
+        middle of a backup or restore), never one in use now."""
         if not self.volatile:
             await self._close_mapping()
+            await self._close_stale()
         await qubes.utils.coro_maybe(self.inner.stop())
         return self
+
+    async def _close_stale(self) -> None:
+        active = {entry[0] for entry in self._exports.values()}
+        if self._importing is not None:
+            active.add(self._importing[0])
+        stale = [p.name for p in Path("/dev/mapper").glob(f"{self.mapping}-*")
+                 if p.name not in active
+                 and (p.name == f"{self.mapping}-import" or "-export-" in p.name)]  # fmt: skip
+        for name in stale:
+            await self._close(name)
 
     @qubes.storage.Volume.locked  # type: ignore[untyped-decorator]
     async def remove(self) -> EncryptedVolume:
@@ -826,6 +839,7 @@ class EncryptedVolume(qubes.storage.Volume):  # type: ignore[misc]
             name = f"{self.mapping}-export-{next(_EXPORTS)}"
             key = await self._opening_key_readonly(inner_path)
             try:
+                await self._close(name)  # left by an earlier qubesd (its numbering restarts)
                 await self._open(inner_path, name, key, readonly=True)
             finally:
                 key.wipe()
