@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,17 +33,12 @@ from test_service import Daemon
 
 from qubes_seal.secret import Secret
 from qubes_seal.service import client
+from qubes_seal.sim import qubesd
 
-ROOT = Path(__file__).resolve().parent.parent
-VENDOR = Path(
-    os.environ.get("QUBES_CORE_ADMIN", ROOT.parent / "shared" / "vendor" / "qubes-core-admin")
-)
-if not (VENDOR / "qubes" / "storage" / "__init__.py").exists():
-    pytest.skip(f"qubes-core-admin is not at {VENDOR} (QUBES_CORE_ADMIN)", allow_module_level=True)
-for extra in (VENDOR / "test-packages", VENDOR):
-    if str(extra) not in sys.path:
-        sys.path.insert(0, str(extra))
-pytest.importorskip("lxml", reason="qubes-core-admin needs lxml (pip install '.[test]')")
+ROOT = qubesd.ROOT
+if qubesd.missing():
+    pytest.skip(qubesd.missing(), allow_module_level=True)
+qubesd.add_vendor_path()
 
 import qubes  # noqa: E402
 import qubes.config  # noqa: E402
@@ -54,28 +48,12 @@ import qubes.storage  # noqa: E402
 from qubes_seal.qubes_pool import EncryptedPool, PoolError  # noqa: E402
 from qubes_seal.qubes_pool import pool as pool_mod  # noqa: E402
 
-#: qubes-core-admin's own entry points (its setup.py) that these tests need, and ours
-VENDOR_ENTRY_POINTS = """\
-[qubes.vm]
-AppVM = qubes.vm.appvm:AppVM
-TemplateVM = qubes.vm.templatevm:TemplateVM
-StandaloneVM = qubes.vm.standalonevm:StandaloneVM
-AdminVM = qubes.vm.adminvm:AdminVM
-DispVM = qubes.vm.dispvm:DispVM
-
-[qubes.storage]
-file = qubes.storage.file:FilePool
-file-reflink = qubes.storage.reflink:ReflinkPool
-linux-kernel = qubes.storage.kernels:LinuxKernel
-callback = qubes.storage.callback:CallbackPool
-"""
-
 POOL_CONFIG = """\
 [storage-domains]
 sys-storage = ["personal"]
 
 [dom0-storage]
-domains = ["tpl", "work", "other"]
+domains = ["tpl", "work", "other", "clone", "plain", "back", "vault-test", "vault-test-clone"]
 
 [service]
 request-timeout = 1.0
@@ -84,30 +62,18 @@ request-timeout = 1.0
 
 def ours_from_pyproject() -> str:
     """Our ``qubes.storage`` entry point, as pyproject.toml declares it."""
-    doc = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    points = doc["project"]["entry-points"]["qubes.storage"]
+    points = qubesd.ours_from_pyproject()
     assert points == {"qubes_seal": "qubes_seal.qubes_pool:EncryptedPool"}
     return "".join(f"{k} = {v}\n" for k, v in points.items())
 
 
 @pytest.fixture
 def entry_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An installed distribution's metadata: qubesd finds drivers with importlib.metadata."""
-    dist = tmp_path / "ep" / "qubes_test_install-4.3.50.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: qubes-test-install\n"
-                                   "Version: 4.3.50\n")  # fmt: skip
-    # Ours comes from our own installed metadata when the package was installed after the
-    # entry point was declared (a fresh 'scripts/setup'); else from pyproject.toml, here.
-    import importlib.metadata
-
-    installed = importlib.metadata.entry_points(group="qubes.storage", name="qubes_seal")
-    ours = ours_from_pyproject()  # checks pyproject.toml's declaration either way
-    (dist / "entry_points.txt").write_text(VENDOR_ENTRY_POINTS + ("" if installed else ours))
-    monkeypatch.syspath_prepend(str(tmp_path / "ep"))
-    monkeypatch.setattr(qubes.config, "qubes_base_dir", str(tmp_path / "qubes-base"))
-    monkeypatch.setattr(qubes.storage, "VOLUME_STATE_DIR", str(tmp_path / "state") + "/")
-    (tmp_path / "state").mkdir()
+    """qubesd's entry points (ours from pyproject.toml or our installed metadata) and its
+    state directories in this test's directory (tests/ and the VM check share the code)."""
+    ours_from_pyproject()
+    qubesd.setup(tmp_path, set_attr=monkeypatch.setattr,
+                 prepend_path=monkeypatch.syspath_prepend)  # fmt: skip
 
 
 @pytest.fixture
@@ -122,20 +88,8 @@ def keyd(box: Box, tmp_path: Path) -> Iterator[Daemon]:
     d.stop()
 
 
-def new_app(tmp_path: Path) -> Any:
-    app = qubes.Qubes(str(tmp_path / "qubes.xml"), load=False, offline_mode=True)
-    app.load_initial_values()
-    return app
-
-
-async def add_pools(app: Any, tmp_path: Path, sock: Path, **options: str) -> Any:
-    # exactly what `qvm-pool add` does (admin.pool.Add -> app.add_pool): strings only
-    await app.add_pool("inner", driver="file-reflink", dir_path=str(tmp_path / "inner"),
-                       setup_check="False")  # fmt: skip
-    await app.add_pool("vault", driver="qubes_seal", inner_pool="inner", key_socket=str(sock),
-                       **options)  # fmt: skip
-    app.default_pool = "vault"
-    return app.pools["vault"]
+new_app = qubesd.new_app
+add_pools = qubesd.add_pools
 
 
 def run(coro: Any) -> Any:
@@ -451,3 +405,344 @@ def test_start_maps_the_volume(tmp_path: Path, entry_points: None, keyd: Daemon)
         assert not os.path.exists(vol.mapping_path)
 
     run(go())
+
+
+def sha(path: str | Path, start: int = 0, size: int = 32 << 20) -> str:
+    """The digest of ``size`` bytes from ``start`` (the header and the start of the data)."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        f.seek(start)
+        return hashlib.sha256(f.read(size)).hexdigest()
+
+
+def leftovers(tmp_path: Path) -> list[str]:
+    """Files in the inner pool that an import or export left behind."""
+    return sorted(p.name for p in (tmp_path / "inner").rglob("*") if "import" in p.name)
+
+
+def test_data_paths_up_to_the_mapping(tmp_path: Path, entry_points: None, keyd: Daemon) -> None:
+    """export, import_data/import_data_end and import_volume (qvm-clone, -P) in qubesd's
+    order, over a real inner pool: everything up to ``cryptsetup open`` happens here (the
+    header, the keys, the inner pool's calls); the mapping itself is the VM's (pool_check)."""
+    app = new_app(tmp_path)
+    no_dm = bool(can_map(tmp_path))
+
+    async def go() -> None:
+        await add_pools(app, tmp_path, keyd.socket)
+        tpl = app.add_new_vm("TemplateVM", name="tpl", label="red", kernel=None)
+        os.makedirs(tpl.dir_path)
+        await tpl.storage.create()
+        private = tpl.volumes["private"]
+        tpl_key = key_of(keyd, tpl)
+        clean = inner_file(private)
+
+        # export (qvm-backup: Storage.export, then export_end) of a volume never written
+        # since create: zeros, as a plain pool gives, from a sparse file removed at the end
+        path = await tpl.storage.export("private")
+        assert not path.startswith("/dev/mapper/")
+        assert os.path.getsize(path) == private.size and os.stat(path).st_blocks == 0
+        await tpl.storage.export_end("private", path)
+        assert not os.path.exists(path) and not private._exports
+        with pytest.raises(qubes.exc.StoragePoolException, match="not an export"):
+            await private.export_end(path)
+        with pytest.raises(NotImplementedError):  # a snapshot holds nothing of its own
+            await tpl.volumes["volatile"].export()
+
+        # once started, the volume's plaintext is only reachable through a mapping: export
+        # asks for one (here: refused with cryptsetup's reason, nothing left behind)
+        before = sha(clean)
+        assert (await pool_mod.cryptsetup("config", "--subsystem", "", "--", clean))[0] == 0
+        if no_dm:
+            with pytest.raises(qubes.exc.StoragePoolException, match="cryptsetup open failed"):
+                await tpl.storage.export("private")
+            assert not private._exports
+
+        # import_data (restore, qvm-volume import): a new LUKS2 volume with the qube's key in
+        # the inner pool's import file, then the mapping; without one, import_data_end's
+        # discard leaves the committed image as it was
+        before = sha(clean)
+        if no_dm:
+            seen: list[str] = []
+            real = private.inner.import_data_end
+
+            async def spy(success: bool) -> Any:
+                seen.append(f"inner import_data_end({success})")
+                return await qubes.utils.coro_maybe(real(success))
+
+            private.inner.import_data_end = spy
+            with pytest.raises(qubes.exc.StoragePoolException, match="cryptsetup open failed"):
+                await tpl.storage.import_data("private", 64 << 20)
+            assert seen == ["inner import_data_end(False)"]
+            del private.inner.import_data_end
+            # the end qubesd always calls after a failed begin: nothing to commit
+            await tpl.storage.import_data_end("private", False)
+            with pytest.raises(qubes.exc.StoragePoolException, match="no import"):
+                await tpl.storage.import_data_end("private", True)
+        assert sha(clean) == before and leftovers(tmp_path) == []
+        assert opens(clean, tpl_key)
+        for bad in (0, -1):
+            with pytest.raises(qubes.exc.StoragePoolException, match="cannot import"):
+                await private.import_data(bad)
+        with pytest.raises(NotImplementedError):
+            await tpl.volumes["volatile"].import_data(1 << 20)
+
+        # qvm-clone into the pool (admin.vm.volume.CloneTo -> Storage.import_volume): the
+        # clone is created first with its own key, then the data copied through mappings
+        clone = app.add_new_vm("TemplateVM", name="clone", label="red", kernel=None)
+        os.makedirs(clone.dir_path)
+        await clone.storage.create()
+        clone_key = key_of(keyd, clone)
+        assert clone_key != tpl_key
+        dst = clone.volumes["private"]
+        dst_clean = inner_file(dst)
+        if no_dm:
+            with pytest.raises(qubes.exc.StoragePoolException, match="cryptsetup open failed"):
+                await clone.storage.import_volume(dst, private)
+        # the clone's volume opens with its own key only, never the source's
+        assert opens(dst_clean, clone_key) and not opens(dst_clean, tpl_key)
+        assert leftovers(tmp_path) == [] and not private._exports
+        # a volatile or snapshot volume holds nothing to copy: the same volume back
+        vol = clone.volumes["volatile"]
+        assert await vol.import_volume(tpl.volumes["volatile"]) is vol
+
+        # qvm-clone -P vault of a qube of a plain pool: its plaintext never lands in the
+        # clear in the encrypted pool (the copy goes through the mapping only)
+        plain = app.add_new_vm("TemplateVM", name="plain", label="red", kernel=None,
+                               volume_config={"private": {"pool": "inner"}})  # fmt: skip
+        os.makedirs(plain.dir_path)
+        await plain.storage.create()
+        secret = b"PLAINTEXT-OF-A-QUBE-" * 64
+        with open(plain.volumes["private"]._path_clean, "r+b") as f:
+            f.write(secret)
+        moved = app.add_new_vm("TemplateVM", name="back", label="red", kernel=None)
+        os.makedirs(moved.dir_path)
+        await moved.storage.create()
+        if no_dm:
+            with pytest.raises(qubes.exc.StoragePoolException, match="cryptsetup open failed"):
+                await moved.storage.import_volume(moved.volumes["private"],
+                                                  plain.volumes["private"])  # fmt: skip
+        for f in (tmp_path / "inner").rglob("*"):
+            if f.is_file() and "plain" not in f.parts:
+                with open(f, "rb") as img:
+                    assert secret[:40] not in img.read(64 << 20), f
+
+    run(go())
+
+
+def rekey_cmd(
+    d: Daemon, vm: Any, *volumes: str, crash_at: str = ""
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUBES_SEAL_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *sys.path])
+    if crash_at:
+        env["QUBES_SEAL_CRASH_AT"] = crash_at
+    args = [a for v in volumes for a in ("--volume", v)]
+    return subprocess.run(
+        [sys.executable, "-m", "qubes_seal.qubes_pool", "rekey", vm.name, "--uuid",
+         str(vm.uuid), "--socket", str(d.socket), *args],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+
+
+def test_domain_rotation_rekeys_pool_volumes(
+    tmp_path: Path, entry_points: None, keyd: Daemon, box: Box
+) -> None:
+    """``qubes-seal domain rotate`` on a pool qube: each origin volume gets a keyslot for the
+    new key and loses the old one (at the qube's next start, or with ``python -m
+    qubes_seal.qubes_pool rekey`` for a halted qube); the data area is never touched; a
+    re-key killed between the add and the kill leaves a volume that opens with either key,
+    and running it again completes it; after ``--commit`` the old key opens nothing."""
+    app = new_app(tmp_path)
+
+    async def go() -> None:
+        await add_pools(app, tmp_path, keyd.socket)
+        tpl = app.add_new_vm("TemplateVM", name="tpl", label="red", kernel=None)
+        os.makedirs(tpl.dir_path)
+        await tpl.storage.create()
+        old_key = key_of(keyd, tpl)
+        private, root = inner_file(tpl.volumes["private"]), inner_file(tpl.volumes["root"])
+        data = {p: sha(p, pool_mod.HEADER_BYTES) for p in (private, root)}
+
+        # no rotation pending: nothing to do
+        res = rekey_cmd(keyd, tpl, private)
+        assert res.returncode == 0 and "nothing to do" in res.stdout, res.stdout + res.stderr
+
+        work = app.add_new_vm("AppVM", name="work", label="red", template=tpl, kernel=None)
+        os.makedirs(work.dir_path)
+        await work.storage.create()
+
+        keyd.stop()  # 'domain rotate' goes through the keystore itself
+        assert box.cli("domain", "rotate", "tpl", "--uuid", str(tpl.uuid)).code == 0
+        keyd.start()
+        new_key = key_of(keyd, tpl)
+        assert new_key != old_key
+        await tpl.storage.verify()  # still starts: the previous key is served meanwhile
+
+        # an AppVM's root (a snapshot of the template's, not re-keyed yet) opens with the
+        # template's previous key meanwhile; the copy is thrown away at stop, never re-keyed
+        snap = work.volumes["root"]
+        await snap.inner.start()
+        copy = snap.inner.block_device().path
+        chosen = await snap._opening_key(copy)
+        assert chosen.reveal() == old_key and opens(copy, old_key) and not opens(copy, new_key)
+        chosen.wipe()
+        await snap.inner.stop()
+
+        # a halted qube's volume, the re-key killed between luksAddKey and luksKillSlot
+        res = rekey_cmd(keyd, tpl, private, crash_at="pool-rekey-added")
+        assert res.returncode == -9, res.stdout + res.stderr
+        assert opens(private, old_key) and opens(private, new_key)
+        res = rekey_cmd(keyd, tpl, private)  # run again: completes
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "re-keyed" in res.stdout and "--commit" in res.stdout
+        assert opens(private, new_key) and not opens(private, old_key)
+        res = rekey_cmd(keyd, tpl, private)
+        assert res.returncode == 0 and "nothing to do" in res.stdout
+
+        # the other volume at the qube's next start: the driver re-keys before it opens
+        vol = tpl.volumes["root"]
+        if can_map(tmp_path):
+            with pytest.raises(qubes.exc.StoragePoolException, match="cryptsetup open"):
+                await vol.start()  # re-keyed, then the mapping refused here (no dm)
+            await vol.stop()  # qubesd stops what failed to start: the inner pool commits
+        else:
+            await vol.start()
+            await vol.stop()
+        assert opens(root, new_key) and not opens(root, old_key)
+        await vol._check_ours(root)  # two keyslots on the way, one at the end: still ours
+        for p in (private, root):  # keyslots only: no byte of the data area changed
+            assert sha(p, pool_mod.HEADER_BYTES) == data[p]
+
+        keyd.stop()
+        assert box.cli("domain", "rotate", "tpl", "--uuid", str(tpl.uuid), "--commit").code == 0
+        keyd.start()
+        await tpl.storage.verify()
+        assert key_of(keyd, tpl) == new_key
+        with pytest.raises(client.ServiceRefused):
+            client.get_key_info(keyd.socket, "tpl", caller="dom0", qube_uuid=str(tpl.uuid),
+                                which="previous")  # fmt: skip
+
+    run(go())
+
+
+def test_rekey_refusals(tmp_path: Path) -> None:
+    """The re-key never kills the last keyslot, nor one it cannot prove is the previous
+    key's; a volume neither key opens is refused with the reason."""
+    img = tmp_path / "v.img"
+    with open(img, "wb") as f:
+        f.truncate(24 << 20)
+    a, b, c = (Secret.random(64) for _ in range(3))
+    made = cryptsetup("luksFormat", "--batch-mode", "--type", "luks2", *pool_mod.PBKDF,
+                      "--key-file=-", "--keyfile-size=64", str(img), key=a.reveal())  # fmt: skip
+    assert made.returncode == 0
+
+    async def go() -> None:
+        with pytest.raises(PoolError, match="neither the current nor the previous key"):
+            await pool_mod.rekey_path(str(img), previous=b, current=c, where="t")
+        assert await pool_mod.rekey_path(str(img), previous=a, current=b, where="t") is True
+        assert opens(str(img), b.reveal()) and not opens(str(img), a.reveal())
+        assert await pool_mod.rekey_path(str(img), previous=a, current=b, where="t") is False
+        assert await pool_mod.slot_of(str(img), c) is None
+
+    asyncio.run(go())
+
+
+def test_vm_pool_check_dry_run(tmp_path: Path, keyd: Daemon) -> None:
+    """tests/vm/dom0/pool_check.py (the VM's proof on real dm-crypt) run here up to
+    ``cryptsetup open``: the script itself cannot rot, and its one line parses."""
+    import json
+
+    script = ROOT / "tests" / "vm" / "dom0" / "pool_check.py"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUBES_SEAL_")}
+    env["PYTHONPATH"] = str(ROOT)
+    res = subprocess.run(
+        [sys.executable, str(script), "--config", str(keyd.config), "--workdir",
+         str(tmp_path / "check"), "--socket", str(keyd.socket), "--dry-run"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("[vmcheck] pool ")]
+    assert len(lines) == 1, res.stdout + res.stderr
+    doc = json.loads(lines[0].removeprefix("[vmcheck] pool "))
+    assert doc["ok"] is True and res.returncode == 0, doc
+    for fact in ("key_in_keystore", "header_ours", "opened_by_its_key",
+                 "export_new_volume_zeros", "key_destroyed"):  # fmt: skip
+        assert doc[fact] is True, (fact, doc)
+    assert "no qubes-seal key" in doc["start_refused_after_remove"]
+    t = doc["timings"]
+    print(
+        f"pool_check --dry-run: key request {t['key_request_ms']} ms + keyslot unlock "
+        f"{t['keyslot_unlock_ms']} ms; inner start alone {t['inner_start_ms']} ms"
+    )
+    assert t["key_request_ms"] > 0 and t["keyslot_unlock_ms"] > 0
+
+
+def test_data_path_attacks(tmp_path: Path, entry_points: None, keyd: Daemon) -> None:
+    """From the attacker's side: a header rewritten to ``cipher_null`` (the plaintext would
+    be read or written in the clear) is refused by export, as by start; an inner pool that
+    would import through a pipe (no place for a LUKS2 header: the data would pass in the
+    clear) is refused before anything is written; a clone's header is its own (another
+    volume key and keyslot), never a copy of the source's."""
+    app = new_app(tmp_path)
+
+    async def go() -> None:
+        await add_pools(app, tmp_path, keyd.socket)
+        tpl = app.add_new_vm("TemplateVM", name="tpl", label="red", kernel=None)
+        os.makedirs(tpl.dir_path)
+        await tpl.storage.create()
+        private = tpl.volumes["private"]
+        clean = inner_file(private)
+
+        def null_segment(meta: dict[str, Any]) -> dict[str, Any]:
+            meta["segments"]["0"]["encryption"] = "cipher_null-ecb"
+            return meta
+
+        original = Path(clean).read_bytes()[: pool_mod.HEADER_BYTES]
+        rewrite_metadata(Path(clean), null_segment)
+        with pytest.raises(qubes.exc.StoragePoolException, match="not one qubes-seal writes"):
+            await tpl.storage.export("private")
+        assert not private._exports
+        with open(clean, "r+b") as f:
+            f.write(original)
+
+        # an inner pool importing through a pipe
+        before = sha(clean)
+        fifo = tmp_path / "import.fifo"
+        os.mkfifo(fifo)
+        private.inner.import_data = lambda size: str(fifo)
+        with pytest.raises(qubes.exc.StoragePoolException, match="no file or block device"):
+            await tpl.storage.import_data("private", 16 << 20)
+        del private.inner.import_data
+        assert private._importing is None and sha(clean) == before
+
+        # a clone's header: its own volume key digest and keyslot salt
+        clone = app.add_new_vm("TemplateVM", name="clone", label="red", kernel=None)
+        os.makedirs(clone.dir_path)
+        await clone.storage.create()
+        from qubes_seal.luks.header import read_header
+
+        src, dst = read_header(Path(clean)), read_header(Path(inner_file(clone.volumes["private"])))
+        assert src.uuid != dst.uuid
+        assert src.metadata["digests"] != dst.metadata["digests"]
+        assert src.keyslots[0]["kdf"]["salt"] != dst.keyslots[0]["kdf"]["salt"]
+
+    run(go())
+
+
+@pytest.mark.slow
+def test_pool_benchmark_runs() -> None:
+    """benchmarks/pool.py (one command, its JSON): the figures docs/QUBES-POOL.md quotes."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUBES_SEAL_")}
+    env["PYTHONPATH"] = str(ROOT)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "pool.py"), "--runs", "3", "--peer-runs",
+         "1", "--json"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    doc = json.loads(res.stdout)
+    assert doc["sector_size"] == 4096 and doc["cipher"] == "aes-xts-plain64"
+    assert doc["added_per_volume"]["runs"] == 3
+    assert "not measurable" in doc["throughput"]

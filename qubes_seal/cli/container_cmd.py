@@ -729,8 +729,9 @@ def _cmd_domain(args: argparse.Namespace, journal: Any) -> int:
             else f"new key for {name}: key id {r['key_id']} (generation {r['generation']}); "
             "the previous key is kept, and served to the storage domain, until the volume is "
             f"re-keyed: start the key service, run 'qubes-seal-storage-agent rekey {name} "
-            f"--volume PATH' in the storage domain, then 'qubes-seal domain rotate {name} "
-            "--commit' here"
+            f"--volume PATH' in the storage domain (a qube of the qubes_seal pool: start it "
+            "once, the pool re-keys its volumes; docs/QUBES-POOL.md), then 'qubes-seal "
+            f"domain rotate {name} --commit' here"
         )
     else:
         shown = {k: v for k, v in doc["domain"].items() if k != "rotation_pending"}

@@ -12,15 +12,23 @@ Volume kinds (``snap_on_start``, ``save_on_stop``), docs/QUBES-POOL.md:
   as qubesd expects from ``init_volume``).
 
 cryptsetup runs as an asyncio subprocess (qubesd's event loop keeps running); the key reaches
-it on its stdin (``--key-file=- --keyfile-size=64``), never argv, the environment or a file.
+it on its stdin (``--key-file=- --keyfile-size=64``) or, two keys at once, on pipes
+(``/dev/fd/N``), never argv, the environment or a file.
+
+Data paths (``export``, ``import_data``, ``import_volume``) go through a dm-crypt mapping
+only: the inner pool holds ciphertext, a clone gets its own key (decrypt-copy-encrypt).  A
+pending rotation of a qube's key (``qubes-seal domain rotate``) re-keys its origin volumes at
+their next start (:func:`rekey_path`, crash-safe).  docs/QUBES-POOL.md.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import itertools
 import os
 import re
+import stat
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +37,7 @@ import qubes.storage
 import qubes.utils
 
 from ..errors import QubesSealError
+from ..journal import crash_point
 from ..secret import Secret
 from ..service import client
 from ..service.protocol import DEFAULT_SOCKET
@@ -47,6 +56,12 @@ HEADER_BYTES = DATA_OFFSET_SECTORS * 512
 #: the keyslot's KDF: the passphrase is a random 64-byte key, so no stretching is needed
 PBKDF = ("--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--hash", "sha256")
 LABEL_PREFIX = "qubes-seal:"
+#: the LUKS2 header's subsystem while its plaintext was never written (``create``): the first
+#: start zeroes the first ZERO_BYTES through the mapping, so the qube sees an empty volume
+#: (Qubes' virgin-boot check reads the first 10 MiB of ``private`` for zeros before mkfs)
+FRESH = "qubes-seal:fresh"
+ZERO_BYTES = 16 << 20
+COPY_CHUNK = 1 << 20
 CRYPTSETUP_TIMEOUT = 60.0
 _POOL_NAME = re.compile(r"\A[A-Za-z0-9_.-]+\Z")
 
@@ -95,7 +110,9 @@ def _escaped(name: str) -> str:
     return name.replace("_", "_u").replace("-", "_d")
 
 
-async def cryptsetup(*args: str, key: Secret | None = None) -> tuple[int, str, str]:
+async def cryptsetup(
+    *args: str, key: Secret | None = None, pass_fds: Sequence[int] = ()
+) -> tuple[int, str, str]:
     """Run ``cryptsetup ARGS`` (``key``: on its stdin); exit status, stdout, stderr."""
     proc = await asyncio.create_subprocess_exec(
         os.environ.get("QUBES_SEAL_CRYPTSETUP", "cryptsetup"),
@@ -104,6 +121,7 @@ async def cryptsetup(*args: str, key: Secret | None = None) -> tuple[int, str, s
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "LC_ALL": "C"},
+        pass_fds=tuple(pass_fds),
     )
     try:
         out, err = await asyncio.wait_for(
@@ -116,6 +134,107 @@ async def cryptsetup(*args: str, key: Secret | None = None) -> tuple[int, str, s
         raise
     assert proc.returncode is not None
     return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+async def cryptsetup_keys(
+    keys: Sequence[Secret], build: Callable[[list[str]], list[str]]
+) -> tuple[int, str, str]:
+    """Run cryptsetup with ``keys`` on pipes: ``build`` gets their read ends as ``/dev/fd/N``
+    paths and returns cryptsetup's arguments.  Each key is written whole into its pipe (64
+    bytes fit any pipe buffer) and the write end closed before cryptsetup starts: never argv,
+    the environment or a file."""
+    fds: list[int] = []
+    try:
+        for key in keys:
+            r, w = os.pipe()
+            fds.append(r)
+            try:
+                os.write(w, key.reveal())
+            finally:
+                os.close(w)
+        return await cryptsetup(*build([f"/dev/fd/{fd}" for fd in fds]), pass_fds=fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+_SLOT = re.compile(r"^Key slot (\d+) unlocked", re.MULTILINE)
+
+
+async def slot_of(path: str, key: Secret) -> int | None:
+    """The keyslot of the LUKS volume at ``path`` that ``key`` opens, or None (no
+    device-mapper needed: ``cryptsetup open --test-passphrase``)."""
+    code, out, err = await cryptsetup_keys(
+        [key],
+        lambda fd: ["open", "--test-passphrase", "--verbose", f"--key-file={fd[0]}",
+                    f"--keyfile-size={KEY_BYTES}", "--", path],
+    )  # fmt: skip
+    if code == 2:
+        return None
+    m = _SLOT.search(out)
+    if code != 0 or m is None:
+        raise PoolError(f"{path}: cryptsetup open --test-passphrase failed (exit {code}): "
+                        f"{err.strip() or out.strip()}")  # fmt: skip
+    return int(m.group(1))
+
+
+async def rekey_path(
+    path: str, *, previous: Secret, current: Secret, where: str, pbkdf: Sequence[str] = PBKDF
+) -> bool:
+    """Move the LUKS volume at ``path`` from the ``previous`` key to the ``current`` one: a
+    keyslot for the current key (``luksAddKey``, authorised by the previous key), then the
+    previous key's keyslot killed (``luksKillSlot``, authorised by the current key, which
+    cryptsetup checks opens a keyslot that remains).  The volume key and the data stay.
+
+    Every step is decided from the header itself (which keyslot each key opens), so it can be
+    run again after an interruption: a volume that opens with both keys (interrupted after the
+    add) only loses the previous keyslot; one that opens with the current key alone is left
+    as it is.  True when the volume changed."""
+    new = await slot_of(path, current)
+    old = await slot_of(path, previous)
+    if new is None and old is None:
+        raise PoolError(
+            f"{where}: neither the current nor the previous key opens {path}",
+            hint="the volume was re-keyed or replaced; restore the qube from a backup",
+        )
+    if old is None:
+        return False
+    if new is None:
+        code, _, err = await cryptsetup_keys(
+            [previous, current],
+            lambda fd: ["luksAddKey", f"--key-file={fd[0]}", f"--keyfile-size={KEY_BYTES}",
+                        f"--new-keyfile={fd[1]}", f"--new-keyfile-size={KEY_BYTES}", *pbkdf,
+                        "--", path],
+        )  # fmt: skip
+        if code != 0:
+            raise PoolError(f"{where}: luksAddKey failed (exit {code}): {err.strip()}; the "
+                            f"previous keyslot {old} is kept")  # fmt: skip
+        crash_point("pool-rekey-added")
+        new = await slot_of(path, current)
+        if new is None:
+            raise PoolError(f"{where}: the current key does not open {path} after luksAddKey; "
+                            f"the previous keyslot {old} is kept")  # fmt: skip
+    for _ in range(32):  # LUKS2 keyslots
+        if old is None:
+            break
+        if old == new:
+            raise PoolError(f"{where}: the current and the previous key open the same keyslot "
+                            f"{old}: refusing to remove it")  # fmt: skip
+        code, _, err = await cryptsetup_keys([current], _kill_slot(path, old))
+        if code != 0:
+            raise PoolError(f"{where}: luksKillSlot {old} failed (exit {code}): {err.strip()}")
+        old = await slot_of(path, previous)
+    if old is not None:
+        raise PoolError(f"{where}: the previous key still opens {path}")
+    return True
+
+
+def _kill_slot(path: str, slot: int) -> Callable[[list[str]], list[str]]:
+    def build(fd: list[str]) -> list[str]:
+        return ["luksKillSlot", f"--key-file={fd[0]}", f"--keyfile-size={KEY_BYTES}", "--",
+                path, str(slot)]  # fmt: skip
+
+    return build
 
 
 def check_header(metadata: dict[str, Any], where: str) -> None:
@@ -313,6 +432,10 @@ class EncryptedVolume(qubes.storage.Volume):  # type: ignore[misc]
         self.qube = qube
         self.key_name = key_name
         self.key_uuid = key_uuid
+        #: export()'s plaintext path -> (its mapping or zero file, the inner export path)
+        self._exports: dict[str, tuple[str, str]] = {}
+        #: import_data()'s (mapping name, inner import path, size) until import_data_end
+        self._importing: tuple[str, str, int] | None = None
 
     # -- what it is ---------------------------------------------------------------------------
 
@@ -359,14 +482,19 @@ class EncryptedVolume(qubes.storage.Volume):  # type: ignore[misc]
 
     async def _key(self) -> Secret:
         """The key of this volume's keyslot, from the key service; clear errors."""
+        return (await self._key_info())[0]
+
+    async def _key_info(self, which: str = "current") -> tuple[Secret, bool]:
+        """``which`` key (current or previous), and whether a rotation is pending."""
         socket_path = self.pool_typed.key_socket
         try:
             return await asyncio.to_thread(
-                client.get_key,
+                client.get_key_info,
                 socket_path,
                 self.key_name,
                 caller=CALLER,
                 qube_uuid=self.key_uuid,
+                which=which,
             )
         except client.ServiceUnreachable as exc:
             raise PoolError(
@@ -427,41 +555,113 @@ class EncryptedVolume(qubes.storage.Volume):  # type: ignore[misc]
 
     # -- cryptsetup --------------------------------------------------------------------------
 
-    async def _check_ours(self, path: str) -> None:
-        code, out, err = await cryptsetup("luksDump", "--dump-json-metadata", "--", path)
+    async def _check_ours(self, path: str) -> bool:
+        """Refuse a header qubes-seal did not write (read in this process, both copies and
+        their checksums verified: no cryptsetup process before the key is asked for); True
+        when the volume was never written since ``create`` (:data:`FRESH`)."""
+        from ..luks.header import read_header
+
         where = f"{self.qube}:{self.name} ({path})"
-        if code != 0:
-            raise PoolError(
-                f"{where}: not a LUKS2 volume: refusing to use it in the clear "
-                f"({err.strip() or 'cryptsetup luksDump failed'})",
-                hint="an inner volume of this pool must hold a LUKS2 volume made by qubes-seal",
-            )
         try:
-            metadata = json.loads(out)
-        except ValueError:
-            raise PoolError(f"{where}: unreadable LUKS2 metadata") from None
+            header = await asyncio.to_thread(read_header, Path(path))
+        except QubesSealError as exc:
+            raise PoolError(
+                f"{where}: not a LUKS2 volume: refusing to use it in the clear ({exc.message})",
+                hint="an inner volume of this pool must hold a LUKS2 volume made by qubes-seal",
+            ) from None
+        metadata = header.metadata
         if not isinstance(metadata, dict):
             raise PoolError(f"{where}: unreadable LUKS2 metadata")
         check_header(metadata, where)
+        return bool(header.primary.subsystem == FRESH)
 
-    async def _format(self, path: str, key: Secret) -> None:
+    async def _format(self, path: str, key: Secret, *, fresh: bool = True) -> None:
+        """A new LUKS2 volume (a new random volume key) at ``path``, its keyslot opened by
+        ``key``; ``fresh``: marked so that the first start zeroes the start of its plaintext."""
         code, _, err = await cryptsetup(
             "luksFormat", "--batch-mode", "--type", "luks2", "--cipher", CIPHER,
             "--key-size", str(VOLUME_KEY_BITS), "--sector-size", str(SECTOR_SIZE),
             "--offset", str(DATA_OFFSET_SECTORS), *PBKDF,
             "--label", f"{LABEL_PREFIX}{self.key_name}",
+            *(("--subsystem", FRESH) if fresh else ()),
             "--key-file=-", f"--keyfile-size={KEY_BYTES}", "--", path,
             key=key,
         )  # fmt: skip
         if code != 0:
             raise PoolError(f"{self.qube}:{self.name}: luksFormat failed: {err.strip()}")
 
-    async def _close_mapping(self) -> None:
-        if not os.path.exists(self.mapping_path):
+    async def _zero_start(self, mapped: str) -> None:
+        """Zeros over the first ZERO_BYTES of the plaintext (through the mapping)."""
+
+        def write() -> None:
+            fd = os.open(mapped, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                end = min(ZERO_BYTES, os.lseek(fd, 0, os.SEEK_END))
+                zeros = bytes(COPY_CHUNK)
+                for offset in range(0, end, COPY_CHUNK):
+                    os.pwrite(fd, zeros[: end - offset], offset)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        await asyncio.to_thread(write)
+
+    async def _open(self, path: str, name: str, key: Secret, *, readonly: bool) -> None:
+        code, _, err = await cryptsetup(
+            "open", "--type", "luks2", "--key-file=-", f"--keyfile-size={KEY_BYTES}",
+            *(("--readonly",) if readonly else ()), "--", path, name, key=key,
+        )  # fmt: skip
+        if code == 2:
+            raise PoolError(
+                f"{self.qube}:{self.name}: the key of {self.key_name} does not open {path}",
+                hint="the volume was re-keyed or replaced; restore the qube from a backup",
+            )
+        if code != 0:
+            raise PoolError(
+                f"{self.qube}:{self.name}: cryptsetup open failed (exit {code}): {err.strip()}"
+            )
+
+    async def _close(self, name: str) -> None:
+        if not os.path.exists(f"/dev/mapper/{name}"):
             return
-        code, _, err = await cryptsetup("close", "--", self.mapping)
-        if code != 0 and os.path.exists(self.mapping_path):
-            raise PoolError(f"{self.qube}:{self.name}: cryptsetup close failed: {err.strip()}")
+        code, _, err = await cryptsetup("close", "--", name)
+        if code != 0 and os.path.exists(f"/dev/mapper/{name}"):
+            raise PoolError(f"{self.qube}:{self.name}: cryptsetup close {name} failed: "
+                            f"{err.strip()}")  # fmt: skip
+
+    async def _opening_key(self, path: str) -> Secret:
+        """The key that opens ``path`` now.  While a rotation of the key is pending, an
+        origin volume (writable) is re-keyed first (:func:`rekey_path`: the current key
+        added, the previous one's keyslot killed; crash-safe, decided from the header); a
+        snapshot or read-only copy is opened with whichever key opens it (its origin is
+        re-keyed when its own qube starts)."""
+        key, pending = await self._key_info()
+        if not pending:
+            return key
+        try:
+            previous, _ = await self._key_info("previous")
+        except PoolError as exc:
+            if "no qubes-seal key" in exc.message:  # committed meanwhile
+                return key
+            key.wipe()
+            raise
+        try:
+            if self.save_on_stop and self.rw:
+                await rekey_path(path, previous=previous, current=key,
+                                 where=f"{self.qube}:{self.name}")  # fmt: skip
+                return key
+            if await slot_of(path, key) is None and await slot_of(path, previous) is not None:
+                key.wipe()
+                return Secret(bytes(previous.reveal()))
+            return key
+        except BaseException:
+            key.wipe()
+            raise
+        finally:
+            previous.wipe()
+
+    async def _close_mapping(self) -> None:
+        await self._close(self.mapping)
 
     # -- the lifecycle qubesd drives ---------------------------------------------------------
 
@@ -487,35 +687,46 @@ class EncryptedVolume(qubes.storage.Volume):  # type: ignore[misc]
         if self.volatile:
             return self
         path = self.inner.block_device().path
-        await self._check_ours(path)
-        key = await self._key()
+        fresh = await self._check_ours(path)
+        key = await self._opening_key(path)
         try:
             await self._close_mapping()  # a stale mapping of an unclean stop
-            extra = () if self.rw else ("--readonly",)
-            code, _, err = await cryptsetup(
-                "open", "--type", "luks2", "--key-file=-", f"--keyfile-size={KEY_BYTES}",
-                *extra, "--", path, self.mapping, key=key,
-            )  # fmt: skip
+            await self._open(path, self.mapping, key, readonly=not self.rw)
         finally:
             key.wipe()
-        if code == 2:
-            raise PoolError(
-                f"{self.qube}:{self.name}: the key of {self.key_name} does not open this volume",
-                hint="the volume was re-keyed or replaced; restore the qube from a backup",
-            )
-        if code != 0:
-            raise PoolError(
-                f"{self.qube}:{self.name}: cryptsetup open failed (exit {code}): {err.strip()}"
-            )
+        if self.rw and fresh:
+            # never written since create: the qube must see an empty volume, not the
+            # decryption of the inner pool's zeros (Qubes formats an all-zero private)
+            try:
+                await self._zero_start(self.mapping_path)
+                code, _, err = await cryptsetup("config", "--subsystem", "", "--", path)
+                if code != 0:
+                    raise PoolError(f"{self.qube}:{self.name}: cryptsetup config: {err.strip()}")
+            except BaseException:
+                await self._close_mapping()
+                raise
         return self
 
     @qubes.storage.Volume.locked  # type: ignore[untyped-decorator]
     async def stop(self) -> EncryptedVolume:
-        """Close the mapping (no key needed), then stop the inner volume; idempotent."""
+        """Close the mapping (no key needed), then stop the inner volume; idempotent.  Also
+        closes an export or import mapping an earlier qubesd left behind (a crash in the
+        middle of a backup or restore), never one in use now."""
         if not self.volatile:
             await self._close_mapping()
+            await self._close_stale()
         await qubes.utils.coro_maybe(self.inner.stop())
         return self
+
+    async def _close_stale(self) -> None:
+        active = {entry[0] for entry in self._exports.values()}
+        if self._importing is not None:
+            active.add(self._importing[0])
+        stale = [p.name for p in Path("/dev/mapper").glob(f"{self.mapping}-*")
+                 if p.name not in active
+                 and (p.name == f"{self.mapping}-import" or "-export-" in p.name)]  # fmt: skip
+        for name in stale:
+            await self._close(name)
 
     @qubes.storage.Volume.locked  # type: ignore[untyped-decorator]
     async def remove(self) -> EncryptedVolume:
@@ -603,17 +814,181 @@ class EncryptedVolume(qubes.storage.Volume):  # type: ignore[misc]
         await qubes.utils.coro_maybe(self.inner.revert(revision))
         return self
 
+    # -- data paths: plaintext in and out through a mapping, never in the clear on disk ------
+
     async def export(self) -> str:
-        raise PoolError(f"{self.qube}:{self.name}: export (backup) is not supported yet")
+        """A path to read the qube's plaintext (qvm-backup, and the source of a clone): the
+        inner pool's export (the data from before a running qube's start) mapped read-only
+        with the qube's key, ``/dev/mapper/vm-seal-QUBE@VOLUME-export-N``; released by
+        :meth:`export_end`.  A volume never written since ``create`` exports as zeros (a
+        sparse file), what a plain pool gives."""
+        if not self.save_on_stop:
+            raise NotImplementedError(f"Cannot export: {self.vid} is not save_on_stop")
+        inner_path = await qubes.utils.coro_maybe(self.inner.export())
+        try:
+            if await self._check_ours(inner_path):
+                import tempfile
 
+                fd, zero = tempfile.mkstemp(prefix="qubes-seal-export-", suffix=".img")
+                try:
+                    os.ftruncate(fd, self.size)
+                finally:
+                    os.close(fd)
+                self._exports[zero] = (zero, inner_path)
+                return zero
+            name = f"{self.mapping}-export-{next(_EXPORTS)}"
+            key = await self._opening_key_readonly(inner_path)
+            try:
+                await self._close(name)  # left by an earlier qubesd (its numbering restarts)
+                await self._open(inner_path, name, key, readonly=True)
+            finally:
+                key.wipe()
+        except BaseException:
+            await qubes.utils.coro_maybe(self.inner.export_end(inner_path))
+            raise
+        path = f"/dev/mapper/{name}"
+        self._exports[path] = (name, inner_path)
+        return path
+
+    async def _opening_key_readonly(self, path: str) -> Secret:
+        """The current key, or while a rotation is pending whichever key opens ``path`` (an
+        export reads the committed image, which a running qube's start may have re-keyed
+        only in its working copy)."""
+        key, pending = await self._key_info()
+        if not pending or await slot_of(path, key) is not None:
+            return key
+        key.wipe()
+        return (await self._key_info("previous"))[0]
+
+    async def export_end(self, path: str) -> None:
+        """The export's mapping closed (or its zero file removed), then the inner pool's
+        ``export_end``."""
+        entry = self._exports.pop(path, None)
+        if entry is None:
+            raise PoolError(f"{self.qube}:{self.name}: {path} is not an export of this volume")
+        name, inner_path = entry
+        try:
+            if name.startswith("/"):
+                os.unlink(name)
+            else:
+                await self._close(name)
+        finally:
+            await qubes.utils.coro_maybe(self.inner.export_end(inner_path))
+
+    @qubes.storage.Volume.locked  # type: ignore[untyped-decorator]
     async def import_data(self, size: int) -> str:
-        raise PoolError(f"{self.qube}:{self.name}: import is not supported by this pool yet")
+        """A path to write the new plaintext of ``size`` bytes (restore, ``qvm-volume
+        import``, ``Clear``): the inner pool's import volume (``size`` plus the header),
+        formatted as a new LUKS2 volume with the qube's key and mapped,
+        ``/dev/mapper/vm-seal-QUBE@VOLUME-import``; the first ZERO_BYTES zeroed (an import
+        that writes nothing leaves an empty volume).  :meth:`import_data_end` follows."""
+        return await self._import_begin(int(size))
 
+    @qubes.storage.Volume.locked  # type: ignore[untyped-decorator]
     async def import_data_end(self, success: bool) -> None:
-        raise PoolError(f"{self.qube}:{self.name}: import is not supported by this pool yet")
+        """The mapping closed, then the inner pool's ``import_data_end``: committed on
+        ``success`` (and a clean close), else discarded."""
+        await self._import_end(bool(success))
 
-    async def import_volume(self, src_volume: object) -> None:
-        raise PoolError(
-            f"{self.qube}:{self.name}: clone into this pool is not supported yet (a raw copy "
-            "would copy the source's key)"
-        )
+    async def _import_begin(self, size: int) -> str:
+        where = f"{self.qube}:{self.name}"
+        if not self.save_on_stop:
+            raise NotImplementedError(f"Cannot import_data: {self.vid} is not save_on_stop")
+        if size <= 0:
+            raise PoolError(f"{where}: cannot import {size} bytes")
+        if self._importing is not None:
+            raise PoolError(f"{where}: an import into this volume is in progress")
+        inner_path = await qubes.utils.coro_maybe(self.inner.import_data(size + HEADER_BYTES))
+        name = f"{self.mapping}-import"
+        try:
+            try:
+                mode = os.stat(inner_path).st_mode
+            except OSError as exc:
+                raise PoolError(f"{where}: the inner pool's import path {inner_path}: "
+                                f"{exc.strerror}") from None  # fmt: skip
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise PoolError(
+                    f"{where}: the inner pool {self.pool_typed.inner_pool} imports through "
+                    f"{inner_path}, which is no file or block device: it cannot hold a LUKS2 "
+                    "volume, and nothing is written in the clear",
+                    hint="use an inner pool that imports into a file or a block device "
+                    "(file-reflink, lvm_thin, zfs)",
+                )
+            key = await self._key()
+            try:
+                await self._format(inner_path, key, fresh=False)
+                await self._close(name)  # a stale mapping of an interrupted import
+                await self._open(inner_path, name, key, readonly=False)
+            finally:
+                key.wipe()
+            try:
+                await self._zero_start(f"/dev/mapper/{name}")
+            except BaseException:
+                await self._close(name)
+                raise
+        except BaseException:
+            await qubes.utils.coro_maybe(self.inner.import_data_end(False))
+            raise
+        self._importing = (name, inner_path, size)
+        return f"/dev/mapper/{name}"
+
+    async def _import_end(self, success: bool) -> None:
+        state, self._importing = self._importing, None
+        if state is None:
+            # import_data failed (and cleaned up) or was never called: nothing to commit
+            await qubes.utils.coro_maybe(self.inner.import_data_end(False))
+            if success:
+                raise PoolError(f"{self.qube}:{self.name}: no import in progress")
+            return
+        name, _, size = state
+        closed = False
+        try:
+            await self._close(name)
+            closed = True
+        finally:
+            await qubes.utils.coro_maybe(self.inner.import_data_end(success and closed))
+        if success:
+            self._size = size
+
+    @qubes.storage.Volume.locked  # type: ignore[untyped-decorator]
+    async def import_volume(self, src_volume: Any) -> EncryptedVolume:
+        """``qvm-clone`` (into this pool from any pool, ``-P``): decrypt-copy-encrypt.  The
+        source's plaintext (its ``export``: for a volume of this pool, its own mapping) is
+        copied through a mapping of this volume, made with *this* qube's key (a clone gets
+        its own key, never a copy of the source's); never the inner pool's raw copy, which
+        would copy the source's header and so its key.  Returns this volume, as qubesd's
+        ``admin.vm.volume.CloneTo`` stores what it returns."""
+        if not self.save_on_stop:
+            return self  # a snapshot or volatile volume holds nothing of its own to copy
+        size = int(src_volume.size)
+        src_path = await qubes.utils.coro_maybe(src_volume.export())
+        try:
+            dst_path = await self._import_begin(size)
+            copied = False
+            try:
+                await asyncio.to_thread(_copy_plain, src_path, dst_path, size)
+                copied = True
+            finally:
+                await self._import_end(copied)
+        finally:
+            await qubes.utils.coro_maybe(src_volume.export_end(src_path))
+        return self
+
+
+_EXPORTS = itertools.count(1)
+
+
+def _copy_plain(src: str, dst: str, size: int) -> None:
+    """Copy ``size`` bytes (or up to the end of ``src``) from ``src`` to ``dst``, every block
+    written (the destination is a mapping: unwritten blocks would read as noise)."""
+    with open(src, "rb", buffering=0) as fin, open(dst, "r+b", buffering=0) as fout:
+        done = 0
+        while done < size:
+            chunk = fin.read(min(COPY_CHUNK, size - done))
+            if not chunk:
+                break
+            view = memoryview(chunk)
+            while view:
+                view = view[fout.write(view) or 0 :]
+            done += len(chunk)
+        os.fsync(fout.fileno())

@@ -141,14 +141,30 @@ def get_key(
     """The 64-byte key of ``domain`` asked as ``caller`` (``"dom0"``: root's pool driver);
     :class:`ServiceRefused` (``exit_code`` of :mod:`.protocol`) or :class:`ServiceUnreachable`.
     The caller wipes the returned secret."""
+    return get_key_info(path, domain, caller=caller, qube_uuid=qube_uuid, timeout=timeout)[0]
+
+
+def get_key_info(
+    path: Path,
+    domain: str,
+    *,
+    caller: str,
+    qube_uuid: str | None = None,
+    which: str = CURRENT,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> tuple[Secret, bool]:
+    """:func:`get_key` for ``which`` key (``"current"`` or ``"previous"``), and whether a
+    rotation of ``domain`` is pending (said with the current key)."""
     doc: dict[str, Any] = {"op": "get-key", "caller": caller, "domain": domain}
     if qube_uuid is not None:
         doc["qube_uuid"] = qube_uuid
+    if which != CURRENT:
+        doc["which"] = which
     answer = call_retrying(path, doc, timeout=timeout)
     key_hex = answer.pop("key", None)
     if (
         answer.get("domain") != domain
-        or answer.get("which", CURRENT) != CURRENT
+        or answer.get("which", CURRENT) != which
         or not isinstance(key_hex, str)
         or len(key_hex) != KEY_HEX_CHARS
     ):
@@ -156,7 +172,7 @@ def get_key(
             f"the key service on {path} answered badly: not the key of {domain}"
         )
     try:
-        return Secret(bytes.fromhex(key_hex))
+        return Secret(bytes.fromhex(key_hex)), answer.get("rotation_pending") is True
     except ValueError:
         raise ServiceUnreachable(f"the key service on {path} answered badly: no key") from None
 

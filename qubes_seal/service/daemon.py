@@ -393,9 +393,12 @@ class KeyService:
                 log.warning("%s key request caller=%s domain=%s result=refused (qube UUID "
                             "differs)", which, caller, domain)  # fmt: skip
                 return error("refused", f"the stored key of {domain} belongs to another qube")
+            rotation_pending = False
             if which == CURRENT:
                 key_hex = entry.key.reveal().hex()
                 key_id = entry.key_id
+                # dom0's pool driver re-keys a volume at its start while a rotation is pending
+                rotation_pending = PREVIOUS_KEY in entry.extra
             else:
                 try:
                     pending = _pending(entry)
@@ -414,7 +417,10 @@ class KeyService:
                 key_hex, key_id = pending["key"], pending["key_id"]
         log.info("%s key request caller=%s domain=%s result=ok key_id=%s", which, caller, domain,
                  key_id)  # fmt: skip
-        return {"ok": True, "domain": domain, "which": which, "key_id": key_id, "key": key_hex}
+        answer = {"ok": True, "domain": domain, "which": which, "key_id": key_id, "key": key_hex}
+        if rotation_pending:
+            answer["rotation_pending"] = True
+        return answer
 
     def _admin(self, op: str, request: dict[str, Any], peer: Peer) -> dict[str, Any]:
         if op == "status":

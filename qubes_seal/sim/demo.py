@@ -261,6 +261,12 @@ def run(workdir: Path) -> int:
         expect(boot(swtpm, container, pw, rk, workdir), 0,
                "refused by the TPM, opened with the recovery key")  # fmt: skip
         cli("lock")
+
+        title(8, "the encrypted storage pool: each qube's volumes under its own key")
+        swtpm.reboot()
+        show_launch(swtpm, new, log)
+        expect(boot(swtpm, container, pw, rk, workdir), 0, "unlocked at boot")
+        failures += storage_pool_step(cli, swtpm, container, pw, rk, workdir, new, log)
     finally:
         swtpm.stop()
 
@@ -309,13 +315,17 @@ SERVICE = Path(__file__).resolve().parents[2] / "qrexec" / "qubes.SealGetDiskKey
 
 
 @contextmanager
-def key_service(container: Path, workdir: Path, *, show: bool = False) -> Iterator[Path]:
-    """``qubes-seal serve`` for the demo (sys-storage serves work and personal), running
-    until the block ends; yields its socket."""
+def key_service(
+    container: Path, workdir: Path, *, show: bool = False, dom0: str = ""
+) -> Iterator[Path]:
+    """``qubes-seal serve`` for the demo (sys-storage serves work and personal; ``dom0``:
+    a qube whose volumes dom0's pool opens), running until the block ends; yields its
+    socket."""
     from ..service import client
 
     config = workdir / "config.toml"
-    config.write_text('[storage-domains]\nsys-storage = ["work", "personal"]\n')
+    config.write_text('[storage-domains]\nsys-storage = ["work", "personal"]\n'
+                      + (f'[dom0-storage]\ndomains = ["{dom0}"]\n' if dom0 else ""))  # fmt: skip
     sock = workdir / "run" / "keyd.sock"
     if show:
         print(f"$ qubes-seal serve --socket {sock} --config {config} --container {container} &")
@@ -458,6 +468,46 @@ def domain_rotation_step(cli: Cli, container: Path, workdir: Path) -> int:
     ok = test.returncode != 0
     print(f"  -> the old key no longer opens the volume: {'as expected' if ok else 'UNEXPECTED'}")
     return failures + (not ok)
+
+
+def storage_pool_step(
+    cli: Cli, swtpm: Swtpm, container: Path, pw: Path, rk: Path, workdir: Path,
+    modules: list[Module], log: Path,
+) -> int:  # fmt: skip
+    """qubesd's own storage code (qubes-core-admin 4.3.50) drives the ``qubes_seal`` pool."""
+    from . import demo_pool
+
+    say(
+        """
+        In a real dom0, qubesd manages every qube's volumes through storage pool drivers. The
+        qubes_seal pool wraps another pool: the inner pool keeps only ciphertext, and each
+        qube's volumes are LUKS2 volumes opened with that qube's own key from the key
+        service, which exists only after a measured boot and the passphrase. Here
+        qubes-core-admin's own Storage code drives it, as qubesd would, over a file-reflink
+        pool in the demo's directory.
+        """
+    )
+    failures = 0
+
+    def expect(ok: bool, what: str) -> None:
+        nonlocal failures
+        print(f"  -> {what}: {'as expected' if ok else 'UNEXPECTED'}")
+        failures += not ok
+
+    def lock() -> None:
+        cli("lock")
+
+    with key_service(container, workdir, dom0=demo_pool.QUBE) as sock:
+        demo_pool.pool_step(sock, workdir, lock, expect)
+        if demo_pool.pending():
+            say("Unlocked again (a new boot), qvm-remove erases the qube: its key is destroyed.")
+            swtpm.reboot()
+            show_launch(swtpm, modules, log)
+            code = boot(swtpm, container, pw, rk, workdir)
+            expect(code == 0, "unlocked at boot")
+            demo_pool.remove_step(sock, workdir, expect)
+    cli("lock")
+    return failures
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,88 @@
+"""``python3 -m qubes_seal.qubes_pool rekey QUBE --uuid UUID --volume PATH``: dom0's re-key.
+
+After ``qubes-seal domain rotate QUBE --uuid UUID`` (a new key, the previous one kept), the
+pool driver re-keys each of the qube's origin volumes at its next start.  This command does
+the same for one inner volume of a halted qube (its file or block device, e.g.
+``/var/lib/qubes/appvms/work/private.img`` under file-reflink), with the keys of the running
+key service (asked as ``dom0``, root only): a keyslot for the current key added, the previous
+key's keyslot killed, each key on a pipe (``/dev/fd/N``).  It can be run again after an
+interruption (decided from the header: which keyslot each key opens).  Then ``qubes-seal
+domain rotate QUBE --uuid UUID --commit`` destroys the previous key.  Exit codes: 0 done (or
+nothing to do), 1 error, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from ..service.protocol import DEFAULT_SOCKET
+from .pool import CALLER, PoolError, rekey_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python3 -m qubes_seal.qubes_pool",
+        description="Re-key a qubes_seal pool volume from the qube's previous key to its "
+        "current one, after 'qubes-seal domain rotate QUBE' (dom0, root).",
+        epilog="example: python3 -m qubes_seal.qubes_pool rekey work --uuid 6f1b... "
+        "--volume /var/lib/qubes/appvms/work/private.img",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("rekey", help="add the current key, remove the previous key's keyslot")
+    p.add_argument("qube", help="the qube whose key was rotated (a template: its root too)")
+    p.add_argument("--uuid", required=True, help="the qube's UUID (qvm-prefs QUBE uuid)")
+    p.add_argument("--volume", required=True, action="append", type=Path,
+                   help="an inner volume (file or block device) of the halted qube; "
+                   "repeat for each")  # fmt: skip
+    p.add_argument("--socket", type=Path, default=Path(DEFAULT_SOCKET),
+                   help=f"the key service's socket (default {DEFAULT_SOCKET})")  # fmt: skip
+    args = parser.parse_args(argv)
+    return asyncio.run(_rekey(args))
+
+
+async def _rekey(args: argparse.Namespace) -> int:
+    from ..service import client
+
+    try:
+        current, pending = await asyncio.to_thread(
+            client.get_key_info, args.socket, args.qube, caller=CALLER, qube_uuid=args.uuid
+        )
+    except (client.ServiceRefused, client.ServiceUnreachable) as exc:
+        print(f"error: the current key of {args.qube}: {exc.message}", file=sys.stderr)
+        return 1
+    try:
+        if not pending:
+            print(f"no rotation of {args.qube} is pending: nothing to do")
+            return 0
+        try:
+            previous, _ = await asyncio.to_thread(
+                client.get_key_info, args.socket, args.qube, caller=CALLER,
+                qube_uuid=args.uuid, which="previous",
+            )  # fmt: skip
+        except (client.ServiceRefused, client.ServiceUnreachable) as exc:
+            print(f"error: the previous key of {args.qube}: {exc.message}", file=sys.stderr)
+            return 1
+        try:
+            for volume in args.volume:
+                changed = await rekey_path(str(volume), previous=previous, current=current,
+                                           where=args.qube)  # fmt: skip
+                print(f"{volume}: " + ("re-keyed: it opens with the current key only"
+                                       if changed else "already opens with the current key "
+                                       "only: nothing to do"))  # fmt: skip
+        except PoolError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            previous.wipe()
+    finally:
+        current.wipe()
+    print(f"next: qubes-seal domain rotate {args.qube} --uuid {args.uuid} --commit (once every "
+          f"volume of {args.qube} is re-keyed: the previous key is then destroyed)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
