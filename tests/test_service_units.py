@@ -45,6 +45,8 @@ def test_unit_keeps_what_the_daemon_needs() -> None:
     text = UNIT.read_text()
     assert "RestrictAddressFamilies=AF_UNIX" in text
     assert "RuntimeDirectory=qubes-seal" in text and "RuntimeDirectoryMode=0750" in text
+    # The boot's TXT event log lives there: a stop must not remove it (the reseal needs it).
+    assert "RuntimeDirectoryPreserve=yes" in text
     assert "ReadWritePaths=/var/lib/qubes-seal" in text
     assert "PrivateUsers" not in text.replace("Not PrivateUsers=", "")  # keyrings need root
     filt = subprocess.run(["systemd-analyze", "syscall-filter", "@system-service"],
