@@ -172,10 +172,10 @@ def dom0_machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
     m = Machine(work, image, kver, kernel, seconds)
     provision(m)
     _seed(work / "seed")
-    # /dev/vdc: a small ext4 for the pool check's work directory (loop devices on tmpfs).
+    # /dev/vdc: an ext4 for the pool check's work directory (loop devices on tmpfs).
     pool_disk = work / "pool.img"
     with open(pool_disk, "wb") as f:
-        f.truncate(192 << 20)
+        f.truncate(1 << 30)  # sparse; file-reflink copies whole volumes on ext4
     subprocess.run(["mkfs.ext4", "-q", "-F", str(pool_disk)], check=True, capture_output=True,
                    timeout=60)  # fmt: skip
     yield m
@@ -252,7 +252,8 @@ def test_dom0_systemd_units(dom0_machine: Machine) -> None:
     assert result["socket"]["gid"] == result["socket"]["group_qubes"], result["socket"]
 
     # -- a key through the qrexec service executable, as dom0's service user ----------------
-    assert result["domain_add"]["exit"] == 0, result["domain_add"]
+    assert result["domain_add"][-1]["exit"] in (0, 6), result["domain_add"]
+    assert len(result["work_key_sha256"]) == 64, result["work_key_sha256"]  # work has a key
     allowed = result["qrexec_allowed"]
     assert allowed["exit"] == 0 and allowed["bytes"] == 64, allowed
     assert allowed["sha256"] == result["work_key_sha256"]
