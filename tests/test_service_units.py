@@ -45,8 +45,32 @@ def test_unit_keeps_what_the_daemon_needs() -> None:
     text = UNIT.read_text()
     assert "RestrictAddressFamilies=AF_UNIX" in text
     assert "RuntimeDirectory=qubes-seal" in text and "RuntimeDirectoryMode=0750" in text
+    # The boot's TXT event log lives there: a stop must not remove it (the reseal needs it).
+    assert "RuntimeDirectoryPreserve=yes" in text
     assert "ReadWritePaths=/var/lib/qubes-seal" in text
     assert "PrivateUsers" not in text.replace("Not PrivateUsers=", "")  # keyrings need root
     filt = subprocess.run(["systemd-analyze", "syscall-filter", "@system-service"],
                           capture_output=True, text=True, timeout=60).stdout  # fmt: skip
     assert "@keyring" in filt  # add_key, keyctl: the hand-over
+
+
+def test_unit_drops_the_hand_over_at_shutdown_only(tmp_path: Path) -> None:
+    """ExecStopPost= runs 'qubes-seal lock' when the system is stopping, and only then: a
+    stop or a restart resumes from the hand-over.  Its shell line, run with stand-ins for
+    systemctl and qubes-seal; tests/vm/test_dom0.py proves it under a real systemd (no
+    qubes-seal key left in /proc/keys after the poweroff stopped the daemon)."""
+    (line,) = [x for x in UNIT.read_text().splitlines() if x.startswith("ExecStopPost=")]
+    argv = line.removeprefix("ExecStopPost=").replace("$$", "$")
+    assert argv.startswith("/bin/sh -c '") and argv.endswith("'")
+    script = argv[len("/bin/sh -c '") : -1]
+    assert "/usr/bin/qubes-seal lock" in script
+    script = script.replace("/usr/bin/qubes-seal", str(tmp_path / "qubes-seal"))
+    (tmp_path / "qubes-seal").write_text('#!/bin/sh\necho "locked $*"\n')
+    (tmp_path / "qubes-seal").chmod(0o755)
+    for state, expected in (("stopping", "locked lock\n"), ("running", ""),
+                            ("degraded", ""), ("starting", "")):  # fmt: skip
+        (tmp_path / "systemctl").write_text(f"#!/bin/sh\necho {state}\n")
+        (tmp_path / "systemctl").chmod(0o755)
+        proc = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True,
+                              env={"PATH": f"{tmp_path}:/usr/bin:/bin"}, timeout=30)  # fmt: skip
+        assert proc.returncode == 0 and proc.stdout == expected, (state, proc)

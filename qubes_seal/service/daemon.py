@@ -601,6 +601,27 @@ class Server:
             log.warning("file descriptor limit %d: at most %d connections at once", limit,
                         self.max_connections)  # fmt: skip
 
+    def _restore_access(self) -> None:
+        """The socket's group again (and its directory's, when it is the default one).
+
+        systemd resets the owner of ``RuntimeDirectory=`` and of what it holds to the unit's
+        user and group (root:root) each time it spawns one of the unit's commands,
+        ``ExecReload=`` included: after ``systemctl reload qubes-seal-keyd`` the service group
+        (dom0's qrexec service user) could no longer reach the socket, until a restart
+        (found in the VM, tests/vm/test_dom0.py).  A reload puts the group back.
+        """
+        if self.gid is None or os.geteuid() != 0:
+            return
+        try:
+            if self.path.parent == Path(DEFAULT_SOCKET).parent:
+                os.chown(self.path.parent, 0, self.gid)
+                os.chmod(self.path.parent, 0o750)  # noqa: S103 (root:GROUP, the socket's group)
+            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                os.chown(self.path, 0, self.gid)
+                os.chmod(self.path, 0o660)
+        except OSError as exc:
+            log.error("cannot give the socket back to group %d: %s", self.gid, exc)
+
     # -- peers -------------------------------------------------------------------------------
 
     def _admitted(self, peer: Peer) -> bool:
@@ -640,6 +661,7 @@ class Server:
                 if self._reload.is_set():
                     self._reload.clear()
                     self.service.reload()
+                    self._restore_access()
                 for key, _ in sel.select(SWEEP_INTERVAL):
                     if key.data is None:
                         self._accept()

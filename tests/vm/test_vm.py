@@ -232,14 +232,18 @@ class Machine:
         return res
 
     @contextmanager
-    def vm(self, name: str, *, plymouth: bool = False) -> Iterator[tuple[SerialConsole, float]]:
+    def vm(
+        self, name: str, *, plymouth: bool = False, append: str = "",
+        qemu_args: tuple[str, ...] = (), timeout: float = BOOT_TIMEOUT,
+    ) -> Iterator[tuple[SerialConsole, float]]:  # fmt: skip
         """Boot the VM (a new swtpm on the state, as at power-on); yields (console, deadline).
 
         ``plymouth``: Plymouth runs (the image has it; ``plymouth.enable=0`` otherwise), its
         details plugin on the serial console (forced there: no ``plymouth.ignore-serial-
         consoles``), its debug log in the VM's /run for the check unit (the test module's
-        drop-in for plymouth-start.service).  QEMU and swtpm are
-        stopped on every path; the serial log is kept in DIR/NAME.log.
+        drop-in for plymouth-start.service).  ``append``: more kernel parameters;
+        ``qemu_args``: more QEMU options (test_dom0.py).  QEMU and swtpm are stopped on
+        every path; the serial log is kept in DIR/NAME.log.
         """
         sock = self.state / "sock"
         sock.unlink(missing_ok=True)
@@ -261,7 +265,8 @@ class Machine:
             cmdline = (
                 f"console=ttyS0 panic=1 rd.luks.name={ROOT_UUID}={ROOT_NAME} "
                 "rd.shell=0 rd.emergency=poweroff systemd.show_status=1 "
-                + ("" if plymouth else "plymouth.enable=0")
+                + ("" if plymouth else "plymouth.enable=0 ")
+                + append
             ).strip()
             qemu = subprocess.Popen(
                 [QEMU, "-m", "1024", "-smp", "2", "-nographic", "-no-reboot",
@@ -270,15 +275,15 @@ class Machine:
                  "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
                  "-device", "tpm-tis,tpmdev=tpm0", "-nic", "none",
                  "-drive", f"file={self.container},if=virtio,format=raw",
-                 "-drive", f"file={self.root},if=virtio,format=raw"],
+                 "-drive", f"file={self.root},if=virtio,format=raw", *qemu_args],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             )  # fmt: skip
             procs.append(qemu)
             started = time.monotonic()
             console = SerialConsole(qemu)
-            yield console, started + BOOT_TIMEOUT
+            yield console, started + timeout
             # The check unit powers the VM off: QEMU exits by itself.
-            qemu.wait(timeout=max(1.0, started + BOOT_TIMEOUT - time.monotonic()))
+            qemu.wait(timeout=max(1.0, started + timeout - time.monotonic()))
             self.boots.setdefault(name, {})["seconds"] = time.monotonic() - started
         finally:
             for proc in reversed(procs):  # QEMU first, then its swtpm
@@ -297,25 +302,32 @@ class Machine:
             log.close()
 
 
-def _build_image(work: Path, boot_toml: Path, kver: str) -> tuple[Path, float]:
-    """dracut with our module and the test module, for the installed kernel."""
+def _build_image(
+    work: Path, boot_toml: Path, kver: str, test_modules: tuple[Path, ...] = (TEST_MODULE,),
+    *, plymouth: bool = True,
+) -> tuple[Path, float]:
+    """dracut with our module and the test module(s) (and Plymouth), for the installed kernel."""
     base = work / "dracut"
     shutil.copytree("/usr/lib/dracut", base, symlinks=True)
     shutil.copytree(MODULE_DIR, base / "modules.d" / MODULE_DIR.name)
-    shutil.copytree(TEST_MODULE, base / "modules.d" / TEST_MODULE.name)
+    for module in test_modules:
+        shutil.copytree(module, base / "modules.d" / module.name)
+    names = " ".join(module.name.lstrip("0123456789") for module in test_modules)
+    if plymouth:
+        names = f"plymouth {names}"
     out = work / "initramfs.img"
     env = dict(os.environ, dracutbasedir=str(base), QUBES_SEAL_PYTHON=sys.executable,
                QUBES_SEAL_BOOT_CONFIG=str(boot_toml))  # fmt: skip
     started = time.monotonic()
     proc = subprocess.run(
         ["dracut", "--no-hostonly", "--no-compress", "--no-early-microcode",
-         "-m", f"{MODULES} plymouth qubes-seal-vmtest", "--kver", kver, "-f", str(out)],
+         "-m", f"{MODULES} {names}", "--kver", kver, "-f", str(out)],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     seconds = time.monotonic() - started
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "Including module: qubes-seal" in proc.stderr + proc.stdout
-    assert "Including module: plymouth" in proc.stderr + proc.stdout
+    assert plymouth == ("Including module: plymouth" in proc.stderr + proc.stdout)
     return out, seconds
 
 
@@ -332,6 +344,14 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
     boot_toml.write_text(BOOT_TOML)
     image, seconds = _build_image(work, boot_toml, kver)
     m = Machine(work, image, kver, kernel, seconds)
+    provision(m)
+    yield m
+    print("\nVM test summary:", json.dumps({"image_build_s": round(m.build_seconds, 1),
+                                            **m.boots}, indent=1))  # fmt: skip
+
+
+def provision(m: Machine) -> None:
+    """The VM's TPM and disks, from the host: the container (PCR 13), the proof, dom0's root."""
     m.pw.write_text(PASSPHRASE + "\n")
     # Provisioning from the host, against the VM's TPM state: as the CLI does it.
     with m.host_tpm() as tpm:
@@ -356,9 +376,6 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
          str(m.root)],
         input=dom0_key, check=True, capture_output=True, timeout=60,
     )  # fmt: skip
-    yield m
-    print("\nVM test summary:", json.dumps({"image_build_s": round(m.build_seconds, 1),
-                                            **m.boots}, indent=1))  # fmt: skip
 
 
 def _vm_result(console: SerialConsole, deadline: float) -> dict[str, Any]:
