@@ -276,6 +276,16 @@ def register(sub: Any) -> None:
                 help="the volume now uses the new key (qubes-seal-storage-agent rekey): "
                 "destroy the previous one",
             )  # fmt: skip
+        if name in ("remove", "rotate"):
+            # Both re-sign the accepted states afterwards (older copies revoked): the same
+            # launch policy as 'reseal', weakened only by these flags (test machines).
+            unsafe_opt(dp, "re-sign states of a boot without a TXT measured launch")
+            dp.add_argument(
+                "--unsafe-pcr-selection", action="store_true",
+                default=env_bool("QUBES_SEAL_UNSAFE_PCR_SELECTION"),
+                help="UNSAFE, for tests: re-sign states whose selection lacks PCR 17 and 18 "
+                "[QUBES_SEAL_UNSAFE_PCR_SELECTION]",
+            )  # fmt: skip
         dp.set_defaults(func=cmd_domain)
 
 
@@ -696,9 +706,15 @@ def _cmd_domain(args: argparse.Namespace, journal: Any) -> int:
     if action == "remove" or (action == "rotate" and args.commit):
         # The destroyed key is still in older copies of the container: void them.
         keyring = _keyring(args)
-        token = chain.refresh_token(args.container, tcti=args.tpm, keyring=keyring) if (
-            keyring is not None
-        ) else None  # fmt: skip
+        from .. import launch
+
+        policy = launch.load(
+            unsafe_no_measured_launch=args.unsafe_no_measured_launch,
+            unsafe_pcr_selection=args.unsafe_pcr_selection,
+        )
+        token = chain.refresh_token(
+            args.container, tcti=args.tpm, keyring=keyring, policy=policy
+        ) if keyring is not None else None  # fmt: skip
         doc["older_copies_revoked"] = token is not None
         if token is not None:
             journal.mark("refreshed")

@@ -303,8 +303,12 @@ class Machine:
 
 
 def _build_image(
-    work: Path, boot_toml: Path, kver: str, test_modules: tuple[Path, ...] = (TEST_MODULE,),
-    *, plymouth: bool = True,
+    work: Path,
+    boot_toml: Path,
+    kver: str,
+    test_modules: tuple[Path, ...] = (TEST_MODULE,),
+    *,
+    plymouth: bool = True,
 ) -> tuple[Path, float]:
     """dracut with our module and the test module(s) (and Plymouth), for the installed kernel."""
     base = work / "dracut"

@@ -32,5 +32,15 @@ if [ -n "$seed" ] && ! [ -d /run/dom0vm/lower/proc ]; then
     chmod 0700 "$NEWROOT/var/lib/qubes-seal"
     cp /dev/vda "$NEWROOT/var/lib/qubes-seal/keys.luks"
     chmod 0600 "$NEWROOT/var/lib/qubes-seal/keys.luks"
+    # The repository under test, where the key service's unit sees it (a clone under /tmp
+    # or /root is hidden from it by PrivateTmp=/ProtectHome=).
+    src=$(getarg dom0vm.src=)
+    if [ -n "$src" ]; then
+        mkdir -p "$NEWROOT/opt/qubes-seal-src"
+        if ! mount --bind "$NEWROOT$src" "$NEWROOT/opt/qubes-seal-src"; then
+            say "ERROR: cannot bind the repository $src"
+            echo o > /proc/sysrq-trigger
+        fi
+    fi
     say "root: host / over 9p (read-only) + tmpfs overlay, seed $seed"
 fi
