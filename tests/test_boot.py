@@ -168,3 +168,31 @@ def test_unsafe_option_needs_test_mode(machine: Machine, tmp_path: Path) -> None
     assert proc.returncode != 0
     assert "unsafe_test_mode" in proc.stderr
     assert os.environ.get("QUBES_SEAL_BOOT_UNSAFE_TEST_MODE") is None
+
+
+def test_forget_root_key_removes_only_what_the_unlock_wrote(tmp_path: Path) -> None:
+    """The unit's ExecStop (at the switch-root) removes dom0's root volume key file: root's
+    read-only *.key files only, overwritten first; anything else in the directory is kept."""
+    from qubes_seal.boot.sequence import forget_root_key, main
+
+    keys = tmp_path / "cryptsetup-keys.d"
+    keys.mkdir(mode=0o700)
+    ours = keys / "luks-dom0root.key"
+    fd = os.open(ours, os.O_WRONLY | os.O_CREAT, 0o400)
+    os.write(fd, b"k" * 64)
+    os.close(fd)
+    foreign = keys / "swap.key"  # an admin's own key file (0600): not ours
+    foreign.write_bytes(b"x")
+    foreign.chmod(0o600)
+    (keys / "notes.txt").write_text("kept")
+    (keys / "link.key").symlink_to(ours)
+    assert forget_root_key(keys) == ["luks-dom0root.key"]
+    assert sorted(p.name for p in keys.iterdir()) == ["link.key", "notes.txt", "swap.key"]
+    assert forget_root_key(tmp_path / "absent") == []
+    # The command line the unit runs, with the configuration's keys_dir.
+    fd = os.open(ours, os.O_WRONLY | os.O_CREAT, 0o400)
+    os.close(fd)
+    cfg = tmp_path / "boot.toml"
+    cfg.write_text(f'[boot]\ncontainer = "/dev/null"\nkeys_dir = "{keys}"\n')
+    assert main(["--config", str(cfg), "--forget-root-key"]) == 0
+    assert not ours.exists()

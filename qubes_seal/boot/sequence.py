@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -602,10 +603,60 @@ def _cap_after_recovery(cfg: BootConfig, console: Console) -> None:
         console.say(f"note: PCR 13 not capped ({exc.message})")
 
 
+def forget_root_key(keys_dir: Path) -> list[str]:
+    """Remove what :func:`_root_key` wrote: the unit's ExecStop, when the initramfs's units
+    stop at the switch-root (dom0's root is open by then) or at a shutdown.  Without it the
+    root volume key stays in /run for the whole session.  Only root's read-only ``*.key``
+    files (as written here) are touched: overwritten with zeros, then removed; the ramfs
+    mounted for them is unmounted once empty.  Returns the names removed."""
+    removed: list[str] = []
+    try:
+        entries = list(keys_dir.iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if (not path.name.endswith(".key") or not stat.S_ISREG(st.st_mode)
+                or st.st_uid != 0 or stat.S_IMODE(st.st_mode) != 0o400):  # fmt: skip
+            continue
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+            try:
+                os.write(fd, bytes(st.st_size))
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # removed all the same
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed.append(path.name)
+    with contextlib.suppress(OSError):
+        if not any(keys_dir.iterdir()) and os.path.ismount(keys_dir):
+            subprocess.run(["umount", str(keys_dir)], check=False, capture_output=True,
+                           timeout=30)  # fmt: skip
+    return removed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qubes_seal.boot", description=__doc__)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument(
+        "--forget-root-key", action="store_true",
+        help="remove dom0's root volume key file the unlock wrote (the unit's ExecStop)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.forget_root_key:
+        try:
+            keys_dir = Path(BootConfig.load(args.config).keys_dir)
+        except QubesSealError:
+            keys_dir = KEYS_DIR
+        removed = forget_root_key(keys_dir)
+        if removed:
+            print(f"qubes-seal: removed {', '.join(removed)} from {keys_dir}", file=sys.stderr)
+        return 0
     from ..tpm import _lib
 
     _lib.quiet_tss_log()

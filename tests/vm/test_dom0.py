@@ -313,6 +313,8 @@ def test_dom0_systemd_units(dom0_machine: Machine) -> None:
     # the driver's stand-in); the daemon's socket is gone.
     assert stopped["runtime_dir"] in (None, [], ["txt-event.log"]), stopped["runtime_dir"]
     assert stopped["proc_keys_qubes_seal"] == [], stopped["proc_keys_qubes_seal"]
+    # dom0's root volume key file went at the switch-root (the unlock unit's ExecStop).
+    assert stopped["cryptsetup_key_files"] == [], stopped["cryptsetup_key_files"]
 
     # -- timing: power-on to the key service serving ------------------------------------
     manager = result["manager"]
