@@ -496,3 +496,23 @@ def test_a_predicted_tboot_is_named_and_firmware_is_told_apart() -> None:
     why_ = _explained(record, predicted, xen_version="4.19.1")
     (change,) = why_.changes
     assert change.text == "Xen image or its command line differs (xen)"
+
+
+def test_a_state_without_a_launch_is_explained_by_what_it_covers() -> None:
+    """A state sealed to PCR 13 alone, or accepted without a launch (the explicitly unsafe
+    test setups, as in the VM), refused for its header: the header is named, not a missing
+    launch the state never expected."""
+    from qubes_seal.measure import explain as ex
+    from qubes_seal.state import PcrState, SealedState
+
+    old, new = bytes(32), b"\x01" * 32
+    state = PcrState("current", {13: old})
+    sealed = SealedState(0, b"", b"", b"", b"", "sha256", [13], [state], b"")
+    why = ex.explain(sealed, {13: new, 17: b"\xff" * 32})
+    assert [c.component for c in why.changes] == ["header"], why
+    # Accepted with no launch (unsafe), refused for its header: the header, again.
+    ff = b"\xff" * 32
+    state = PcrState("current", {13: old, 17: ff, 18: ff})
+    sealed = SealedState(0, b"", b"", b"", b"", "sha256", [13, 17, 18], [state], b"")
+    why = ex.explain(sealed, {13: new, 17: ff, 18: ff})
+    assert [c.component for c in why.changes] == ["header"], why

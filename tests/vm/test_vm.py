@@ -564,6 +564,12 @@ def test_rolled_back_header_is_refused(machine: Machine) -> None:
     # Refused before the passphrase was asked: the proof (PCR 13) could not be unsealed.
     assert "qubes-seal passphrase:" not in before_refusal
     assert "PCR 13 differs" in refused.group(2)
+    # Explained by component (issue 15), before the recovery prompt, with its caveat.
+    explained = console.text[refused.start() : on_splash.end()]
+    assert "why the TPM refused, by component" in explained, explained
+    assert "the container's header changed (PCR 13)" in explained, explained
+    assert "no measured launch" not in explained, explained  # the state does not cover 17
+    assert "the TPM's refusal stands either way" in explained, explained
     assert "measurements do not match" in on_splash.group(1)
     _assert_through_plymouth(result, console)
     assert PROOF not in console.text
