@@ -89,10 +89,7 @@ async def measure(d: Path, sock: Path, runs: int, peer_runs: int) -> dict[str, A
     qubesd.setup(d / "qubesd")
     app = qubesd.new_app(d / "qubesd")
     await qubesd.add_pools(app, d / "qubesd", sock)
-    sizes = {"private": {"size": str(64 << 20)}, "root": {"size": str(64 << 20)}}
-    vm = app.add_new_vm("TemplateVM", name=QUBE, label="red", kernel=None,
-                        volume_config=sizes)  # fmt: skip
-    os.makedirs(vm.dir_path, exist_ok=True)
+    vm = qubesd.add_template(app, QUBE, 64 << 20)
     await vm.storage.create()
     vol = vm.volumes["private"]
     path = str(vol.inner._path_clean)

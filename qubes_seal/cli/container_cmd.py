@@ -64,6 +64,13 @@ def register(sub: Any) -> None:
             help=f"UNSAFE, for tests: {what} [QUBES_SEAL_UNSAFE_NO_MEASURED_LAUNCH]",
         )  # fmt: skip
 
+    def unsafe_pcr_opt(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument(
+            "--unsafe-pcr-selection", action="store_true",
+            default=env_bool("QUBES_SEAL_UNSAFE_PCR_SELECTION"),
+            help=f"UNSAFE, for tests: {what} [QUBES_SEAL_UNSAFE_PCR_SELECTION]",
+        )  # fmt: skip
+
     def passphrase_opt(p: argparse.ArgumentParser) -> None:
         default = env("QUBES_SEAL_PASSPHRASE_FILE", "")
         p.add_argument(
@@ -120,12 +127,7 @@ def register(sub: Any) -> None:
         "/etc/qubes-seal/launch.toml, else 13,17,18; 17 and 18 are required) "
         "[QUBES_SEAL_PCRS]",
     )  # fmt: skip
-    p.add_argument(
-        "--unsafe-pcr-selection", action="store_true",
-        default=env_bool("QUBES_SEAL_UNSAFE_PCR_SELECTION"),
-        help="UNSAFE, for tests: accept a selection without PCR 17 and 18 "
-        "[QUBES_SEAL_UNSAFE_PCR_SELECTION]",
-    )  # fmt: skip
+    unsafe_pcr_opt(p, "accept a selection without PCR 17 and 18")
     p.add_argument(
         "--recovery-key-file", metavar="FILE", type=Path,
         help="write the recovery key to FILE instead of showing it: a new file, mode 0600 "
@@ -280,12 +282,7 @@ def register(sub: Any) -> None:
             # Both re-sign the accepted states afterwards (older copies revoked): the same
             # launch policy as 'reseal', weakened only by these flags (test machines).
             unsafe_opt(dp, "re-sign states of a boot without a TXT measured launch")
-            dp.add_argument(
-                "--unsafe-pcr-selection", action="store_true",
-                default=env_bool("QUBES_SEAL_UNSAFE_PCR_SELECTION"),
-                help="UNSAFE, for tests: re-sign states whose selection lacks PCR 17 and 18 "
-                "[QUBES_SEAL_UNSAFE_PCR_SELECTION]",
-            )  # fmt: skip
+            unsafe_pcr_opt(dp, "re-sign states whose selection lacks PCR 17 and 18")
         dp.set_defaults(func=cmd_domain)
 
 

@@ -83,10 +83,7 @@ async def _pool(
     print(f"$ qvm-pool add vault qubes_seal -o inner_pool=inner -o key_socket={sock}")
     await qubesd.add_pools(app, work, sock)
     print(f"$ qvm-create --class TemplateVM -P vault --label red {QUBE}")
-    sizes = {"private": {"size": str(SIZE)}, "root": {"size": str(SIZE)}}
-    vm = app.add_new_vm("TemplateVM", name=QUBE, label="red", kernel=None,
-                        volume_config=sizes)  # fmt: skip
-    os.makedirs(vm.dir_path, exist_ok=True)
+    vm = qubesd.add_template(app, QUBE, SIZE)
     await vm.storage.create()
     vol = vm.volumes["private"]
     inner = str(vol.inner._path_clean)

@@ -130,3 +130,14 @@ async def add_pools(app: Any, workdir: Path, sock: Path, **options: str) -> Any:
                        **options)  # fmt: skip
     app.default_pool = "vault"
     return app.pools["vault"]
+
+
+def add_template(app: Any, name: str, size: int) -> Any:
+    """``qvm-create --class TemplateVM --label red NAME`` in the default pool, its private
+    and root volumes ``size`` bytes, and its directory made (as qubesd makes it): the qube
+    the benchmark, the demo and the VM's pool check drive (not yet created on disk)."""
+    sizes = {"private": {"size": str(size)}, "root": {"size": str(size)}}
+    vm = app.add_new_vm("TemplateVM", name=name, label="red", kernel=None,
+                        volume_config=sizes)  # fmt: skip
+    os.makedirs(vm.dir_path, exist_ok=True)
+    return vm

@@ -157,10 +157,7 @@ class Check:
         for name in (origin_name, clone_name):  # left over from an earlier run
             with contextlib.suppress(client.ServiceRefused):
                 client.call(self.socket, {"op": "remove", "name": name})
-        sizes = {"private": {"size": str(SIZE)}, "root": {"size": str(SIZE)}}
-        vm = app.add_new_vm("TemplateVM", name=origin_name, label="red", kernel=None,
-                            volume_config=sizes)  # fmt: skip
-        os.makedirs(vm.dir_path, exist_ok=True)
+        vm = qubesd.add_template(app, origin_name, SIZE)
         t0 = time.perf_counter()
         await vm.storage.create()
         self.timings["create_ms"] = ms(t0)
@@ -276,10 +273,7 @@ class Check:
         self.fact("import_then_start_same_plaintext", ok, ok)
 
         # clone: its own key, the same plaintext
-        clone = app.add_new_vm("TemplateVM", name=self.qubes()[1], label="red", kernel=None,
-                               volume_config={"private": {"size": str(SIZE)},
-                                              "root": {"size": str(SIZE)}})  # fmt: skip
-        os.makedirs(clone.dir_path, exist_ok=True)
+        clone = qubesd.add_template(app, self.qubes()[1], SIZE)
         await clone.storage.create()
         dst = clone.volumes["private"]
         t0 = time.perf_counter()
