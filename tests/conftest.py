@@ -38,10 +38,18 @@ SWTPM_FIXTURES = frozenset({"swtpm", "swtpm_proxy"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test that uses a swtpm fixture with ``pytest.mark.swtpm``."""
+    """Mark every test that uses a swtpm fixture with ``pytest.mark.swtpm``; put the VM
+    tests first.
+
+    ``./run-tests`` runs the suite on every core (pytest-xdist, ``--dist loadgroup``); the VM
+    tests are its longest group (about 5 minutes, one VM at a time on one worker), so they
+    start first while the other workers share the rest, instead of starting last and
+    running alone.
+    """
     for item in items:
         if SWTPM_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.swtpm)
+    items.sort(key=lambda item: item.get_closest_marker("vm") is None)  # stable
 
 
 @pytest.fixture

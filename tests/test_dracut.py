@@ -34,6 +34,9 @@ from qubes_seal.sim.swtpm import Swtpm
 from qubes_seal.sim.txt_launch import sample_modules, txt_launch
 from qubes_seal.tpm.device import Tpm
 
+# The image is built once per module: its tests stay on one pytest-xdist worker (./run-tests).
+pytestmark = pytest.mark.xdist_group("dracut")
+
 REPO = Path(__file__).resolve().parent.parent
 MODULE_DIR = REPO / "dracut-module" / "90qubes-seal"
 HELPER = MODULE_DIR / "qubes-seal-modules.py"

@@ -5,9 +5,10 @@ test is bind-mounted over ``/dev/ttyS0``, the console named by a private copy of
 ``/sys/class/tty/console/active``: Plymouth takes it for a serial console and forces its
 ``details`` plugin there, as in the VM (tests/vm/test_vm.py).  The test reads what Plymouth
 draws and types on that terminal as a user would; Plymouth's debug log (``--debug-file``)
-names every client's command line and request.  Its socket is the host's abstract
-``/org/freedesktop/plymouthd`` (the boot sequence uses the installed ``plymouth`` client):
-the tests are skipped when a plymouthd already answers on this host.
+names every client's command line and request.  Its socket, the abstract
+``/org/freedesktop/plymouthd`` (the boot sequence uses the installed ``plymouth`` client), is
+in a network namespace of the test's own (``private_network``): other tests running
+meanwhile never see this splash, and a plymouthd of the host never sees these tests.
 
 The boot sequence runs as in the initramfs (``python -m qubes_seal.boot``) against swtpm and
 a LUKS2 container on a file (tests/test_boot.py's machine).
@@ -15,6 +16,8 @@ a LUKS2 container on a file (tests/test_boot.py's machine).
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import io
 import os
 import pty
@@ -22,6 +25,8 @@ import re
 import select
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -233,16 +238,46 @@ def _skip_reason() -> str | None:
             return f"{tool} is not installed (Debian package plymouth, util-linux, mount)"
     if not Path("/dev/ttyS0").exists() or not Path("/sys/class/tty/console/active").exists():
         return "no /dev/ttyS0 or /sys/class/tty/console/active to stand in for"
-    if subprocess.run(["plymouth", "--ping"], check=False).returncode == 0:
-        return "a plymouthd already runs on this host (the tests would talk to it)"
     return None
 
 
+CLONE_NEWNET = 0x40000000
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+
+
 @pytest.fixture
-def plymouthd(tmp_path: Path) -> Iterator[Plymouthd]:
+def private_network() -> Iterator[None]:
+    """This test in a network namespace of its own, its loopback up: plymouthd's abstract
+    socket, the clients that find it and the test's swtpm (on the loopback) are private.
+
+    Abstract sockets belong to a network namespace.  Without one, the boot sequence of any
+    other test running meanwhile (pytest-xdist runs the suite on every core) would find this
+    plymouthd and talk to the splash; and this test would talk to any plymouthd of the host.
+    unshare(2) moves the calling thread only (pytest's, where fixtures, tests and the
+    processes they start run); setns(2) brings it back afterwards."""
     why = _skip_reason()
     if why:
         pytest.skip(why)
+    libc = ctypes.CDLL(None, use_errno=True)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.unshare(CLONE_NEWNET) != 0:
+            pytest.fail(f"unshare(CLONE_NEWNET): {os.strerror(ctypes.get_errno())}")
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                ifreq = fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sH14x", b"lo", 0))
+                flags = struct.unpack("16sH14x", ifreq)[1]
+                fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+            yield
+        finally:
+            if libc.setns(home, CLONE_NEWNET) != 0:
+                pytest.fail(f"setns back to the host's network: {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(home)
+
+
+@pytest.fixture
+def plymouthd(private_network: None, tmp_path: Path) -> Iterator[Plymouthd]:
     daemon = Plymouthd(tmp_path)
     try:
         daemon.wait_ready()
@@ -252,7 +287,8 @@ def plymouthd(tmp_path: Path) -> Iterator[Plymouthd]:
 
 
 @pytest.fixture
-def machine(swtpm: Swtpm, tmp_path: Path) -> Iterator[Machine]:
+def machine(private_network: None, swtpm: Swtpm, tmp_path: Path) -> Iterator[Machine]:
+    """The machine (its swtpm on the loopback) in this test's network namespace."""
     (tmp_path / "machine").mkdir()
     m = new_machine(swtpm, tmp_path / "machine")
     yield m

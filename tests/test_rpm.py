@@ -25,10 +25,14 @@ BUILD = REPO / "scripts" / "build-rpm"
 INSTALL_MD = REPO / "docs" / "INSTALL.md"
 
 HAVE_RPMBUILD = all(shutil.which(c) for c in ("rpmbuild", "rpm", "rpm2cpio", "cpio"))
-pytestmark = pytest.mark.skipif(
-    not HAVE_RPMBUILD,
-    reason="rpmbuild, rpm, rpm2cpio or cpio is not installed (Debian package: rpm)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not HAVE_RPMBUILD,
+        reason="rpmbuild, rpm, rpm2cpio or cpio is not installed (Debian package: rpm)",
+    ),
+    # The package is built once per module: its tests stay on one pytest-xdist worker.
+    pytest.mark.xdist_group("rpm"),
+]
 
 FEDORA_REQUIRES = (
     "python3-tpm2-pytss",

@@ -41,7 +41,8 @@ from qubes_seal.luks.container import Container
 from qubes_seal.secret import Secret
 from qubes_seal.sim.swtpm import Swtpm
 
-pytestmark = pytest.mark.vm
+# One group for both VM modules (pytest-xdist, ./run-tests): one VM at a time, on one worker.
+pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
 
 HERE = Path(__file__).resolve().parent
 TEST_MODULE = HERE / "dracut" / "99qubes-seal-vmtest"
