@@ -826,11 +826,35 @@ def rotate_domain(keystore: Any, name: str, *, qube_uuid: str | None = None) -> 
     return entry
 
 
-def commit_domain(keystore: Any, name: str, *, qube_uuid: str | None = None) -> Any:
-    """Forget the previous key of ``name`` (the volume was re-encrypted with the new one)."""
+def commit_domain(
+    keystore: Any, name: str, *, qube_uuid: str | None = None, force: bool = False
+) -> Any:
+    """Forget the previous key of ``name`` (the volume was re-encrypted with the new one).
+
+    Refused while a pool volume of the qube is recorded on another key than the current one
+    (:mod:`qubes_seal.keystore.volumes`): it would open with no key kept.  ``force`` commits
+    anyway (the volume no longer exists, or its loss is accepted)."""
+    from .keystore import volumes
+
     entry = keystore.get(name, qube_uuid=qube_uuid)
     if PREVIOUS not in entry.extra:
         raise UsageError(f"{name} has no rotation pending: nothing to commit")
+    behind = volumes.behind(entry)
+    if behind and not force:
+        listed = ", ".join(
+            f"{rec.name} ("
+            + ("its key unknown since a revert" if rec.key_id == volumes.UNKNOWN
+               else "still on the previous key") + ")"
+            for rec in behind
+        )  # fmt: skip
+        raise UsageError(
+            f"{name}: not every pool volume was re-keyed: {listed}; the commit would destroy "
+            "the only key that opens them",
+            hint=f"Start the qube once and shut it down (the pool re-keys each volume at start "
+            f"and keeps it at stop), or for a halted qube run 'python3 -m qubes_seal.qubes_pool "
+            f"rekey {name} --uuid UUID --volume PATH' for each; 'qubes-seal domain show {name}' "
+            "lists the volumes.  --force commits anyway (a volume that no longer exists).",
+        )
     del entry.extra[PREVIOUS]
     keystore.keys_removed = True  # the next store overwrites both slots: no copy remains
     return entry

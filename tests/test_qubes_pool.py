@@ -552,7 +552,8 @@ def test_domain_rotation_rekeys_pool_volumes(
     new key and loses the old one (at the qube's next start, or with ``python -m
     qubes_seal.qubes_pool rekey`` for a halted qube); the data area is never touched; a
     re-key killed between the add and the kill leaves a volume that opens with either key,
-    and running it again completes it; after ``--commit`` the old key opens nothing."""
+    and running it again completes it; ``--commit`` is refused while a volume is recorded
+    on the previous key (it would be lost), and after it the old key opens nothing."""
     app = new_app(tmp_path)
 
     async def go() -> None:
@@ -563,6 +564,8 @@ def test_domain_rotation_rekeys_pool_volumes(
         old_key = key_of(keyd, tpl)
         private, root = inner_file(tpl.volumes["private"]), inner_file(tpl.volumes["root"])
         data = {p: sha(p, pool_mod.HEADER_BYTES) for p in (private, root)}
+        # create recorded which key each origin volume opens with (the keystore's record)
+        assert on_current(keyd, tpl) == {"private": True, "root": True}
 
         # no rotation pending: nothing to do
         res = rekey_cmd(keyd, tpl, private)
@@ -578,6 +581,25 @@ def test_domain_rotation_rekeys_pool_volumes(
         new_key = key_of(keyd, tpl)
         assert new_key != old_key
         await tpl.storage.verify()  # still starts: the previous key is served meanwhile
+        assert on_current(keyd, tpl) == {"private": False, "root": False}
+
+        # a commit now would destroy the only key that opens both volumes: refused, and
+        # nothing changed (the previous key is still kept and served)
+        keyd.stop()
+        res = box.cli("domain", "rotate", "tpl", "--uuid", str(tpl.uuid), "--commit")
+        assert res.code == 2, res.out + res.err
+        assert (
+            "not every pool volume was re-keyed: private (still on the previous key), "
+            "root (still on the previous key)" in res.err
+        )
+        assert "qubes_seal.qubes_pool rekey tpl" in res.err and "--force" in res.err
+        res = box.cli("domain", "rotate", "tpl", "--uuid", str(tpl.uuid), "--force")
+        assert res.code == 2 and "--force goes with --commit only" in res.err
+        res = box.cli("domain", "show", "tpl", "--uuid", str(tpl.uuid))
+        assert res.code == 0 and "pool volume root (LUKS2 " in res.out
+        assert "not re-keyed yet" in res.out and "rotation pending: previous key" in res.out
+        keyd.start()
+        assert key_of(keyd, tpl) == new_key
 
         # an AppVM's root (a snapshot of the template's, not re-keyed yet) opens with the
         # template's previous key meanwhile; the copy is thrown away at stop, never re-keyed
@@ -596,9 +618,15 @@ def test_domain_rotation_rekeys_pool_volumes(
         res = rekey_cmd(keyd, tpl, private)  # run again: completes
         assert res.returncode == 0, res.stdout + res.stderr
         assert "re-keyed" in res.stdout and "--commit" in res.stdout
+        assert "recorded as tpl's volume private, on the current key" in res.stdout
         assert opens(private, new_key) and not opens(private, old_key)
         res = rekey_cmd(keyd, tpl, private)
         assert res.returncode == 0 and "nothing to do" in res.stdout
+        assert on_current(keyd, tpl) == {"private": True, "root": False}
+        keyd.stop()
+        res = box.cli("domain", "rotate", "tpl", "--uuid", str(tpl.uuid), "--commit")
+        assert res.code == 2 and "re-keyed: root (still on the previous key);" in res.err
+        keyd.start()
 
         # the other volume at the qube's next start: the driver re-keys before it opens
         vol = tpl.volumes["root"]
@@ -610,6 +638,7 @@ def test_domain_rotation_rekeys_pool_volumes(
             await vol.start()
             await vol.stop()
         assert opens(root, new_key) and not opens(root, old_key)
+        assert on_current(keyd, tpl) == {"private": True, "root": True}  # noted at stop
         await vol._check_ours(root)  # two keyslots on the way, one at the end: still ours
         for p in (private, root):  # keyslots only: no byte of the data area changed
             assert sha(p, pool_mod.HEADER_BYTES) == data[p]
@@ -624,6 +653,52 @@ def test_domain_rotation_rekeys_pool_volumes(
                                 which="previous")  # fmt: skip
 
     run(go())
+
+
+def test_volume_records_in_the_key_service(keyd: Daemon, box: Box) -> None:
+    """The ``volume`` request (root): what it records, what it refuses, and that the record
+    survives a restart (it is in the container's keystore)."""
+    import uuid
+
+    added = client.call(keyd.socket, {"op": "add", "name": "work"})["added"]
+    luks = str(uuid.uuid4())
+
+    def vol(**doc: Any) -> dict[str, Any]:
+        try:
+            return client.call(keyd.socket, {"op": "volume", "name": "work", **doc})
+        except client.ServiceRefused as exc:
+            return {"ok": False, "error": exc.name, "message": exc.message}
+
+    ok = vol(volume="private", luks_uuid=luks, key_id=added["key_id"])
+    assert ok == {"ok": True, "volume": "private", "changed": True}
+    assert vol(volume="private", luks_uuid=luks, key_id=added["key_id"])["changed"] is False
+    assert vol(luks_uuid=luks, key_id=added["key_id"])["volume"] == "private"  # by UUID
+    for bad, why in (
+        ({"volume": "../x", "luks_uuid": luks, "key_id": added["key_id"]}, "volume name"),
+        ({"volume": "root", "luks_uuid": "nope", "key_id": added["key_id"]}, "UUID"),
+        ({"volume": "root", "luks_uuid": luks, "key_id": "k-other"}, "neither the current"),
+        ({"volume": "root", "luks_uuid": luks}, "needs a key_id"),
+        ({"key_id": added["key_id"]}, "a volume or a luks_uuid"),
+        ({"volume": 5, "forget": True}, "volume name"),
+    ):
+        refused = vol(**bad)
+        assert refused["error"] == "bad-request" and why in refused["message"], (bad, refused)
+    keyd.stop()
+    keyd.start()
+    shown = client.call(keyd.socket, {"op": "show", "name": "work"})["domain"]
+    assert [(v["volume"], v["luks_uuid"], v["on_current_key"]) for v in shown["volumes"]] == [
+        ("private", luks, True)
+    ]
+    assert vol(volume="private", forget=True)["changed"] is True
+    assert "volumes" not in client.call(keyd.socket, {"op": "show", "name": "work"})["domain"]
+    refused = vol(volume="private", forget=True, name="nobody")
+    assert refused["error"] == "no-key"
+
+
+def on_current(d: Daemon, vm: Any) -> dict[str, bool]:
+    """The keystore's record of ``vm``'s pool volumes: on the current key or not."""
+    answer = client.call(d.socket, {"op": "show", "name": vm.name, "qube_uuid": str(vm.uuid)})
+    return {v["volume"]: v["on_current_key"] for v in answer["domain"].get("volumes", [])}
 
 
 def test_rekey_refusals(tmp_path: Path) -> None:

@@ -250,7 +250,10 @@ def register(sub: Any) -> None:
         "  qubes-seal domain rotate work --uuid 6f1b...   (new key; the previous one is kept\n"
         "         and served to the storage domain, for 'qubes-seal-storage-agent rekey work')\n"
         "  qubes-seal domain rotate work --uuid 6f1b... --commit   (after the rekey: the\n"
-        "                                                 previous key is destroyed)",
+        "                                                 previous key is destroyed)\n\n"
+        "A qube of the qubes_seal pool: its volumes are re-keyed at its next start (kept at\n"
+        "its stop); the commit is refused while one is recorded on the previous key\n"
+        "('domain show' lists them; docs/QUBES-POOL.md).",
     )
     dsub = p.add_subparsers(dest="domain_command", metavar="ACTION", required=True)
     for name, help_ in (
@@ -275,8 +278,14 @@ def register(sub: Any) -> None:
         if name == "rotate":
             dp.add_argument(
                 "--commit", action="store_true",
-                help="the volume now uses the new key (qubes-seal-storage-agent rekey): "
-                "destroy the previous one",
+                help="the volume now uses the new key (qubes-seal-storage-agent rekey; a pool "
+                "qube: started and shut down once): destroy the previous one; refused while a "
+                "pool volume of the qube is recorded on the previous key",
+            )  # fmt: skip
+            dp.add_argument(
+                "--force", action="store_true",
+                help="with --commit: commit even though pool volumes are not re-keyed (they "
+                "are lost: only for volumes that no longer exist)",
             )  # fmt: skip
         if name in ("remove", "rotate"):
             # Both re-sign the accepted states afterwards (older copies revoked): the same
@@ -683,8 +692,11 @@ def _cmd_domain(args: argparse.Namespace, journal: Any) -> int:
             elif action == "rotate":
                 from .. import rotate
 
+                if args.force and not args.commit:
+                    raise UsageError("--force goes with --commit only")
                 if args.commit:
-                    entry = rotate.commit_domain(ks, str(name), qube_uuid=qube_uuid)
+                    entry = rotate.commit_domain(ks, str(name), qube_uuid=qube_uuid,
+                                                 force=args.force)  # fmt: skip
                 else:
                     entry = rotate.rotate_domain(ks, str(name), qube_uuid=qube_uuid)
                 unlocked.save()
@@ -747,8 +759,16 @@ def _cmd_domain(args: argparse.Namespace, journal: Any) -> int:
             f"domain rotate {name} --commit' here"
         )
     else:
-        shown = {k: v for k, v in doc["domain"].items() if k != "rotation_pending"}
+        shown = {k: v for k, v in doc["domain"].items()
+                 if k not in ("rotation_pending", "volumes")}  # fmt: skip
         text = "\n".join(f"{k}: {v}" for k, v in shown.items())
+        for vol in doc["domain"].get("volumes", []):
+            state = (
+                "on the current key"
+                if vol["on_current_key"]
+                else f"on key {vol['key_id']}, not the current one: not re-keyed yet"
+            )
+            text += f"\npool volume {vol['volume']} (LUKS2 {vol['luks_uuid']}): {state}"
         pending = doc["domain"].get("rotation_pending")
         text += "\nrotation pending: " + (
             "no"

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import re
 import stat
+import uuid as uuid_mod
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ import qubes.utils
 
 from ..errors import QubesSealError
 from ..journal import crash_point
+from ..keystore import volumes
 from ..secret import Secret
 from ..service import client
 from ..service.protocol import DEFAULT_SOCKET
@@ -64,6 +67,8 @@ ZERO_BYTES = 16 << 20
 COPY_CHUNK = 1 << 20
 CRYPTSETUP_TIMEOUT = 60.0
 _POOL_NAME = re.compile(r"\A[A-Za-z0-9_.-]+\Z")
+
+log = logging.getLogger("qubes_seal.qubes_pool")
 
 
 class PoolError(QubesSealError, qubes.exc.StoragePoolException):  # type: ignore[misc]
@@ -435,7 +440,11 @@ class EncryptedVolume(qubes.storage.Volume):  # type: ignore[misc]
         #: export()'s plaintext path -> (its mapping or zero file, the inner export path)
         self._exports: dict[str, tuple[str, str]] = {}
         #: import_data()'s (mapping name, inner import path, size) until import_data_end
-        self._importing: tuple[str, str, int] | None = None
+        # an import in progress: its mapping, inner path, size, new LUKS2 UUID and key id
+        self._importing: tuple[str, str, int, str, str] | None = None
+        # re-keyed at this start: (LUKS2 UUID, key id) recorded at the stop that keeps it
+        self._rekeyed: tuple[str | None, str] | None = None
+        self._luks_uuid: str | None = None  # read from the header at start
 
     # -- what it is ---------------------------------------------------------------------------
 
@@ -486,10 +495,15 @@ class EncryptedVolume(qubes.storage.Volume):  # type: ignore[misc]
 
     async def _key_info(self, which: str = "current") -> tuple[Secret, bool]:
         """``which`` key (current or previous), and whether a rotation is pending."""
+        found = await self._key_answer(which)
+        return found.key, found.rotation_pending
+
+    async def _key_answer(self, which: str = "current") -> client.KeyAnswer:
+        """``which`` key with its id and whether a rotation is pending; clear errors."""
         socket_path = self.pool_typed.key_socket
         try:
             return await asyncio.to_thread(
-                client.get_key_info,
+                client.get_key_answer,
                 socket_path,
                 self.key_name,
                 caller=CALLER,
@@ -540,18 +554,36 @@ class EncryptedVolume(qubes.storage.Volume):  # type: ignore[misc]
         except client.ServiceRefused as exc:
             raise self._refusal(exc) from None
 
-    async def _key_or_new(self) -> Secret:
+    async def _key_or_new(self) -> client.KeyAnswer:
         """The qube's key; made in the keystore (``add``, bound to the qube's UUID) first
         when it has none (one at a time per qube: qubesd creates its volumes concurrently)."""
         lock = self.pool_typed._key_locks.setdefault(self.key_name, asyncio.Lock())
         async with lock:
             try:
-                return await self._key()
+                return await self._key_answer()
             except PoolError as exc:
                 if "no qubes-seal key" not in exc.message:
                     raise
             await self._admin({"op": "add", "name": self.key_name, "qube_uuid": self.key_uuid})
-            return await self._key()
+            return await self._key_answer()
+
+    async def _note(self, luks_uuid: str | None, key_id: str, *, forget: bool = False) -> None:
+        """Tell the key service which key this origin volume opens with now (or ``forget``
+        it): the record that makes ``domain rotate --commit`` refuse while a volume is not
+        re-keyed (:mod:`qubes_seal.keystore.volumes`).  Best effort: a record not written
+        leaves the commit refusing (a re-keyed volume still on the previous key's record)
+        or the volume recorded at its next start; never a failed start or stop."""
+        try:
+            await asyncio.to_thread(
+                client.note_volume, self.pool_typed.key_socket, self.key_name,
+                qube_uuid=self.key_uuid, volume=self.name, luks_uuid=luks_uuid,
+                key_id=key_id, forget=forget,
+            )  # fmt: skip
+        except (client.ServiceRefused, client.ServiceUnreachable) as exc:
+            if forget and getattr(exc, "name", None) == "no-key":
+                return  # the qube's key is gone, and its records with it
+            log.warning("%s:%s: the key service did not record which key the volume opens "
+                        "with: %s", self.qube, self.name, exc.message)  # fmt: skip
 
     # -- cryptsetup --------------------------------------------------------------------------
 
@@ -573,13 +605,17 @@ class EncryptedVolume(qubes.storage.Volume):  # type: ignore[misc]
         if not isinstance(metadata, dict):
             raise PoolError(f"{where}: unreadable LUKS2 metadata")
         check_header(metadata, where)
+        self._luks_uuid = header.uuid
         return bool(header.primary.subsystem == FRESH)
 
-    async def _format(self, path: str, key: Secret, *, fresh: bool = True) -> None:
+    async def _format(self, path: str, key: Secret, *, fresh: bool = True) -> str:
         """A new LUKS2 volume (a new random volume key) at ``path``, its keyslot opened by
-        ``key``; ``fresh``: marked so that the first start zeroes the start of its plaintext."""
+        ``key``; ``fresh``: marked so that the first start zeroes the start of its plaintext.
+        Returns its LUKS2 UUID."""
+        luks_uuid = str(uuid_mod.uuid4())
         code, _, err = await cryptsetup(
             "luksFormat", "--batch-mode", "--type", "luks2", "--cipher", CIPHER,
+            "--uuid", luks_uuid,
             "--key-size", str(VOLUME_KEY_BITS), "--sector-size", str(SECTOR_SIZE),
             "--offset", str(DATA_OFFSET_SECTORS), *PBKDF,
             "--label", f"{LABEL_PREFIX}{self.key_name}",
@@ -589,6 +625,7 @@ class EncryptedVolume(qubes.storage.Volume):  # type: ignore[misc]
         )  # fmt: skip
         if code != 0:
             raise PoolError(f"{self.qube}:{self.name}: luksFormat failed: {err.strip()}")
+        return luks_uuid
 
     async def _zero_start(self, mapped: str) -> None:
         """Zeros over the first ZERO_BYTES of the plaintext (through the mapping)."""
@@ -630,30 +667,36 @@ class EncryptedVolume(qubes.storage.Volume):  # type: ignore[misc]
                             f"{err.strip()}")  # fmt: skip
 
     async def _opening_key(self, path: str) -> Secret:
-        """The key that opens ``path`` now.  While a rotation of the key is pending, an
-        origin volume (writable) is re-keyed first (:func:`rekey_path`: the current key
-        added, the previous one's keyslot killed; crash-safe, decided from the header); a
-        snapshot or read-only copy is opened with whichever key opens it (its origin is
-        re-keyed when its own qube starts)."""
-        key, pending = await self._key_info()
-        if not pending:
-            return key
+        """The key that opens ``path`` now (:meth:`_opening`)."""
+        return (await self._opening(path))[0]
+
+    async def _opening(self, path: str) -> tuple[Secret, str, bool]:
+        """The key that opens ``path`` now, its id, and whether the volume was re-keyed.
+        While a rotation of the key is pending, an origin volume (writable) is re-keyed
+        first (:func:`rekey_path`: the current key added, the previous one's keyslot killed;
+        crash-safe, decided from the header); a snapshot or read-only copy is opened with
+        whichever key opens it (its origin is re-keyed when its own qube starts)."""
+        current = await self._key_answer()
+        key, key_id = current.key, current.key_id
+        if not current.rotation_pending:
+            return key, key_id, False
         try:
-            previous, _ = await self._key_info("previous")
+            prev = await self._key_answer("previous")
         except PoolError as exc:
             if "no qubes-seal key" in exc.message:  # committed meanwhile
-                return key
+                return key, key_id, False
             key.wipe()
             raise
+        previous = prev.key
         try:
             if self.save_on_stop and self.rw:
-                await rekey_path(path, previous=previous, current=key,
-                                 where=f"{self.qube}:{self.name}")  # fmt: skip
-                return key
+                changed = await rekey_path(path, previous=previous, current=key,
+                                           where=f"{self.qube}:{self.name}")  # fmt: skip
+                return key, key_id, changed
             if await slot_of(path, key) is None and await slot_of(path, previous) is not None:
                 key.wipe()
-                return Secret(bytes(previous.reveal()))
-            return key
+                return Secret(bytes(previous.reveal())), prev.key_id, False
+            return key, key_id, False
         except BaseException:
             key.wipe()
             raise
@@ -670,15 +713,16 @@ class EncryptedVolume(qubes.storage.Volume):  # type: ignore[misc]
         await qubes.utils.coro_maybe(self.inner.create())
         if self.volatile or self.snap_on_start:
             return self  # Qubes' ephemeral key / the origin's LUKS volume at start
-        key = await self._key_or_new()
+        found = await self._key_or_new()
         try:
             await qubes.utils.coro_maybe(self.inner.start())
             try:
-                await self._format(self.inner.block_device().path, key)
+                luks_uuid = await self._format(self.inner.block_device().path, found.key)
             finally:
                 await qubes.utils.coro_maybe(self.inner.stop())
         finally:
-            key.wipe()
+            found.key.wipe()
+        await self._note(luks_uuid, found.key_id)
         return self
 
     @qubes.storage.Volume.locked  # type: ignore[untyped-decorator]
@@ -688,12 +732,16 @@ class EncryptedVolume(qubes.storage.Volume):  # type: ignore[misc]
             return self
         path = self.inner.block_device().path
         fresh = await self._check_ours(path)
-        key = await self._opening_key(path)
+        key, key_id, rekeyed = await self._opening(path)
+        if self.save_on_stop and self.rw and rekeyed:
+            self._rekeyed = (self._luks_uuid, key_id)  # recorded at the stop that keeps it
         try:
             await self._close_mapping()  # a stale mapping of an unclean stop
             await self._open(path, self.mapping, key, readonly=not self.rw)
         finally:
             key.wipe()
+        if self.save_on_stop and self.rw and self._rekeyed is None:
+            await self._note(self._luks_uuid, key_id)  # the committed volume opens with it
         if self.rw and fresh:
             # never written since create: the qube must see an empty volume, not the
             # decryption of the inner pool's zeros (Qubes formats an all-zero private)
@@ -716,6 +764,9 @@ class EncryptedVolume(qubes.storage.Volume):  # type: ignore[misc]
             await self._close_mapping()
             await self._close_stale()
         await qubes.utils.coro_maybe(self.inner.stop())
+        if self._rekeyed is not None:  # the inner pool kept the re-keyed volume
+            (luks_uuid, key_id), self._rekeyed = self._rekeyed, None
+            await self._note(luks_uuid, key_id)
         return self
 
     async def _close_stale(self) -> None:
@@ -755,6 +806,8 @@ class EncryptedVolume(qubes.storage.Volume):  # type: ignore[misc]
                         f": {exc.message}",
                         hint=f"run 'qubes-seal domain remove {self.key_name}' once unlocked",
                     ) from None
+        elif self.save_on_stop:  # the qube keeps its key: this volume's record goes
+            await self._note(None, "", forget=True)
         return self
 
     async def _can_destroy_key(self) -> None:
@@ -810,8 +863,12 @@ class EncryptedVolume(qubes.storage.Volume):  # type: ignore[misc]
     async def revert(self, revision: object = None) -> EncryptedVolume:
         """The inner pool's revert: its revisions are ciphertext under the same key.  (The
         oldest may be the image from before ``luksFormat``: reverting to it gives a volume
-        that ``start`` refuses as not LUKS2, never one used in the clear.)"""
+        that ``start`` refuses as not LUKS2, never one used in the clear.)  An older revision
+        may hold only the previous key's keyslot of a rotation: the volume's record says
+        ``unknown`` until its next start, so a commit meanwhile is refused."""
         await qubes.utils.coro_maybe(self.inner.revert(revision))
+        if self.save_on_stop:
+            await self._note(None, volumes.UNKNOWN)
         return self
 
     # -- data paths: plaintext in and out through a mapping, never in the clear on disk ------
@@ -914,9 +971,10 @@ class EncryptedVolume(qubes.storage.Volume):  # type: ignore[misc]
                     hint="use an inner pool that imports into a file or a block device "
                     "(file-reflink, lvm_thin, zfs)",
                 )
-            key = await self._key()
+            found = await self._key_answer()
+            key = found.key
             try:
-                await self._format(inner_path, key, fresh=False)
+                luks_uuid = await self._format(inner_path, key, fresh=False)
                 await self._close(name)  # a stale mapping of an interrupted import
                 await self._open(inner_path, name, key, readonly=False)
             finally:
@@ -929,7 +987,7 @@ class EncryptedVolume(qubes.storage.Volume):  # type: ignore[misc]
         except BaseException:
             await qubes.utils.coro_maybe(self.inner.import_data_end(False))
             raise
-        self._importing = (name, inner_path, size)
+        self._importing = (name, inner_path, size, luks_uuid, found.key_id)
         return f"/dev/mapper/{name}"
 
     async def _import_end(self, success: bool) -> None:
@@ -940,7 +998,7 @@ class EncryptedVolume(qubes.storage.Volume):  # type: ignore[misc]
             if success:
                 raise PoolError(f"{self.qube}:{self.name}: no import in progress")
             return
-        name, _, size = state
+        name, _, size, luks_uuid, key_id = state
         closed = False
         try:
             await self._close(name)
@@ -949,6 +1007,7 @@ class EncryptedVolume(qubes.storage.Volume):  # type: ignore[misc]
             await qubes.utils.coro_maybe(self.inner.import_data_end(success and closed))
         if success:
             self._size = size
+            await self._note(luks_uuid, key_id)  # the imported volume is a new LUKS2 volume
 
     @qubes.storage.Volume.locked  # type: ignore[untyped-decorator]
     async def import_volume(self, src_volume: Any) -> EncryptedVolume:

@@ -11,6 +11,7 @@ import os
 import random
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,32 @@ def get_key_info(
 ) -> tuple[Secret, bool]:
     """:func:`get_key` for ``which`` key (``"current"`` or ``"previous"``), and whether a
     rotation of ``domain`` is pending (said with the current key)."""
+    found = get_key_answer(path, domain, caller=caller, qube_uuid=qube_uuid, which=which,
+                           timeout=timeout)  # fmt: skip
+    return found.key, found.rotation_pending
+
+
+@dataclass
+class KeyAnswer:
+    """A key from the service: the key (the caller wipes it), its id, and whether a rotation
+    of its domain is pending (said with the current key)."""
+
+    key: Secret
+    key_id: str
+    rotation_pending: bool
+
+
+def get_key_answer(
+    path: Path,
+    domain: str,
+    *,
+    caller: str,
+    qube_uuid: str | None = None,
+    which: str = CURRENT,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> KeyAnswer:
+    """:func:`get_key_info` with the key's id (the pool driver records which key each
+    volume opens with: :mod:`qubes_seal.keystore.volumes`)."""
     doc: dict[str, Any] = {"op": "get-key", "caller": caller, "domain": domain}
     if qube_uuid is not None:
         doc["qube_uuid"] = qube_uuid
@@ -171,10 +198,36 @@ def get_key_info(
         raise ServiceUnreachable(
             f"the key service on {path} answered badly: not the key of {domain}"
         )
+    key_id = answer.get("key_id")
     try:
-        return Secret(bytes.fromhex(key_hex)), answer.get("rotation_pending") is True
+        key = Secret(bytes.fromhex(key_hex))
     except ValueError:
         raise ServiceUnreachable(f"the key service on {path} answered badly: no key") from None
+    return KeyAnswer(key, key_id if isinstance(key_id, str) else "",
+                     answer.get("rotation_pending") is True)  # fmt: skip
+
+
+def note_volume(
+    path: Path,
+    domain: str,
+    *,
+    qube_uuid: str | None,
+    volume: str | None,
+    luks_uuid: str | None = None,
+    key_id: str | None = None,
+    forget: bool = False,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> dict[str, Any]:
+    """The ``volume`` request (root): which key ``volume`` of ``domain`` opens with now, or
+    ``forget`` its record (:mod:`qubes_seal.keystore.volumes`)."""
+    doc: dict[str, Any] = {"op": "volume", "name": domain, "qube_uuid": qube_uuid}
+    if volume is not None:
+        doc["volume"] = volume
+    if forget:
+        doc["forget"] = True
+    else:
+        doc.update(luks_uuid=luks_uuid, key_id=key_id)
+    return call_retrying(path, doc, timeout=timeout)
 
 
 def status(path: Path, *, timeout: float = 2.0) -> dict[str, Any] | None:

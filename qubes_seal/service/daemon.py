@@ -63,6 +63,7 @@ from typing import Any
 
 from .. import handover
 from ..errors import CorruptState, QubesSealError, UsageError
+from ..keystore import volumes
 from ..keystore.errors import QubeUuidMismatch, UnknownDomain
 from ..keystore.names import name_problem, normalise_uuid
 from . import config as config_mod
@@ -132,6 +133,9 @@ def domain_view(entry: Any) -> dict[str, Any]:
     """The public view of a keystore entry, and whether a rotation is pending:
     ``rotation_pending`` is None, or the previous key's id, generation and rotation time."""
     view: dict[str, Any] = entry.public_view()
+    recorded = volumes.view(entry)
+    if recorded:
+        view["volumes"] = recorded  # the pool's record: which key each volume opens with
     prev = entry.extra.get(PREVIOUS_KEY)
     view["rotation_pending"] = (
         None
@@ -456,6 +460,8 @@ class KeyService:
                         answer["key"] = entry.key.reveal().hex()
                         log.warning("admin %s: key of %s shown to %s", op, name, peer)
                     return answer
+                if op == "volume":
+                    return self._volume(ks, str(name), qube_uuid, request, peer)
                 if op == "add":
                     entry = ks.add(name, qube_uuid=qube_uuid)
                     self._save(op, name)
@@ -471,6 +477,31 @@ class KeyService:
                 return error("no-key", exc.message)
             except UsageError as exc:
                 return error("bad-request", exc.message)
+
+    def _volume(
+        self, ks: Any, name: str, qube_uuid: str | None, request: dict[str, Any], peer: Peer
+    ) -> dict[str, Any]:
+        """The pool driver's word on which key a volume of ``name`` opens with now
+        (:mod:`qubes_seal.keystore.volumes`): ``{"volume": NAME or "luks_uuid" alone,
+        "luks_uuid", "key_id"}``, or ``{"volume", "forget": true}``.  Written only when the
+        record changes."""
+        entry = ks.get(name, qube_uuid=qube_uuid)
+        volume, luks_uuid, key_id = (request.get(k) for k in ("volume", "luks_uuid", "key_id"))
+        if request.get("forget") is True:
+            changed = volumes.forget(entry, volume)
+        elif not isinstance(key_id, str) or not (
+            isinstance(luks_uuid, str) or (luks_uuid is None and volume is not None)
+        ):
+            raise UsageError("a volume record needs a key_id, and a volume or a luks_uuid")
+        elif volume is None:
+            volume, changed = volumes.note_by_uuid(entry, str(luks_uuid), key_id=key_id)
+        else:
+            changed = volumes.note(entry, volume, luks_uuid=luks_uuid, key_id=key_id)
+        if changed:
+            self._save("volume", name)
+            log.info("admin volume %s:%s by %s: key id %s%s", name, volume, peer,
+                     key_id, " (forgotten)" if request.get("forget") is True else "")  # fmt: skip
+        return {"ok": True, "volume": volume, "changed": changed}
 
     def _save(self, op: str, name: object) -> None:
         """Persist the keystore; on failure read it back, so memory matches the container."""

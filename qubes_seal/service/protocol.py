@@ -11,6 +11,10 @@ Requests::
     {"op": "add", "name": "work", "qube_uuid": "..." | null}                  (admin: uid 0)
     {"op": "remove", "name": "work"}                                         (admin: uid 0)
     {"op": "show", "name": "work", "qube_uuid": ... , "show_key": false}      (admin: uid 0)
+    {"op": "volume", "name": "work", "qube_uuid": ..., "volume": "private",
+     "luks_uuid": "...", "key_id": "..."}    (admin: the pool driver's record of which key
+                                             a volume opens with; "volume" omitted: the
+                                             record with that luks_uuid; "forget": true)
 
 ``which`` is optional: ``"current"`` (the default) asks for the domain's key,
 ``"previous"`` for the key it had before ``qubes-seal domain rotate`` while that rotation is
@@ -71,7 +75,7 @@ ERRORS = {
     "internal": EXIT_ERROR,
 }
 
-ADMIN_OPS = frozenset({"status", "list", "add", "remove", "show", "reload", "lock"})
+ADMIN_OPS = frozenset({"status", "list", "add", "remove", "show", "reload", "lock", "volume"})
 
 
 def encode(doc: dict[str, Any]) -> bytes:

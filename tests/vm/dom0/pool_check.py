@@ -18,8 +18,10 @@ the host tests) over a file-reflink inner pool in DIR, and proves, each as a fac
 * import_data (restore): written through a mapping, only ciphertext in the inner pool;
 * clone (qvm-clone, admin.vm.volume.CloneTo): its own key, the same plaintext;
 * rotation (``qubes-seal domain rotate``, the daemon stopped and started around it by
-  systemctl): the driver re-keys at start, the data stays, the old key opens nothing after
-  ``--commit``;
+  systemctl): the driver re-keys at start, the data stays; ``--commit`` refused while the
+  template's root is not re-keyed; the ``rekey`` command re-keys and records it; the old key
+  opens nothing after ``--commit``;
+* the keystore's record (what the commit checks): an import's and a clone's new LUKS2 UUID;
 * remove: the key destroyed, a copy of the ciphertext then opens with nothing served, the
   start refused;
 * timings: per volume, the driver's start (key request + ``cryptsetup open``) against the
@@ -51,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[3]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from qubes_seal.luks.header import read_header  # noqa: E402
 from qubes_seal.secret import Secret  # noqa: E402
 from qubes_seal.service import client  # noqa: E402
 from qubes_seal.service import config as config_mod  # noqa: E402
@@ -130,6 +133,15 @@ class Check:
         self.facts[name] = value
         if not ok:
             self.failed.append(name)
+
+    def recorded(self, vm: Any, path: str) -> bool:
+        """The keystore's record of ``vm``'s private volume: the header's LUKS2 UUID, on the
+        current key (what ``domain rotate --commit`` checks)."""
+        shown = client.request(self.socket, {"op": "show", "name": vm.name,
+                                             "qube_uuid": str(vm.uuid)})  # fmt: skip
+        recs = {v["volume"]: v for v in shown.get("domain", {}).get("volumes", [])}
+        rec = recs.get("private", {})
+        return rec.get("luks_uuid") == read_header(Path(path)).uuid and rec.get("on_current_key")
 
     def key(self, vm: Any) -> Secret:
         return client.get_key(self.socket, vm.name, caller="dom0", qube_uuid=str(vm.uuid))
@@ -267,6 +279,8 @@ class Check:
         self.fact("import_not_in_clear", not contains(importing, TAG),
                   not contains(importing, TAG))  # fmt: skip
         await vm.storage.import_data_end("private", True)
+        ok = self.recorded(vm, clean)  # a new LUKS2 volume: its UUID on record
+        self.fact("import_recorded", ok, ok)
         await vol.start()
         ok = read_at(dev, MIB, len(two)) == two and not contains(vol.inner.path, TAG)
         await vol.stop()
@@ -287,6 +301,8 @@ class Check:
         ok = read_at(dst.block_device().path, MIB, len(two)) == two
         await dst.stop()
         self.fact("clone_same_plaintext", ok, ok and not contains(cclean, TAG))
+        ok = self.recorded(clone, cclean)
+        self.fact("clone_recorded", ok, ok)
         await clone.storage.remove()
 
         # rotation: qubes-seal domain rotate (the daemon stopped around it), re-keyed at start
@@ -325,6 +341,26 @@ class Check:
             clean = vol.inner._path_clean
             out["new_key_opens"] = opens(clean, new)
             out["old_key_refused"] = not opens(clean, old)
+            # the template's root was not started: a commit now would lose it, refused
+            daemon("stop")
+            res = qs("domain", "rotate", vm.name, "--uuid", str(vm.uuid), "--commit")
+            daemon("start")
+            out["commit_refused_root_not_rekeyed"] = (
+                res.returncode == 2 and "root (still on the previous key)" in res.stderr
+            )
+            # the halted qube's root re-keyed by the command, which records it
+            rekey = subprocess.run(
+                [sys.executable, "-m", "qubes_seal.qubes_pool", "rekey", vm.name, "--uuid",
+                 str(vm.uuid), "--socket", str(self.socket), "--volume",
+                 vm.volumes["root"].inner._path_clean],
+                capture_output=True, text=True, timeout=120,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},  # qubesd's stack
+            )  # fmt: skip
+            out["root_rekeyed_and_recorded"] = rekey.returncode == 0 and (
+                f"recorded as {vm.name}'s volume root, on the current key" in rekey.stdout
+            )
+            if not out["root_rekeyed_and_recorded"]:
+                out["rekey_output"] = (rekey.stdout + rekey.stderr)[-1500:]
             daemon("stop")
             res = qs("domain", "rotate", vm.name, "--uuid", str(vm.uuid), "--commit")
             daemon("start")
@@ -335,9 +371,9 @@ class Check:
             new.wipe()
         except Exception as exc:  # reported, never a traceback instead of the line
             out["error"] = f"{type(exc).__name__}: {exc}"
-        out["ok"] = all(out.get(k) is True for k in ("data_kept", "new_key_opens",
-                                                     "old_key_refused", "committed",
-                                                     "starts_after_commit"))  # fmt: skip
+        out["ok"] = all(out.get(k) is True for k in (
+            "data_kept", "new_key_opens", "old_key_refused", "commit_refused_root_not_rekeyed",
+            "root_rekeyed_and_recorded", "committed", "starts_after_commit"))  # fmt: skip
         return out
 
 
