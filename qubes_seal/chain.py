@@ -291,7 +291,7 @@ def init(
     *,
     tcti: str,
     passphrase: Secret,
-    size_bytes: int,
+    size_bytes: int | None,
     pcrs: list[int],
     kdf_params: Any,
     recovery_pbkdf: Any,

@@ -22,6 +22,7 @@ import contextlib
 import os
 import re
 import shutil
+import stat
 import struct
 import subprocess
 import threading
@@ -877,15 +878,64 @@ def _container_path(ctx: Context) -> Path:
     return ctx.container if ctx.container is not None else ctx.path(DEFAULT_CONTAINER)
 
 
+PLACE_FIX = (
+    "Put the container on a partition labelled qubes-seal and link dom0's path to it: "
+    "docs/INSTALL.md, step 4 (qubes-seal init --container /dev/disk/by-partlabel/qubes-seal; "
+    "ln -s /dev/disk/by-partlabel/qubes-seal /var/lib/qubes-seal/keys.luks)."
+)
+
+
 def check_container(ctx: Context) -> Check:
+    """The container exists; and, once the initramfs has a boot.toml, it is the one the
+    initramfs opens, somewhere it can open it: before dom0's root volume is open, so not a
+    file on that root (a partition, reached from dom0's default path by a symbolic link)."""
     path = _container_path(ctx)
-    if path.exists():
+    if not os.path.lexists(path) or (not path.is_symlink() and not path.exists()):
+        return Check(
+            "container",
+            False,
+            f"no container at {path}",
+            "sudo qubes-seal init (once the checks above pass: it seals to this boot's "
+            "launch); on a partition: " + PLACE_FIX,
+        )
+    toml = ctx.path("etc/qubes-seal/boot.toml")
+    if not toml.exists():
         return Check("container", True, f"container {path}")
+    from .boot.sequence import BootConfig
+
+    try:
+        boot = BootConfig.load(toml).container
+    except QubesSealError as exc:
+        return Check("container", None, f"container {path}; not compared with {toml}: "
+                     f"{exc.message}")  # fmt: skip
+    if path.is_symlink():
+        target = os.readlink(path)
+        if target == boot or os.path.normpath(target) == os.path.normpath(boot):
+            return Check("container", True, f"container {path} -> {target}, the one the "
+                         "initramfs opens (boot.toml)")  # fmt: skip
+        return Check(
+            "container",
+            False,
+            f"dom0's tools use {path} -> {target}, but the initramfs opens {boot} (boot.toml)",
+            f'Make them one: ln -sfn {boot} {path} (or container = "{target}" in '
+            f"{toml}), then sudo dracut -f.",
+        )
+    same = str(path) == boot or (
+        ctx.on_this_machine and os.path.realpath(path) == os.path.realpath(boot)
+    )
+    if stat.S_ISBLK(path.stat().st_mode):
+        if same:
+            return Check("container", True, f"container {path}, the one the initramfs opens")
+        return Check("container", False, f"dom0's tools use {path}, but the initramfs opens "
+                     f"{boot} (boot.toml)", f"Make them one: container = \"{path}\" in "
+                     f"{toml}, then sudo dracut -f.")  # fmt: skip
+    where = "" if same else f" (and the initramfs opens {boot}, boot.toml)"
     return Check(
         "container",
         False,
-        f"no container at {path}",
-        "sudo qubes-seal init (once the checks above pass: it seals to this boot's launch).",
+        f"container {path} is a file on dom0's root{where}: the initramfs cannot open it "
+        "before that root is open",
+        PLACE_FIX,
     )
 
 

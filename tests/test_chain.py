@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from machine import CHEAP_KDF, PASSPHRASE, U1, U2, Box
 
 from qubes_seal import chain
 from qubes_seal.luks.container import Container
-from qubes_seal.sim.swtpm import configure_da
+from qubes_seal.sim.swtpm import Swtpm, configure_da
 from qubes_seal.sim.txt_launch import sample_modules, txt_launch
 from qubes_seal.tpm.device import Tpm
 
@@ -273,3 +275,57 @@ def test_dm_crypt_backend_is_refused_clearly_without_device_mapper(box: Box) -> 
     assert res.code != 0
     assert "dm-crypt" in res.err or "device-mapper" in res.err
     chain.lock(box.container)
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[Path]:
+    """A block device standing in for the container's partition (docs/INSTALL.md): a loop
+    device over a file of 20 MiB + 4 KiB (not the default size: init must use it whole)."""
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("a loop device needs root and losetup (util-linux)")
+    backing = tmp_path / "partition.img"
+    with open(backing, "wb") as f:
+        f.truncate((20 << 20) + 4096)
+    made = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True,
+                          text=True, timeout=30)  # fmt: skip
+    if made.returncode != 0:
+        pytest.skip(f"no loop device here: {made.stderr.strip()}")
+    device = Path(made.stdout.strip())
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "--detach", str(device)], capture_output=True, timeout=30)
+
+
+def test_a_container_on_a_partition_through_a_symbolic_link(
+    swtpm: Swtpm, tmp_path: Path, loop_device: Path
+) -> None:
+    """The real machine's layout (docs/INSTALL.md, step 4): the container on a partition,
+    dom0's default path a symbolic link to it.  ``init`` formats the device whole (a --size
+    that does not match it is refused, nothing written); boot, unlock and the domain keys
+    work through the link."""
+    b = Box(swtpm, tmp_path / "machine")
+    b.dir.mkdir()
+    b.container.symlink_to(loop_device)
+    b.pw.write_text(PASSPHRASE + "\n")
+    txt_launch(swtpm, sample_modules())
+    res = b.cli("init", *CHEAP_KDF, "--size", "16M", "--recovery-key-file", str(b.rk), pw=b.pw)
+    assert res.code == 2 and f"is a block device of {(20 << 20) + 4096} bytes" in res.err
+    with open(loop_device, "rb") as dev:
+        assert dev.read(4096) == bytes(4096)  # nothing written
+    assert not b.rk.exists()
+    res = b.cli("init", *CHEAP_KDF, "--recovery-key-file", str(b.rk), pw=b.pw)
+    assert res.code == 0, res.err
+    try:
+        assert b.container.is_symlink()  # still the link; the device holds the container
+        with open(loop_device, "rb") as dev:
+            assert dev.read(6) == b"LUKS\xba\xbe"
+        b.boot()
+        assert b.unlock().code == 0
+        assert b.cli("domain", "add", "work", "--uuid", U1).code == 0
+        b.boot()
+        assert b.unlock().code == 0
+        shown = b.cli("domain", "show", "work", "--uuid", U1, "--json")
+        assert shown.code == 0 and shown.json()["domain"]["generation"] == 1
+    finally:
+        chain.lock(b.container)

@@ -243,6 +243,38 @@ def test_each_failure_is_named_with_its_fix(tmp_path: Path, name: str) -> None:
     }
 
 
+PARTLABEL = "/dev/disk/by-partlabel/qubes-seal"
+
+
+def _boot_toml(root: Path, container: str) -> None:
+    (root / "etc/qubes-seal").mkdir(parents=True, exist_ok=True)
+    (root / "etc/qubes-seal/boot.toml").write_text(f'[boot]\ncontainer = "{container}"\n')
+
+
+def test_the_container_is_where_the_initramfs_can_open_it(tmp_path: Path) -> None:
+    """With a boot.toml (the initramfs's unlock), dom0's container must be the one the
+    initramfs opens, and not a file on dom0's root, which is not open yet at that point
+    (docs/INSTALL.md, step 4: a partition, dom0's path a symbolic link to it)."""
+    root = healthy_root(tmp_path / "root")
+    keys = root / "var/lib/qubes-seal/keys.luks"
+    _boot_toml(root, PARTLABEL)
+    check = doctor.check_container(ctx_for(root))  # the healthy tree's container: a file
+    assert check.ok is False and "is a file on dom0's root" in check.summary, check
+    assert f"the initramfs opens {PARTLABEL}" in check.summary
+    assert check.fix and "docs/INSTALL.md, step 4" in check.fix
+    keys.unlink()
+    keys.symlink_to(PARTLABEL)  # dangling here: /dev of another machine
+    check = doctor.check_container(ctx_for(root))
+    assert check.ok is True and f"-> {PARTLABEL}, the one the initramfs opens" in check.summary
+    _boot_toml(root, "/dev/disk/by-uuid/0123")
+    check = doctor.check_container(ctx_for(root))
+    assert check.ok is False and "but the initramfs opens /dev/disk/by-uuid/0123" in check.summary
+    assert check.fix and f"ln -sfn /dev/disk/by-uuid/0123 {keys}" in check.fix
+    (root / "etc/qubes-seal/boot.toml").write_text("[boot]\nnonsense = 1\n")
+    check = doctor.check_container(ctx_for(root))
+    assert check.ok is None and "not compared with" in check.summary
+
+
 def test_uefi_through_grub_is_a_warning_not_a_failure(tmp_path: Path) -> None:
     root = healthy_root(tmp_path / "root")
     (root / "sys/firmware/efi").mkdir(parents=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -119,8 +121,9 @@ def register(sub: Any) -> None:
     container_opt(p)
     passphrase_opt(p)
     kdf_opts(p)
-    p.add_argument("--size", default=env("QUBES_SEAL_SIZE", DEFAULT_SIZE),
-                   help=f"container size (default {DEFAULT_SIZE})")  # fmt: skip
+    p.add_argument("--size", default=env("QUBES_SEAL_SIZE", ""),
+                   help=f"container size (default {DEFAULT_SIZE} for a file; a partition or "
+                   "other block device: its own size)")  # fmt: skip
     p.add_argument(
         "--pcrs", metavar="LIST", default=env("QUBES_SEAL_PCRS", ""),
         help="PCRs every accepted boot is signed over (default: dom0's launch policy, "
@@ -346,7 +349,11 @@ def cmd_init(args: argparse.Namespace) -> int:
         unsafe_pcr_selection=args.unsafe_pcr_selection,
     )
     pcrs = parse_pcr_list(args.pcrs) if args.pcrs else list(policy.pcrs)
-    size = parse_size(args.size)
+    # A block device (the container's partition, docs/INSTALL.md) is used whole, whatever
+    # its size, unless --size says which size it must have.
+    is_block = stat.S_ISBLK(os.stat(args.container).st_mode) if os.path.exists(
+        args.container) else False  # fmt: skip
+    size = parse_size(args.size) if args.size else (None if is_block else parse_size(DEFAULT_SIZE))
     if args.recovery_key_file is not None:
         refuse_existing(args.recovery_key_file)
     passphrase = ask("passphrase", path=args.passphrase_file, confirm=True)

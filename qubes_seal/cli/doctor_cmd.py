@@ -30,7 +30,9 @@ SRK's public part, the TXT registers and heap are read from --mem.
   boot-mode         legacy or UEFI (tboot + Xen needs GRUB and multiboot2)
   aem               Qubes anti-evil-maid absent: it uses PCR 13 too (a conflict)
   initramfs         the newest /boot/initramfs-*.img carries our dracut module
-  container         /var/lib/qubes-seal/keys.luks (or --container) exists
+  container         /var/lib/qubes-seal/keys.luks (or --container) exists; with a
+                    boot.toml, it is the one the initramfs opens, on a partition (a
+                    file on dom0's root cannot be opened before that root is)
   units             qubes-seal-keyd.service and qubes-seal-reseal.path enabled
   keyd              the key daemon answers on its socket (not under --root)
 

@@ -25,6 +25,7 @@ deadline.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -78,7 +79,7 @@ domains = [{dom0}]
 BOOT_TOML = """\
 # TEST ONLY (tests/vm/test_dom0.py): QEMU's TIS has no locality-4 hash start, no TXT launch.
 [boot]
-container = "/dev/vda"
+container = "/dev/disk/by-partlabel/qubes-seal"
 tpm = "device:/dev/tpmrm0"
 ask = "systemd"
 backend = "dm-crypt"
@@ -87,6 +88,26 @@ timeout = 60.0
 unsafe_no_measured_launch = true
 unsafe_test_mode = true
 """
+
+
+def _in_a_partition(m: Machine) -> None:
+    """The provisioned container moved into a GPT partition labelled ``qubes-seal`` (sfdisk),
+    as on a real machine (docs/INSTALL.md): the VM's /dev/vda1, which the initramfs opens as
+    /dev/disk/by-partlabel/qubes-seal and the key service reaches through its unit's
+    ``BindPaths=``/``DeviceAllow=``."""
+    raw = m.container.read_bytes()
+    assert len(raw) % 512 == 0
+    start, sectors = 2048, len(raw) // 512
+    disk = m.dir / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate((start + sectors + 2048) * 512)  # room for the backup GPT at the end
+    subprocess.run(["sfdisk", "--quiet", str(disk)], check=True, capture_output=True,
+                   input=f"label: gpt\nstart={start}, size={sectors}, name=qubes-seal\n",
+                   text=True, timeout=60)  # fmt: skip
+    with open(disk, "r+b") as f:
+        f.seek(start * 512)
+        f.write(raw)
+    os.replace(disk, m.container)  # the VM's first disk
 
 
 def _install(src: Path, dest: Path, mode: int, text: str | None = None) -> None:
@@ -171,6 +192,8 @@ def dom0_machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
     why = _skip_reason()
     if why:
         pytest.skip(why)
+    if shutil.which("sfdisk") is None:
+        pytest.skip("sfdisk is not installed (Debian package fdisk): the dom0 VM's disk")
     for hidden in HIDDEN:
         if _src_python().is_relative_to(hidden):
             pytest.skip(f"the interpreter is under {hidden}, outside the repository, which "
@@ -185,6 +208,7 @@ def dom0_machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
     image, seconds = _build_image(work, boot_toml, kver, (MODULE,), plymouth=False)
     m = Machine(work, image, kver, kernel, seconds)
     provision(m)
+    _in_a_partition(m)
     _seed(work / "seed")
     # /dev/vdc: an ext4 for the pool check's work directory (loop devices on tmpfs).
     pool_disk = work / "pool.img"

@@ -26,12 +26,12 @@ if [ -n "$seed" ] && ! [ -d /run/dom0vm/lower/proc ]; then
     # dom0's qrexec service user, in group qubes (the key service's socket group).
     cat "/run/dom0vm/lower$seed/passwd" >> "$NEWROOT/etc/passwd"
     cat "/run/dom0vm/lower$seed/group" >> "$NEWROOT/etc/group"
-    # The key service reads the container the boot unlocked (/dev/vda) as the package's
-    # default file, /var/lib/qubes-seal/keys.luks (its unit hides block devices).
+    # The container the boot unlocked is a partition labelled qubes-seal (/dev/vda1); dom0's
+    # tools and units find it at the package's default path, a symbolic link to it, as
+    # docs/INSTALL.md sets it up on a real machine.
     mkdir -p "$NEWROOT/var/lib/qubes-seal"
     chmod 0700 "$NEWROOT/var/lib/qubes-seal"
-    cp /dev/vda "$NEWROOT/var/lib/qubes-seal/keys.luks"
-    chmod 0600 "$NEWROOT/var/lib/qubes-seal/keys.luks"
+    ln -s /dev/disk/by-partlabel/qubes-seal "$NEWROOT/var/lib/qubes-seal/keys.luks"
     # The repository under test, where the key service's unit sees it (a clone under /tmp
     # or /root is hidden from it by PrivateTmp=/ProtectHome=).
     src=$(getarg dom0vm.src=)
