@@ -268,9 +268,21 @@ def test_create_verify_stop_remove_through_qubesd(
         # revert: the inner pool's revisions are ciphertext under the same key (the one
         # kept here is the commit of the mapping-free start/stop above)
         assert len(private.revisions) == 1
+        assert on_current(keyd, tpl) == {"private": True, "root": True}
         await private.revert()
         assert opens(inner_file(private), tpl_key)
         await private._check_ours(inner_file(private))
+        # an older revision may hold another keyslot: its record says "unknown" (a commit
+        # would be refused) until the volume's next start records it again
+        shown = keyd.request({"op": "show", "name": "tpl", "qube_uuid": str(tpl.uuid)})
+        assert [(v["volume"], v["key_id"]) for v in shown["domain"]["volumes"]] == [
+            ("private", "unknown"), ("root", shown["domain"]["key_id"])]  # fmt: skip
+        await private.inner.start()  # the mapping-free start: what the driver records
+        key, key_id, rekeyed = await private._opening(private.inner.block_device().path)
+        key.wipe()
+        await private._note(private._luks_uuid, key_id)
+        await private.inner.stop()
+        assert not rekeyed and on_current(keyd, tpl) == {"private": True, "root": True}
 
         # stop: idempotent, and it needs no key (qubesd stops every halted qube at its start)
         await work.storage.stop()
