@@ -911,6 +911,9 @@ def check_container(ctx: Context) -> Check:
     if path.is_symlink():
         target = os.readlink(path)
         if target == boot or os.path.normpath(target) == os.path.normpath(boot):
+            unreachable = _units_missing_device(ctx, target)
+            if unreachable:
+                return unreachable
             return Check("container", True, f"container {path} -> {target}, the one the "
                          "initramfs opens (boot.toml)")  # fmt: skip
         return Check(
@@ -925,7 +928,9 @@ def check_container(ctx: Context) -> Check:
     )
     if stat.S_ISBLK(path.stat().st_mode):
         if same:
-            return Check("container", True, f"container {path}, the one the initramfs opens")
+            return _units_missing_device(ctx, str(path)) or Check(
+                "container", True, f"container {path}, the one the initramfs opens"
+            )
         return Check("container", False, f"dom0's tools use {path}, but the initramfs opens "
                      f"{boot} (boot.toml)", f"Make them one: container = \"{path}\" in "
                      f"{toml}, then sudo dracut -f.")  # fmt: skip
@@ -936,6 +941,44 @@ def check_container(ctx: Context) -> Check:
         f"container {path} is a file on dom0's root{where}: the initramfs cannot open it "
         "before that root is open",
         PLACE_FIX,
+    )
+
+
+#: the container's node that the units reach without a drop-in (BindPaths=/DeviceAllow=)
+UNIT_CONTAINER = "/dev/disk/by-partlabel/qubes-seal"
+
+
+def _units_missing_device(ctx: Context, node: str) -> Check | None:
+    """A failed check when the key service or the reseal unit cannot reach the container's
+    block device ``node``: the units reach :data:`UNIT_CONTAINER` by themselves; another
+    node (an MBR disk's /dev/disk/by-uuid/...) needs a drop-in naming it (docs/INSTALL.md,
+    step 4).  None when both reach it."""
+    if os.path.normpath(node) == UNIT_CONTAINER:
+        return None
+    wanted = {"qubes-seal-keyd.service": (f"BindPaths={node}", f"DeviceAllow={node} rw"),
+              "qubes-seal-reseal.service": (f"DeviceAllow={node} rw",)}  # fmt: skip
+    missing = []
+    for unit, lines in wanted.items():
+        text = ""
+        for d in (
+            ctx.path(f"etc/systemd/system/{unit}.d"),
+            ctx.path(f"run/systemd/system/{unit}.d"),
+        ):
+            with contextlib.suppress(OSError):
+                text += "".join(p.read_text(errors="replace") for p in sorted(d.glob("*.conf")))
+        have = {" ".join(line.split()) for line in text.splitlines()}
+        if not all(line in have for line in lines):
+            missing.append(unit)
+    if not missing:
+        return None
+    return Check(
+        "container",
+        False,
+        f"the container is {node}, which {' and '.join(missing)} cannot reach: their "
+        f"hardening allows {UNIT_CONTAINER} only",
+        f"sudo systemctl edit {' and '.join(missing)}: under [Service], BindPaths={node} and "
+        f"DeviceAllow={node} rw (the reseal unit: the DeviceAllow= line only); "
+        "docs/INSTALL.md, step 4.",
     )
 
 

@@ -270,6 +270,28 @@ def test_the_container_is_where_the_initramfs_can_open_it(tmp_path: Path) -> Non
     check = doctor.check_container(ctx_for(root))
     assert check.ok is False and "but the initramfs opens /dev/disk/by-uuid/0123" in check.summary
     assert check.fix and f"ln -sfn /dev/disk/by-uuid/0123 {keys}" in check.fix
+    # an MBR disk's container (docs/INSTALL.md, step 4): the units reach only the partition
+    # labelled qubes-seal by themselves; another node needs the drop-ins naming it
+    uuid_node = "/dev/disk/by-uuid/0123"
+    keys.unlink()
+    keys.symlink_to(uuid_node)
+    check = doctor.check_container(ctx_for(root))
+    assert check.ok is False, check
+    assert "which qubes-seal-keyd.service and qubes-seal-reseal.service cannot reach" in (
+        check.summary
+    )
+    assert check.fix and f"BindPaths={uuid_node}" in check.fix
+    keyd_d = root / "etc/systemd/system/qubes-seal-keyd.service.d"
+    keyd_d.mkdir(parents=True)
+    (keyd_d / "override.conf").write_text(
+        f"[Service]\nBindPaths={uuid_node}\nDeviceAllow={uuid_node}  rw\n"
+    )
+    check = doctor.check_container(ctx_for(root))
+    assert check.ok is False and "which qubes-seal-reseal.service cannot" in check.summary
+    reseal_d = root / "etc/systemd/system/qubes-seal-reseal.service.d"
+    reseal_d.mkdir(parents=True)
+    (reseal_d / "override.conf").write_text(f"[Service]\nDeviceAllow={uuid_node} rw\n")
+    assert doctor.check_container(ctx_for(root)).ok is True
     (root / "etc/qubes-seal/boot.toml").write_text("[boot]\nnonsense = 1\n")
     check = doctor.check_container(ctx_for(root))
     assert check.ok is None and "not compared with" in check.summary

@@ -32,7 +32,9 @@ SRK's public part, the TXT registers and heap are read from --mem.
   initramfs         the newest /boot/initramfs-*.img carries our dracut module
   container         /var/lib/qubes-seal/keys.luks (or --container) exists; with a
                     boot.toml, it is the one the initramfs opens, on a partition (a
-                    file on dom0's root cannot be opened before that root is)
+                    file on dom0's root cannot be opened before that root is), and
+                    the units can reach it (another node than the partition labelled
+                    qubes-seal: in their drop-ins)
   units             qubes-seal-keyd.service and qubes-seal-reseal.path enabled
   keyd              the key daemon answers on its socket (not under --root)
 
