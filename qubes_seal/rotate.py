@@ -61,6 +61,7 @@ from .errors import AuthorizationError, CorruptState, UsageError
 from .fsutil import MemoryFile, key_file_digest, remove_if_ours
 from .fsutil import write_key_file as _write_key_file
 from .journal import Journal, crash_point
+from .keystore import volumes
 from .secret import Secret
 from .state import PcrState
 from .token import store_token
@@ -795,7 +796,7 @@ def _repair_rotation(journal: Journal, *, tcti: str | None) -> tuple[str, list[s
 # -- domain keys ---------------------------------------------------------------------------
 
 
-PREVIOUS = "previous"
+PREVIOUS = volumes.PREVIOUS  # the entry's field that keeps the previous key
 
 
 def rotate_domain(keystore: Any, name: str, *, qube_uuid: str | None = None) -> Any:
@@ -834,8 +835,6 @@ def commit_domain(
     Refused while a pool volume of the qube is recorded on another key than the current one
     (:mod:`qubes_seal.keystore.volumes`): it would open with no key kept.  ``force`` commits
     anyway (the volume no longer exists, or its loss is accepted)."""
-    from .keystore import volumes
-
     entry = keystore.get(name, qube_uuid=qube_uuid)
     if PREVIOUS not in entry.extra:
         raise UsageError(f"{name} has no rotation pending: nothing to commit")

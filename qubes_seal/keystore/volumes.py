@@ -34,7 +34,8 @@ from .names import normalise_uuid
 
 #: the entry's ``extra`` field that holds the records
 VOLUMES = "volumes"
-#: the entry's ``extra`` field of a pending rotation (:data:`qubes_seal.rotate.PREVIOUS`)
+#: the entry's ``extra`` field that keeps the previous key while a rotation is pending (the
+#: one definition: :mod:`qubes_seal.rotate` writes it, the key service serves from it)
 PREVIOUS = "previous"
 #: the key a volume opens with is not known (after a revert): never counts as current
 UNKNOWN = "unknown"

@@ -80,9 +80,9 @@ from .protocol import (
 )
 from .ratelimit import RateLimiter
 
-#: the keystore entry's field that holds the previous key during a rotation
-#: (:data:`qubes_seal.rotate.PREVIOUS`; a test checks they agree)
-PREVIOUS_KEY = "previous"
+#: the keystore entry's field that holds the previous key during a rotation (one name for the
+#: daemon, :mod:`qubes_seal.rotate` and the volume records)
+PREVIOUS_KEY = volumes.PREVIOUS
 
 log = logging.getLogger("qubes_seal.service")
 
