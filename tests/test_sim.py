@@ -14,6 +14,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -131,6 +132,31 @@ def test_start_failure_carries_swtpm_stderr(tmp_path: Path) -> None:
         with pytest.raises(TPMUnavailable, match="Address already in use"):
             tpm.start()
         assert not tpm.running
+
+
+@needs_swtpm
+@pytest.mark.swtpm
+def test_restart_waits_for_its_ports_held_a_moment(tmp_path: Path) -> None:
+    """Power back on after a cut (crash tests): the ports the clients know are kept, and a
+    port another process holds for a moment (a test beside this one probing for free
+    ports) is waited for, not a failure."""
+    tpm = Swtpm(tmp_path / "tpm")
+    tpm.start()
+    port = tpm.port
+    tpm.kill()
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", port))
+    squatter.listen()
+    release = threading.Timer(0.3, squatter.close)
+    release.start()
+    try:
+        tpm.start()
+        assert tpm.running and tpm.port == port
+        assert "Address already in use" in tpm.log_path.read_text()  # it did meet the squatter
+    finally:
+        release.cancel()
+        squatter.close()
+        tpm.stop()
 
 
 def test_missing_binary_is_tpm_unavailable(tmp_path: Path) -> None:

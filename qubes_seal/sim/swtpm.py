@@ -93,6 +93,8 @@ _HANDLE_RANGES: Final = (
 )
 
 _POLL_INTERVAL: Final = 0.005
+#: seconds between attempts to restart on the same ports while they are in use (about 3 s)
+_RESTART_WAITS: Final = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 _STDERR_TAIL: Final = 2000
 
 
@@ -298,13 +300,21 @@ class Swtpm:
                 hint="Install the swtpm package (Debian: apt-get install swtpm).",
             )
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        attempts = 3 if self._port_chosen and not self._started_once else 1
+        # Ports taken meanwhile: a first start on ports of our choosing moves to a new pair (on
+        # the caller's ports, no retry); a restart (power back on after a crash test) keeps
+        # the ports its clients know and waits for them, since another process (a test
+        # running beside this one, probing for free ports) may hold one for a moment.
+        restart = self._started_once
+        attempts = len(_RESTART_WAITS) + 1 if restart else (3 if self._port_chosen else 1)
         for attempt in range(attempts):
             try:
                 self._start_once()
             except TPMUnavailable as exc:
                 if "Address already in use" in exc.message and attempt + 1 < attempts:
-                    self._port = free_port_pair()
+                    if restart:
+                        time.sleep(_RESTART_WAITS[attempt])
+                    else:
+                        self._port = free_port_pair()
                     continue
                 raise
             self._started_once = True
